@@ -1,0 +1,2 @@
+"""Quantization methods, one file each; importing registers them."""
+from . import rtn  # noqa: F401

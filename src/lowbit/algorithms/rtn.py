@@ -1,0 +1,30 @@
+"""Round-to-nearest (RTN) weight-only quantization: min/max scales, no data."""
+from __future__ import annotations
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.config import QuantConfig
+from ..core.registry import register_method
+from ..core.scheme import Scheme
+from ..models.arch import get_module, select_modules, set_module
+from ..nn.qlinear import QuantEmbedding, QuantLinear
+
+
+def quantize_module(mod: nn.Module, scheme: Scheme) -> nn.Module:
+    if isinstance(mod, nn.Linear):
+        return QuantLinear.from_linear(mod, scheme)
+    if isinstance(mod, nn.Embedding):
+        return QuantEmbedding.from_embedding(mod, scheme)
+    raise TypeError(f"cannot quantize {type(mod).__name__}")
+
+
+@register_method("rtn")
+def rtn(model: nn.Module, config: QuantConfig) -> dict[str, Scheme]:
+    names = select_modules(model, config.include, config.exclude)
+    done: dict[str, Scheme] = {}
+    for name in tqdm(names, desc="rtn", unit="layer", leave=False):
+        scheme = config.scheme_for(name)
+        set_module(model, name, quantize_module(get_module(model, name), scheme))
+        done[name] = scheme
+    return done

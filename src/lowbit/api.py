@@ -1,0 +1,51 @@
+"""The Python API; the CLI calls exactly these."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .core.config import QuantConfig
+from .core.registry import get_method
+from .errors import LowbitError
+from .eval.perplexity import evaluate
+from .formats.checkpoint import save_checkpoint
+from .generation import generate
+from .models.loading import load
+
+
+def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Quantize `model` in place with `config.method`; returns the model.
+
+    The float weights of the quantized layers are released; what was done is
+    recorded in `model.lowbit_quant` and written into checkpoints by `save`.
+    """
+    if getattr(model, "lowbit_quant", None) and model.lowbit_quant.get("modules"):
+        raise LowbitError("model is already quantized")
+    handler = get_method(config.method)
+    torch.manual_seed(config.seed)
+    with torch.no_grad():
+        modules = handler(model, config)
+    if not modules:
+        raise LowbitError("no layer matched: nothing was quantized (check --include/--exclude)")
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+        # A quantized head or embedding no longer shares its weight with the other.
+        from .models.arch import ARCHITECTURES
+
+        arch = ARCHITECTURES.get(getattr(cfg, "model_type", ""), None)
+        tied = set(arch.embeddings + arch.head) if arch else {"lm_head"}
+        if tied & set(modules):
+            cfg.tie_word_embeddings = False
+    model.lowbit_quant = {"config": config, "modules": modules}
+    return model
+
+
+def save(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a lowbit checkpoint folder atomically."""
+    return save_checkpoint(model, tokenizer, out, overwrite=overwrite)
+
+
+__all__ = ["QuantConfig", "evaluate", "generate", "load", "quantize", "save"]

@@ -1,0 +1,174 @@
+"""`lowbit` command line. Every command calls the Python API (lowbit.api)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import LowbitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Quantize LLMs, measure the cost, save them, run them on a CPU.")
+
+MODEL_HELP = "A HF hub id or folder, a .gguf file, a lowbit checkpoint, or smollm2-135m."
+
+
+def _err(msg: str) -> None:
+    print(f"lowbit: error: {msg}", file=sys.stderr)
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out: Path = typer.Argument(..., help="Output checkpoint folder (written atomically)."),
+    method: str = typer.Option("rtn", help="Quantization method."),
+    bits: int = typer.Option(4, help="Bits per weight, 2..8."),
+    group_size: int = typer.Option(128, help="Columns per scale; -1 = per output channel."),
+    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (z = 0) or asymmetric (zero point) grid."),
+    include: List[str] = typer.Option([], help="Regex of layers to quantize (repeatable; default: decoder linears)."),
+    exclude: List[str] = typer.Option([], help="Regex of layers to keep in float (repeatable)."),
+    seed: int = typer.Option(0, help="Random seed, recorded in the checkpoint."),
+    force: bool = typer.Option(False, help="Replace OUT if it exists."),
+) -> None:
+    """Quantize MODEL and save a packed lowbit checkpoint to OUT."""
+    from . import api
+    from .core.config import QuantConfig
+    from .core.registry import get_method
+    from .core.scheme import Scheme
+    from .formats.io import check_output
+
+    config = QuantConfig(method=method, scheme=Scheme.from_cli(bits, group_size, sym),
+                         include=tuple(include), exclude=tuple(exclude), seed=seed)
+    get_method(method)  # unknown method: refuse before loading anything
+    check_output(out, overwrite=force)  # unwritable OUT: refuse before the long work
+    t0 = time.time()
+    m, tok = api.load(model)
+    api.quantize(m, config)
+    t_quant = time.time() - t0
+    api.save(m, tok, out, overwrite=force)
+    from .eval.size import weight_stats
+
+    st = weight_stats(m)
+    print(f"quantized {len(m.lowbit_quant['modules'])} layers ({config.scheme.describe()}, {method}) "
+          f"in {t_quant:.1f}s: {st['bpw']:.3f} bits/weight, {st['quantized_bytes'] / 2**20:.1f} MiB -> {out}",
+          file=sys.stderr)
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    text: Optional[Path] = typer.Option(None, help="Text file to score (default: WikiText-2 raw test)."),
+    seqlen: int = typer.Option(512, help="Tokens per non-overlapping window."),
+    limit_tokens: Optional[int] = typer.Option(None, help="Score only the first N tokens of the text."),
+    base: Optional[str] = typer.Option(None, help="Reference model for KL divergence and top-1 agreement."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last stdout line."),
+) -> None:
+    """Perplexity of MODEL on a text (and KL / top-1 agreement against --base)."""
+    from . import api
+    from .eval.text import read_text
+
+    body, label = read_text(text)  # bad text: refuse before loading models
+    m, tok = api.load(model)
+    b = api.load(base)[0] if base else None
+    res = api.evaluate(m, tok, text=body, seqlen=seqlen, limit_tokens=limit_tokens, base=b)
+    res["text"], res["model"] = label, model
+    if base:
+        res["base"] = base
+    if as_json:
+        print(json.dumps(res))
+    else:
+        line = f"ppl {res['ppl']:.4f} on {res['tokens']} tokens ({res['windows']} x {res['seqlen']}) of {label}"
+        if base:
+            line += f"; base ppl {res['base_ppl']:.4f}, KL {res['kl']:.5f}, top-1 {100 * res['top1']:.2f}%"
+        print(line)
+        print(f"bits/weight {res['bpw']}, quantized bytes {res['quantized_bytes']}, model bytes {res['model_bytes']}")
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    prompt: str = typer.Option(..., help="Prompt text."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate at most."),
+    chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat template."),
+    temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (with --temperature > 0)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+) -> None:
+    """Generate text from MODEL, streamed as it is produced."""
+    from . import api
+
+    m, tok = api.load(model)
+
+    def emit(s: str) -> None:
+        sys.stdout.write(s)
+        sys.stdout.flush()
+
+    api.generate(m, tok, prompt, max_new_tokens=max_new_tokens, chat=chat, temperature=temperature,
+                 top_p=top_p, seed=seed, on_text=emit)
+    sys.stdout.write("\n")
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
+) -> None:
+    """A table per layer: shape, bits, group size, bytes, relative weight error."""
+    from .inspect import layer_table
+
+    from . import api
+
+    m, _ = api.load(model)
+    rows, total = layer_table(m)
+    if as_json:
+        print(json.dumps({"layers": rows, "total": total}))
+        return
+    head = f"{'layer':<40} {'shape':>12} {'bits':>4} {'group':>6} {'sym':>4} {'bytes':>10} {'bpw':>6} {'rel.err':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        err = "-" if r["rel_error"] is None else f"{r['rel_error']:.4f}"
+        print(f"{r['name']:<40} {r['shape']:>12} {r['bits']:>4} {r['group']:>6} {r['sym']:>4} {r['bytes']:>10} "
+              f"{r['bpw']:>6.3f} {err:>8}")
+    print("-" * len(head))
+    print(f"{len(rows)} layers, {total['bytes']} bytes, {total['bpw']:.3f} bits/weight; "
+          f"model {total['model_bytes']} bytes")
+
+
+def main() -> None:
+    debug = os.environ.get("LOWBIT_DEBUG")
+    try:
+        app(standalone_mode=False)
+    except LowbitError as e:
+        if debug:
+            raise
+        _err(str(e))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _err("interrupted (nothing was written)")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors and anything unexpected: one line, no traceback
+        import click
+
+        if isinstance(e, click.exceptions.Abort):
+            _err("interrupted (nothing was written)")
+            sys.exit(130)
+        if isinstance(e, click.ClickException):
+            _err(e.format_message())
+            sys.exit(e.exit_code if e.exit_code else 2)
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()
+        _err(f"{type(e).__name__}: {msg[0] if msg else ''} (set LOWBIT_DEBUG=1 for the traceback)")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

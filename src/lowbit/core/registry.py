@@ -1,0 +1,35 @@
+"""Method registry: QuantConfig.method -> handler(model, config) (torchao's config→handler style).
+
+A handler replaces the targeted modules of `model` in place and returns
+{module name: Scheme} of what it quantized.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from ..errors import LowbitError
+
+Handler = Callable[..., dict]
+_METHODS: dict[str, Handler] = {}
+
+
+def register_method(name: str) -> Callable[[Handler], Handler]:
+    def deco(fn: Handler) -> Handler:
+        _METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Handler:
+    from .. import algorithms  # noqa: F401  (registers the built-in methods)
+
+    if name not in _METHODS:
+        raise LowbitError(f"unknown method {name!r} (choose from: {', '.join(sorted(_METHODS))})")
+    return _METHODS[name]
+
+
+def method_names() -> list[str]:
+    from .. import algorithms  # noqa: F401
+
+    return sorted(_METHODS)

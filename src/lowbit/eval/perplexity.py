@@ -1,0 +1,93 @@
+"""Perplexity on a text, and agreement with a base model (KL, top-1).
+
+Convention (GPTQ/AWQ papers): the text is tokenized once as-is (no BOS
+added), cut into non-overlapping windows of `seqlen` tokens (the remainder is
+dropped), and every next-token prediction inside a window is scored.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import LowbitError
+from .size import weight_stats
+from .text import read_text
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    if tokenizer is None:
+        raise LowbitError("the model has no tokenizer: cannot evaluate on text")
+    from transformers.utils import logging as hf_logging
+
+    prev = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "sequence longer than max length" is expected here
+    try:
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    finally:
+        hf_logging.set_verbosity(prev)
+    return ids
+
+
+def windows(ids: torch.Tensor, seqlen: int, limit_tokens: int | None = None) -> torch.Tensor:
+    """[n_windows, seqlen] non-overlapping windows (a single shorter one if the text is short)."""
+    if seqlen < 2:
+        raise LowbitError(f"seqlen must be at least 2, got {seqlen}")
+    if limit_tokens is not None:
+        if limit_tokens < 2:
+            raise LowbitError(f"--limit-tokens must be at least 2, got {limit_tokens}")
+        ids = ids[:limit_tokens]
+    if ids.numel() < 2:
+        raise LowbitError("text has fewer than 2 tokens")
+    n = ids.numel() // seqlen
+    if n == 0:
+        return ids.reshape(1, -1)
+    return ids[: n * seqlen].reshape(n, seqlen)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    text: str | None = None,
+    text_path: str | None = None,
+    seqlen: int = 512,
+    limit_tokens: int | None = None,
+    base: nn.Module | None = None,
+    progress: bool = True,
+) -> dict:
+    """ppl (+ kl, top1 vs `base`), bits per weight and bytes. Text default: WikiText-2 test."""
+    label = "<text>"
+    if text is None:
+        text, label = read_text(text_path)
+    wins = windows(tokenize(tokenizer, text), seqlen, limit_tokens)
+    nll, count, kl_sum, agree, base_nll = 0.0, 0, 0.0, 0, 0.0
+    bar = tqdm(wins, desc="eval", unit="win", file=sys.stderr, disable=not progress, leave=False)
+    for w in bar:
+        x = w.unsqueeze(0)
+        target = x[:, 1:].reshape(-1)
+        logp = F.log_softmax(model(x).logits[:, :-1].float().flatten(0, 1), dim=-1)
+        nll += float(F.nll_loss(logp, target, reduction="sum"))
+        count += target.numel()
+        if base is not None:
+            logq = F.log_softmax(base(x).logits[:, :-1].float().flatten(0, 1), dim=-1)
+            base_nll += float(F.nll_loss(logq, target, reduction="sum"))
+            kl_sum += float(F.kl_div(logp, logq, log_target=True, reduction="sum"))  # KL(base || model)
+            agree += int((logp.argmax(-1) == logq.argmax(-1)).sum())
+        bar.set_postfix(ppl=f"{math.exp(nll / count):.3f}")
+    out = {
+        "ppl": math.exp(nll / count),
+        "tokens": int(wins.numel()),
+        "predicted": count,
+        "windows": int(wins.shape[0]),
+        "seqlen": int(wins.shape[1]),
+        "text": label,
+        **weight_stats(model),
+    }
+    if base is not None:
+        out.update(kl=kl_sum / count, top1=agree / count, base_ppl=math.exp(base_nll / count))
+    return out

@@ -1,0 +1,175 @@
+"""lowbit checkpoint: a folder a Hugging Face user recognises.
+
+    config.json          the model's config + "quantization_config" (quant_method "lowbit"):
+                         method, default scheme, per-layer schemes where they differ,
+                         include/exclude, seed, options, lowbit version, checksum
+    model.safetensors    float tensors as they are; per quantized module `<name>.qweight`
+                         (packed codes), `<name>.scales`, `<name>.qzeros` (asymmetric)
+    tokenizer files, generation_config.json
+
+Tensors that share storage (tied embeddings) are written once; the others are
+recorded as aliases. Loading rebuilds the architecture on the meta device, puts
+quantized modules in place and assigns the stored tensors, so logits after load
+are bitwise those before save. Nothing is unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .. import __version__
+from ..core.config import QuantConfig
+from ..core.scheme import Scheme
+from ..errors import LowbitError
+from ..models.arch import set_module
+from ..nn.qlinear import QuantEmbedding, QuantLinear
+from .io import atomic_path
+
+WEIGHTS = "model.safetensors"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    seen: dict[tuple, str] = {}
+    out, aliases = {}, {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        out[name] = t.detach().contiguous()
+    return out, aliases
+
+
+def quant_info(model: nn.Module) -> dict:
+    """What `quantize` recorded on the model: {"config": QuantConfig, "modules": {name: Scheme}}."""
+    return getattr(model, "lowbit_quant", None) or {"config": None, "modules": {}}
+
+
+def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    info = quant_info(model)
+    cfg: QuantConfig | None = info["config"]
+    modules: dict[str, Scheme] = info["modules"]
+    default = cfg.scheme if cfg is not None else None
+    layers = {}
+    for name, scheme in modules.items():
+        mod = model.get_submodule(name)
+        entry = {"kind": "embedding" if isinstance(mod, QuantEmbedding) else "linear"}
+        if scheme != default:
+            entry["scheme"] = scheme.to_dict()
+        if getattr(mod, "rel_error", None) is not None:
+            entry["rel_error"] = mod.rel_error
+        layers[name] = entry
+    state, aliases = _dedupe(model.state_dict())
+    with atomic_path(out, overwrite=overwrite) as tmp:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": f"lowbit {__version__}"})
+        qc = {
+            "quant_method": "lowbit",
+            "lowbit_version": __version__,
+            **(cfg.to_dict() if cfg is not None else {"method": "none"}),
+            "layers": layers,
+            "aliases": aliases,
+            "weights_sha256": _sha256(tmp / WEIGHTS),
+        }
+        conf = model.config.to_dict()
+        conf["quantization_config"] = qc
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            try:
+                gen.save_pretrained(tmp)
+            except Exception:
+                pass
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return Path(out)
+
+
+def _bad(folder: Path, why: str) -> LowbitError:
+    return LowbitError(f"{folder}: corrupt or incomplete lowbit checkpoint ({why})")
+
+
+def load_checkpoint(folder: str | os.PathLike):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    try:
+        conf = json.loads((folder / "config.json").read_text())
+        qc = conf.pop("quantization_config")
+        cfg = QuantConfig.from_dict(qc) if qc.get("method", "none") != "none" else None
+        model_type = conf.pop("model_type")
+    except (OSError, ValueError, KeyError, TypeError, LowbitError) as e:
+        raise _bad(folder, f"config.json: {e}") from None
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise _bad(folder, f"{WEIGHTS} is missing")
+    if _sha256(weights) != qc.get("weights_sha256"):
+        raise _bad(folder, f"{WEIGHTS} does not match its checksum: truncated or modified")
+    try:
+        config = AutoConfig.for_model(model_type, **conf)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:
+        raise _bad(folder, f"cannot build {model_type}: {type(e).__name__}: {e}") from None
+    modules: dict[str, Scheme] = {}
+    try:
+        for name, entry in qc.get("layers", {}).items():
+            scheme = Scheme.from_dict(entry["scheme"]) if "scheme" in entry else cfg.scheme
+            old = model.get_submodule(name)
+            if entry.get("kind") == "embedding":
+                new = QuantEmbedding(old.num_embeddings, old.embedding_dim, scheme, padding_idx=old.padding_idx, device="meta")
+            else:
+                new = QuantLinear(old.in_features, old.out_features, scheme, bias=old.bias is not None, device="meta")
+            new.rel_error = entry.get("rel_error")
+            set_module(model, name, new)
+            modules[name] = scheme
+    except (AttributeError, KeyError, LowbitError) as e:
+        raise _bad(folder, f"layer table: {e}") from None
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise _bad(folder, f"{WEIGHTS}: {e}") from None
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise _bad(folder, str(e).splitlines()[0]) from None
+    aliases = qc.get("aliases", {})
+    missing = [k for k in result.missing_keys if k not in aliases]
+    if missing or result.unexpected_keys:
+        raise _bad(folder, f"missing tensors {missing[:3]} unexpected {result.unexpected_keys[:3]}")
+    for name, target in aliases.items():
+        owner, _, attr = name.rpartition(".")
+        t_owner, _, t_attr = target.rpartition(".")
+        setattr(model.get_submodule(owner), attr, getattr(model.get_submodule(t_owner), t_attr))
+    for n, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            raise _bad(folder, f"tensor {n} was not stored")
+    model.lowbit_quant = {"config": cfg, "modules": modules}
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except Exception:
+        tok = None
+    try:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    except Exception:
+        pass
+    return model, tok

@@ -1,0 +1,105 @@
+"""Layer discovery by name patterns: architectures are data, not isinstance chains.
+
+Each entry says where the decoder blocks are and which linears a block holds,
+as regexes on module names. Unknown architectures fall back to the longest
+nn.ModuleList whose children contain Linear layers.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import LowbitError
+
+
+@dataclass(frozen=True)
+class Arch:
+    blocks: str  # regex for a decoder block's full module name
+    linears: tuple[str, ...] = ()  # regexes of linears within a block (relative names); empty = all
+    embeddings: tuple[str, ...] = ()  # full names of input embeddings
+    head: tuple[str, ...] = ()  # full names of the output projection
+
+
+_LLAMA_LIKE = Arch(
+    blocks=r"^model\.layers\.\d+$",
+    linears=(r"self_attn\.(q|k|v|o)_proj$", r"mlp\.(gate|up|down)_proj$"),
+    embeddings=("model.embed_tokens",),
+    head=("lm_head",),
+)
+
+ARCHITECTURES: dict[str, Arch] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "phi3": Arch(blocks=r"^model\.layers\.\d+$", linears=(r"self_attn\.(qkv|o)_proj$", r"mlp\.(gate_up|down)_proj$"),
+                 embeddings=("model.embed_tokens",), head=("lm_head",)),
+    "gpt2": Arch(blocks=r"^transformer\.h\.\d+$", embeddings=("transformer.wte",), head=("lm_head",)),
+    "opt": Arch(blocks=r"^model\.decoder\.layers\.\d+$", embeddings=("model.decoder.embed_tokens",), head=("lm_head",)),
+}
+
+
+def _model_type(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "model_type", None)
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The decoder blocks in order, as (full name, module)."""
+    arch = ARCHITECTURES.get(_model_type(model) or "")
+    if arch is not None:
+        blocks = [(n, m) for n, m in model.named_modules() if re.search(arch.blocks, n)]
+        if blocks:
+            return blocks
+    # Fallback: the longest ModuleList of blocks that contain Linear layers.
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and all(
+            any(isinstance(c, nn.Linear) for c in child.modules()) for child in mod
+        ):
+            if best is None or len(mod) > len(best[1]):
+                best = (name, mod)
+    if best is None:
+        raise LowbitError(f"cannot find the decoder blocks of {type(model).__name__} (no list of blocks with Linear layers)")
+    return [(f"{best[0]}.{i}", child) for i, child in enumerate(best[1])]
+
+
+def block_linears(model: nn.Module, block_name: str, block: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """Linears of one block (full names), filtered by the architecture's patterns if it has any."""
+    arch = ARCHITECTURES.get(_model_type(model) or "")
+    out = []
+    for rel, mod in block.named_modules():
+        if isinstance(mod, nn.Linear):
+            if arch is None or not arch.linears or any(re.search(p, rel) for p in arch.linears):
+                out.append((f"{block_name}.{rel}", mod))
+    return out
+
+
+def select_modules(model: nn.Module, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> list[str]:
+    """Names of modules to quantize.
+
+    Default: every Linear of the decoder blocks. With `include`, every Linear or
+    Embedding whose name matches one of the patterns (so lm_head or the
+    embeddings only when asked). `exclude` removes matches from either set.
+    """
+    if include:
+        names = [n for n, m in model.named_modules()
+                 if isinstance(m, (nn.Linear, nn.Embedding)) and any(re.search(p, n) for p in include)]
+    else:
+        names = [n for bn, b in find_blocks(model) for n, _ in block_linears(model, bn, b)]
+    names = [n for n in names if not any(re.search(p, n) for p in exclude)]
+    return names
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

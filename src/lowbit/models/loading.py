@@ -1,0 +1,146 @@
+"""MODEL sources: everything `lowbit.load` accepts.
+
+  - an alias of the embedded zoo (`smollm2-135m`)
+  - a `.gguf` file (transformers' GGUF loader, dequantized to float; the result
+    is cached as safetensors so later loads take a second, not ~30-50 s)
+  - a lowbit checkpoint folder (config.json with quant_method "lowbit")
+  - a local Hugging Face folder (config.json + weights)
+  - a Hugging Face hub id (`org/name`), when the hub is reachable
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LowbitError
+from .zoo import ZOO, cache_dir, fetch_gguf
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "gguf" | "lowbit" | "hf" | "hub"
+    location: str  # path or hub id
+    name: str  # what the user typed
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError as e:
+        raise LowbitError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def resolve(source: str | os.PathLike) -> Source:
+    name = str(source)
+    if name in ZOO:
+        return Source("gguf", str(fetch_gguf(name)), name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            raise LowbitError(f"{path}: not a model folder (no config.json)")
+        try:
+            meta = json.loads(cfg.read_text())
+        except (OSError, ValueError) as e:
+            raise LowbitError(f"{cfg}: unreadable config.json ({e})") from None
+        if not isinstance(meta, dict):
+            raise LowbitError(f"{cfg}: config.json is not a JSON object")
+        qc = meta.get("quantization_config") or {}
+        if isinstance(qc, dict) and qc.get("quant_method") == "lowbit":
+            return Source("lowbit", str(path), name)
+        return Source("hf", str(path), name)
+    if path.exists():
+        if not path.is_file():
+            raise LowbitError(f"{path}: not a model (not a file or folder)")
+        if not _is_gguf(path):
+            raise LowbitError(f"{path}: not a model (expected a .gguf file, a model folder, a hub id or one of: {', '.join(ZOO)})")
+        return Source("gguf", str(path), name)
+    if _HUB_ID.match(name) and not name.startswith("."):
+        return Source("hub", name, name)
+    raise LowbitError(f"{name}: no such file or folder (and not a hub id or one of: {', '.join(ZOO)})")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _load_hf(location: str, dtype: torch.dtype, label: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+    except Exception as e:  # transformers raises many types; the user gets one line
+        raise LowbitError(f"{label}: cannot load model ({_one_line(e)})") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(location)
+    except Exception:
+        tok = None
+    return model, tok
+
+
+def gguf_cache_folder(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{path.stem}-{key}"
+
+
+def _gguf_to_cache(path: Path) -> Path:
+    """Dequantize a GGUF with transformers once; keep the float model as safetensors."""
+    folder = gguf_cache_folder(path)
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"lowbit: converting {path.name} to float (once; cached in {folder})", file=sys.stderr)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise LowbitError(f"{path}: cannot load GGUF ({_one_line(e)})") from None
+    # The weights are plain floats now: drop the GGUF quantizer so the model saves as a normal one.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Load any MODEL source -> (model, tokenizer). The model is in eval mode, without gradients."""
+    src = resolve(source)
+    if src.kind == "lowbit":
+        from ..formats.checkpoint import load_checkpoint
+
+        model, tok = load_checkpoint(src.location)
+    elif src.kind == "gguf":
+        model, tok = _load_hf(str(_gguf_to_cache(Path(src.location))), dtype, src.name)
+    else:
+        model, tok = _load_hf(src.location, dtype, src.name)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.lowbit_source = src.name
+    return model, tok

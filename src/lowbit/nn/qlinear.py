@@ -1,0 +1,155 @@
+"""Quantized modules that hold packed codes, not float weights.
+
+Buffers of a QuantLinear (out = out_features, in = in_features, G = groups per row):
+    qweight  uint8 [out, ceil(in/8)*bits]   packed unsigned codes u = Q - qmin (core.packing)
+    scales   [R, G] scheme.scale_dtype      R = 1 for per-tensor, else out
+    qzeros   uint8 [R, ceil(G/8)*bits]      packed zero points (asymmetric only)
+The weight is x̂ = s * (u - z_u) with z_u = z (asymmetric) or -qmin (symmetric),
+which equals the textbook s * (Q - z).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.packing import pack, packed_row_bytes, unpack
+from ..core.quant import QTensor, grouped, quantize, ungrouped
+from ..core.scheme import Scheme
+
+
+class _PackedWeight(nn.Module):
+    """Shared storage and dequantization for QuantLinear and QuantEmbedding."""
+
+    def _init_buffers(self, rows: int, cols: int, scheme: Scheme, device=None) -> None:
+        self.scheme = scheme
+        self.rel_error: float | None = None  # ||W - Ŵ|| / ||W||, set when quantized from floats
+        n_groups = 1 if scheme.granularity == "tensor" else scheme.n_groups(cols)
+        r = 1 if scheme.granularity == "tensor" else rows
+        self.register_buffer("qweight", torch.zeros(rows, packed_row_bytes(cols, scheme.bits), dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(r, n_groups, dtype=scheme.torch_scale_dtype, device=device))
+        if scheme.symmetric:
+            self.qzeros = None
+        else:
+            self.register_buffer("qzeros", torch.zeros(r, packed_row_bytes(n_groups, scheme.bits), dtype=torch.uint8, device=device))
+
+    @property
+    def _shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _set_qtensor(self, qt: QTensor) -> None:
+        s = self.scheme
+        self.qweight.copy_(pack((qt.codes.to(torch.int32) - s.qmin), s.bits))
+        self.scales.copy_(qt.scale)
+        if not s.symmetric:
+            self.qzeros.copy_(pack(qt.zero.to(torch.int32), s.bits))
+
+    def codes(self) -> torch.Tensor:
+        """Textbook codes Q (int32 [rows, cols])."""
+        rows, cols = self._shape
+        return unpack(self.qweight, self.scheme.bits, cols).to(torch.int32) + self.scheme.qmin
+
+    def zero_points(self) -> torch.Tensor | None:
+        if self.scheme.symmetric:
+            return None
+        return unpack(self.qzeros, self.scheme.bits, self.scales.shape[1]).to(torch.int32)
+
+    def dequantize_weight(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 [rows, cols] weight (or only the given row indices)."""
+        s = self.scheme
+        nrows, cols = self._shape
+        packed, scales, zeros = self.qweight, self.scales, self.qzeros
+        if rows is not None and s.granularity != "tensor":
+            packed, scales = packed[rows], scales[rows]
+            zeros = zeros[rows] if zeros is not None else None
+        elif rows is not None:
+            packed = packed[rows]
+        r = packed.shape[0]
+        u = unpack(packed, s.bits, cols)
+        ug = grouped(u, s) if s.granularity != "tensor" else u.reshape(1, 1, -1)
+        if s.symmetric:
+            w = (ug.float() + s.qmin) * scales.float().unsqueeze(-1)
+        else:
+            z = unpack(zeros, s.bits, scales.shape[1]).float()
+            w = (ug.float() - z.unsqueeze(-1)) * scales.float().unsqueeze(-1)
+        return ungrouped(w, r, cols)
+
+    def weight_nbytes(self) -> int:
+        n = self.qweight.numel() + self.scales.numel() * self.scales.element_size()
+        if self.qzeros is not None:
+            n += self.qzeros.numel()
+        return n
+
+    def n_weights(self) -> int:
+        rows, cols = self._shape
+        return rows * cols
+
+
+class QuantLinear(_PackedWeight):
+    def __init__(self, in_features: int, out_features: int, scheme: Scheme, bias: bool = False,
+                 device=None, dtype=torch.float32) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_buffers(out_features, in_features, scheme, device=device)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
+
+    @property
+    def _shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: Scheme, qt: QTensor | None = None) -> "QuantLinear":
+        w = linear.weight.detach()
+        if qt is None:
+            qt = quantize(w, scheme)
+        m = cls(linear.in_features, linear.out_features, scheme, bias=linear.bias is not None,
+                device=w.device, dtype=w.dtype)
+        m._set_qtensor(qt)
+        if linear.bias is not None:
+            m.bias.data.copy_(linear.bias.detach())
+        wf = w.float()
+        m.rel_error = float((m.dequantize_weight() - wf).norm() / wf.norm().clamp_min(1e-12))
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels import qlinear_forward
+
+        return qlinear_forward(self, x)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.describe()}, bias={self.bias is not None}"
+
+
+class QuantEmbedding(_PackedWeight):
+    """Embedding table stored packed (one row per token); only looked-up rows are dequantized."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scheme: Scheme, padding_idx: int | None = None,
+                 device=None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self._init_buffers(num_embeddings, embedding_dim, scheme, device=device)
+
+    @property
+    def _shape(self) -> tuple[int, int]:
+        return self.num_embeddings, self.embedding_dim
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, scheme: Scheme) -> "QuantEmbedding":
+        w = emb.weight.detach()
+        m = cls(emb.num_embeddings, emb.embedding_dim, scheme, padding_idx=emb.padding_idx, device=w.device)
+        m._set_qtensor(quantize(w, scheme))
+        wf = w.float()
+        m.rel_error = float((m.dequantize_weight() - wf).norm() / wf.norm().clamp_min(1e-12))
+        return m
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        uniq, inverse = torch.unique(flat, return_inverse=True)
+        rows = self.dequantize_weight(uniq)
+        return rows[inverse].reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.scheme.describe()}"
+
+
+QUANT_MODULES = (QuantLinear, QuantEmbedding)

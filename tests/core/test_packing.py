@@ -1,0 +1,36 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.core.packing import pack, packed_row_bytes, unpack
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([2, 3, 4, 8]), st.integers(1, 4), st.integers(1, 100), st.integers(0, 2**31 - 1))
+def test_round_trip(bits, rows, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (rows, n), generator=g)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, packed_row_bytes(n, bits))
+    assert torch.equal(unpack(packed, bits, n).long(), codes)
+
+
+def test_three_bit_is_truly_packed():
+    assert packed_row_bytes(576, 3) == 576 * 3 // 8  # 216 bytes, not 288
+    # codes 0..7 form one 24-bit little-endian word: sum(i << 3i) = 0xFAC688
+    assert pack(torch.arange(8).reshape(1, 8), 3).tolist() == [[0x88, 0xC6, 0xFA]]
+
+
+def test_known_layouts():
+    assert pack(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), 4).tolist() == [[0x21, 0x43, 0x65, 0x87]]  # low nibble first
+    assert pack(torch.tensor([[1, 2, 3, 0, 3, 0, 0, 0]]), 2).tolist() == [[0b00111001, 0b00000011]]
+    assert pack(torch.tensor([[1, 2, 3, 4]]), 4).tolist() == [[0x21, 0x43, 0, 0]]  # padded to a chunk of 8
+    assert pack(torch.tensor([[200, 7]]), 8).tolist() == [[200, 7]]
+
+
+def test_out_of_range_refused():
+    with pytest.raises(ValueError):
+        pack(torch.tensor([[16]]), 4)
+    with pytest.raises(ValueError):
+        unpack(torch.zeros(1, 5, dtype=torch.uint8), 4, 12)

@@ -1,0 +1,96 @@
+import json
+import os
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import QuantConfig, Scheme
+from lowbit.errors import LowbitError
+from lowbit.nn.qlinear import QuantLinear
+
+
+@pytest.mark.parametrize("scheme", [Scheme(4, True, "group", 32), Scheme(3, False, "group", 32),
+                                    Scheme(8, True, "channel"), Scheme(2, False, "group", 64)],
+                         ids=lambda s: s.describe())
+def test_golden_round_trip_bitwise(tiny, tmp_path, scheme):
+    """quantize -> save -> load gives bitwise identical logits (tiny LLaMA, hidden 72: short last group)."""
+    model, tok = tiny
+    lowbit.quantize(model, QuantConfig(scheme=scheme, seed=7))
+    x = torch.randint(0, 320, (2, 24))
+    before = model(x).logits
+    lowbit.save(model, tok, tmp_path / "ckpt")
+    loaded, tok2 = lowbit.load(tmp_path / "ckpt")
+    assert torch.equal(loaded(x).logits, before)
+    assert tok2 is not None and tok2("fox").input_ids == tok("fox").input_ids
+    conf = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    qc = conf["quantization_config"]
+    assert qc["quant_method"] == "lowbit" and qc["method"] == "rtn" and qc["seed"] == 7
+    assert qc["scheme"] == scheme.to_dict() and "lowbit_version" in qc
+    assert set(qc["layers"]) == set(model.lowbit_quant["modules"])
+    assert loaded.lowbit_quant["config"].scheme == scheme
+
+
+def test_round_trip_with_quantized_head(tiny, tmp_path):
+    model, tok = tiny
+    lowbit.quantize(model, QuantConfig(scheme=Scheme(4, False, "group", 16), include=("layers", "lm_head", "embed")))
+    x = torch.randint(0, 320, (1, 10))
+    before = model(x).logits
+    lowbit.save(model, tok, tmp_path / "c")
+    loaded, _ = lowbit.load(tmp_path / "c")
+    assert isinstance(loaded.lm_head, QuantLinear)
+    assert torch.equal(loaded(x).logits, before)
+
+
+def test_tied_weights_stored_once(tiny, tmp_path):
+    model, tok = tiny
+    lowbit.quantize(model, QuantConfig(scheme=Scheme(4, True, "group", 32)))
+    lowbit.save(model, tok, tmp_path / "c")
+    loaded, _ = lowbit.load(tmp_path / "c")
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_save_is_atomic_and_refuses_existing(tiny, tmp_path):
+    model, tok = tiny
+    lowbit.quantize(model, QuantConfig(scheme=Scheme(4, True, "group", 32)))
+    out = tmp_path / "c"
+    lowbit.save(model, tok, out)
+    with pytest.raises(LowbitError, match="exists"):
+        lowbit.save(model, tok, out)
+    lowbit.save(model, tok, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temp folders left
+
+
+def test_failed_save_leaves_nothing(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    lowbit.quantize(model, QuantConfig(scheme=Scheme(4, True, "group", 32)))
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tok, "save_pretrained", boom)
+    with pytest.raises(KeyboardInterrupt):
+        lowbit.save(model, tok, tmp_path / "c")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "config", "missing"])
+def test_corrupt_checkpoint_refused(tiny, tmp_path, damage):
+    model, tok = tiny
+    lowbit.quantize(model, QuantConfig(scheme=Scheme(4, True, "group", 32)))
+    out = tmp_path / "c"
+    lowbit.save(model, tok, out)
+    w = out / "model.safetensors"
+    if damage == "truncate":
+        data = w.read_bytes()
+        w.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        data = bytearray(w.read_bytes())
+        data[-100] ^= 0xFF
+        w.write_bytes(bytes(data))
+    elif damage == "config":
+        (out / "config.json").write_text('{"quantization_config": {"quant_method": "lowbit"')
+    else:
+        os.remove(w)
+    with pytest.raises(LowbitError, match=str(out)):
+        lowbit.load(out)

@@ -1,0 +1,133 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def assert_clean_error(code, out, err, *, contains=None):
+    assert code != 0
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert lines and lines[-1].startswith("lowbit: error:"), err
+    assert "Traceback" not in err
+    if contains:
+        assert contains in lines[-1], lines[-1]
+
+
+def test_quantize_eval_inspect_generate(cli, tiny_dir, tmp_path, text_file):
+    out = tmp_path / "q4"
+    code, _, err = cli("quantize", tiny_dir, out, "--method", "rtn", "--bits", "4", "--group-size", "32", "--asym")
+    assert code == 0, err
+    code, stdout, err = cli("eval", out, "--text", text_file, "--seqlen", "64", "--limit-tokens", "256",
+                            "--base", tiny_dir, "--json")
+    assert code == 0, err
+    res = json.loads(stdout.strip().splitlines()[-1])
+    for key in ("ppl", "tokens", "seqlen", "bpw", "quantized_bytes", "kl", "top1"):
+        assert key in res
+    assert res["tokens"] == 256 and res["seqlen"] == 64 and 4 < res["bpw"] < 5.5  # tiny rows: scale/zero overhead is large
+    code, stdout, err = cli("inspect", out)
+    assert code == 0, err
+    down = [l for l in stdout.splitlines() if l.startswith("model.layers.1.mlp.down_proj")]
+    assert len(down) == 1 and "72x160" in down[0] and "  4 " in down[0]
+    code, stdout, err = cli("generate", out, "--prompt", "The quick", "--max-new-tokens", "5")
+    assert code == 0, err
+    assert stdout.strip()
+
+
+def test_per_channel_flag(cli, tiny_dir, tmp_path):
+    out = tmp_path / "q8"
+    code, _, err = cli("quantize", tiny_dir, out, "--bits", "8", "--group-size", "-1", "--sym")
+    assert code == 0, err
+    conf = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert conf["scheme"]["granularity"] == "channel" and conf["scheme"]["bits"] == 8
+
+
+BAD_QUANTIZE = {
+    "missing model": (["/no/such/model"], "no such file"),
+    "bits 1": (["{tiny}", "--bits", "1"], "bits"),
+    "bits 9": (["{tiny}", "--bits", "9"], "bits"),
+    "group 0": (["{tiny}", "--group-size", "0"], "group size"),
+    "group -2": (["{tiny}", "--group-size", "-2"], "group size"),
+    "unknown method": (["{tiny}", "--method", "magic"], "unknown method"),
+    "not a model": (["{textfile}"], "not a model"),
+    "folder without config": (["{emptydir}"], "no config.json"),
+    "bad pattern": (["{tiny}", "--include", "("], "pattern"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_QUANTIZE))
+def test_bad_quantize_inputs(cli, tiny_dir, tmp_path, text_file, case):
+    args, msg = BAD_QUANTIZE[case]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = [a.format(tiny=tiny_dir, textfile=text_file, emptydir=empty) for a in args]
+    out = tmp_path / "out"
+    code, stdout, err = cli("quantize", args[0], out, *args[1:])
+    assert_clean_error(code, stdout, err, contains=msg)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_output_that_cannot_be_created(cli, tiny_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, stdout, err = cli("quantize", tiny_dir, blocker / "out")
+    assert_clean_error(code, stdout, err, contains="cannot create")
+    assert blocker.read_text() == "x"
+
+
+def test_existing_output_refused_then_forced(cli, tiny_dir, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    code, stdout, err = cli("quantize", tiny_dir, out)
+    assert_clean_error(code, stdout, err, contains="already exists")
+    code, _, err = cli("quantize", tiny_dir, out, "--force")
+    assert code == 0, err
+    assert (out / "config.json").is_file()
+
+
+def test_corrupt_checkpoint_refused(cli, tiny_dir, tmp_path):
+    out = tmp_path / "q"
+    assert cli("quantize", tiny_dir, out)[0] == 0
+    w = out / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    for cmd in (["eval", out], ["inspect", out], ["generate", out, "--prompt", "x"]):
+        code, stdout, err = cli(*cmd)
+        assert_clean_error(code, stdout, err, contains="corrupt")
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "folder"])
+def test_bad_text(cli, tiny_dir, tmp_path, case):
+    p = tmp_path / "t.txt"
+    if case == "empty":
+        p.write_text("  \n")
+    elif case == "folder":
+        p.mkdir()
+    code, stdout, err = cli("eval", tiny_dir, "--text", p)
+    assert_clean_error(code, stdout, err)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can read any file")
+def test_unreadable_model(cli, tmp_path):
+    p = tmp_path / "m.gguf"
+    p.write_bytes(b"GGUF" + b"\0" * 64)
+    p.chmod(0)
+    code, stdout, err = cli("quantize", p, tmp_path / "o")
+    assert_clean_error(code, stdout, err, contains="cannot read")
+
+
+def test_truncated_gguf_refused(cli, tmp_path):
+    p = tmp_path / "m.gguf"
+    p.write_bytes(b"GGUF" + b"\x03\0\0\0" + b"\xff" * 20)
+    code, stdout, err = cli("quantize", p, tmp_path / "o")
+    assert_clean_error(code, stdout, err, contains="cannot load GGUF")
+    assert not (tmp_path / "o").exists()
+
+
+def test_real_entry_point_exit_code(tmp_path):
+    """The installed console entry point: exit code 2 and one line on stderr."""
+    r = subprocess.run([sys.executable, "-m", "lowbit", "quantize", "/no/such/model", str(tmp_path / "o"), "--bits", "4"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("lowbit: error:") and "Traceback" not in r.stderr
