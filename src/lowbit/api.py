@@ -16,18 +16,44 @@ from .generation import generate
 from .models.loading import load
 
 
-def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
+class QuantContext:
+    """What a method may need beyond the model: the tokenizer and calibration windows.
+
+    Calibration settings come from config.options: "calib" (text file; default
+    WikiText-2 valid), "nsamples" (128), "calib_seqlen" (512); windows are drawn
+    with config.seed. They are tokenized only if a method asks.
+    """
+
+    def __init__(self, config: QuantConfig, tokenizer=None, calib_ids: torch.Tensor | None = None) -> None:
+        self.config, self.tokenizer, self._ids = config, tokenizer, calib_ids
+
+    def calib_ids(self) -> torch.Tensor:
+        if self._ids is None:
+            from .calibration.data import calibration_ids
+
+            if self.tokenizer is None:
+                raise LowbitError(f"method {self.config.method!r} needs calibration text: pass the tokenizer")
+            o = self.config.options
+            self._ids, info = calibration_ids(self.tokenizer, o.get("calib"), nsamples=o.get("nsamples", 128),
+                                              seqlen=o.get("calib_seqlen", 512), seed=self.config.seed)
+            o["calibration"] = info
+        return self._ids
+
+
+def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: torch.Tensor | None = None) -> nn.Module:
     """Quantize `model` in place with `config.method`; returns the model.
 
-    The float weights of the quantized layers are released; what was done is
-    recorded in `model.lowbit_quant` and written into checkpoints by `save`.
+    Calibrated methods (gptq, ...) draw windows of calibration text with the
+    tokenizer, or take `calib_ids` [nsamples, seqlen] directly. The float weights
+    of the quantized layers are released; what was done is recorded in
+    `model.lowbit_quant` and written into checkpoints by `save`.
     """
     if getattr(model, "lowbit_quant", None) and model.lowbit_quant.get("modules"):
         raise LowbitError("model is already quantized")
     handler = get_method(config.method)
     torch.manual_seed(config.seed)
     with torch.no_grad():
-        modules = handler(model, config)
+        modules = handler(model, config, QuantContext(config, tokenizer, calib_ids))
     if not modules:
         raise LowbitError("no layer matched: nothing was quantized (check --include/--exclude)")
     cfg = getattr(model, "config", None)

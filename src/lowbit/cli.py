@@ -32,7 +32,13 @@ def quantize(
     sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (z = 0) or asymmetric (zero point) grid."),
     include: List[str] = typer.Option([], help="Regex of layers to quantize (repeatable; default: decoder linears)."),
     exclude: List[str] = typer.Option([], help="Regex of layers to keep in float (repeatable)."),
-    seed: int = typer.Option(0, help="Random seed, recorded in the checkpoint."),
+    seed: int = typer.Option(0, help="Random seed (calibration windows), recorded in the checkpoint."),
+    calib: Optional[Path] = typer.Option(None, help="Calibration text (default: WikiText-2 valid; never the test text)."),
+    nsamples: int = typer.Option(128, help="Calibration windows."),
+    calib_seqlen: int = typer.Option(512, help="Tokens per calibration window."),
+    act_order: bool = typer.Option(False, help="GPTQ: quantize columns by descending Hessian diagonal."),
+    true_sequential: bool = typer.Option(False, help="GPTQ: quantize q/k/v, o, gate/up, down in turn inside a block."),
+    percdamp: float = typer.Option(0.01, help="GPTQ: dampening, as a fraction of the mean Hessian diagonal."),
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:
     """Quantize MODEL and save a packed lowbit checkpoint to OUT."""
@@ -42,13 +48,22 @@ def quantize(
     from .core.scheme import Scheme
     from .formats.io import check_output
 
+    options = {}
+    if method != "rtn":
+        options = {"calib": str(calib) if calib else None, "nsamples": nsamples, "calib_seqlen": calib_seqlen}
+        if "gptq" in method:
+            options.update(act_order=act_order, true_sequential=true_sequential, percdamp=percdamp)
     config = QuantConfig(method=method, scheme=Scheme.from_cli(bits, group_size, sym),
-                         include=tuple(include), exclude=tuple(exclude), seed=seed)
+                         include=tuple(include), exclude=tuple(exclude), seed=seed, options=options)
     get_method(method)  # unknown method: refuse before loading anything
+    if calib is not None:
+        from .eval.text import read_text
+
+        read_text(calib)  # missing or empty calibration text: refuse before loading anything
     check_output(out, overwrite=force)  # unwritable OUT: refuse before the long work
     t0 = time.time()
     m, tok = api.load(model)
-    api.quantize(m, config)
+    api.quantize(m, config, tokenizer=tok)
     t_quant = time.time() - t0
     api.save(m, tok, out, overwrite=force)
     from .eval.size import weight_stats

@@ -20,7 +20,7 @@ def quantize_module(mod: nn.Module, scheme: Scheme) -> nn.Module:
 
 
 @register_method("rtn")
-def rtn(model: nn.Module, config: QuantConfig) -> dict[str, Scheme]:
+def rtn(model: nn.Module, config: QuantConfig, ctx=None) -> dict[str, Scheme]:
     names = select_modules(model, config.include, config.exclude)
     done: dict[str, Scheme] = {}
     for name in tqdm(names, desc="rtn", unit="layer", leave=False):

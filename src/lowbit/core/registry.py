@@ -1,7 +1,8 @@
 """Method registry: QuantConfig.method -> handler(model, config) (torchao's config→handler style).
 
-A handler replaces the targeted modules of `model` in place and returns
-{module name: Scheme} of what it quantized.
+A handler `fn(model, config, ctx)` replaces the targeted modules of `model` in
+place and returns {module name: Scheme} of what it quantized. `ctx` is a
+`QuantContext`: the tokenizer and, lazily, the calibration token windows.
 """
 from __future__ import annotations
 

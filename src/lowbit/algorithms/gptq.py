@@ -1,0 +1,183 @@
+"""GPTQ (Frantar et al. 2022): quantize a weight column by column, pushing each
+column's rounding error onto the columns not yet quantized, weighted by the
+inverse Hessian of the layer's reconstruction loss, H = 2 X Xᵀ / n.
+
+`gptq_quantize` is the whole math as one plain function; the registered
+method runs it inside the layer-sequential calibration pipeline.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration.sequential import layer_sequential, observe_inputs
+from ..core.config import QuantConfig
+from ..core.quant import QTensor, compute_qparams
+from ..core.registry import register_method
+from ..core.scheme import Scheme
+from ..models.arch import block_linears, set_module
+from ..nn.qlinear import QuantLinear
+
+
+class Hessian:
+    """Running H = 2/n Σ x xᵀ over every calibration token of one linear's input."""
+
+    def __init__(self, n: int) -> None:
+        self.H = torch.zeros(n, n, dtype=torch.float32)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
+        m = x.shape[0]
+        self.H *= self.count / (self.count + m)
+        self.count += m
+        x = x * math.sqrt(2 / self.count)
+        self.H.addmm_(x.T, x)
+
+
+def _group_params(W: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale, zero) of every column slice as [out, 1] each: per-row params of that slice."""
+    return compute_qparams(W, Scheme(scheme.bits, scheme.symmetric, "channel", None, scheme.scale_dtype))
+
+
+@torch.no_grad()
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    scheme: Scheme,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+) -> tuple[QTensor, float]:
+    """GPTQ one weight. W: [out, in] float, H: [in, in]. Returns (codes + params, loss Σ (w-q)²/d²/2).
+
+    Groups are contiguous in the natural column order (last one may be shorter).
+    Without act-order a group's params are fitted when the sweep reaches it, on
+    the error-updated weights (the reference behaviour). With act-order the
+    columns are swept by descending diag(H) and the group params are static:
+    fitted on the original weights up front, so the stored layout is unchanged.
+    """
+    W = W.detach().float().clone()  # [out, in]
+    rows, cols = W.shape
+    H = H.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    g = scheme.group_len(cols) if scheme.granularity == "group" else cols
+    n_groups = 1 if scheme.granularity == "tensor" else scheme.n_groups(cols)
+    if scheme.granularity == "tensor":
+        s_t, z_t = compute_qparams(W, scheme)
+        scale, zero = s_t.expand(rows, 1).clone(), (z_t.expand(rows, 1).clone() if z_t is not None else None)
+    else:
+        scale = torch.empty(rows, n_groups, dtype=scheme.torch_scale_dtype)
+        zero = None if scheme.symmetric else torch.empty(rows, n_groups, dtype=torch.int16)
+    static = act_order or scheme.granularity != "group"
+    if static and scheme.granularity != "tensor":
+        for k in range(n_groups):
+            s, z = _group_params(W[:, k * g: (k + 1) * g], scheme)
+            scale[:, k:k + 1] = s
+            if zero is not None:
+                zero[:, k:k + 1] = z
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+    group_of = (perm // g) if scheme.granularity == "group" else torch.zeros(cols, dtype=torch.long)
+    Q = torch.zeros(rows, cols, dtype=torch.int32)
+    loss = 0.0
+    qmin, qmax = scheme.qmin, scheme.qmax
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            k = int(group_of[col])
+            if not static and int(perm[col]) % g == 0:  # entering a new group: fit it on the updated weights
+                s, z = _group_params(W[:, col: col + g] if i == 0 else torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g], scheme)
+                scale[:, k:k + 1] = s
+                if zero is not None:
+                    zero[:, k:k + 1] = z
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            s = scale[:, k].float()
+            q = torch.round(w / s)
+            if zero is not None:
+                q = q + zero[:, k].float()
+            q = q.clamp(qmin, qmax)
+            dq = (q - zero[:, k].float()) * s if zero is not None else q * s
+            Q[:, col] = q.to(torch.int32)
+            loss += float(((w - dq) ** 2).sum() / d**2 / 2)
+            err = (w - dq) / d
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    Q = Q[:, inv]
+    code_dtype = torch.int8 if scheme.symmetric else torch.uint8
+    qt = QTensor(codes=Q.to(code_dtype), scale=scale if scheme.granularity != "tensor" else scale[:1],
+                 zero=(zero if scheme.granularity != "tensor" else zero[:1]) if zero is not None else None,
+                 scheme=scheme, shape=torch.Size((rows, cols)))
+    return qt, loss
+
+
+def gptq_options(config: QuantConfig) -> dict:
+    o = {"blocksize": 128, "percdamp": 0.01, "act_order": False, "true_sequential": False}
+    o.update({k: v for k, v in config.options.items() if k in o})
+    return o
+
+
+def gptq_block(model: nn.Module, config: QuantConfig, selected: set[str]):
+    """process_block for the sequential pipeline: GPTQ every selected linear of the block."""
+    opts = gptq_options(config)
+
+    def process(block_name: str, block: nn.Module, inputs, kw) -> dict[str, Scheme]:
+        linears = {n: m for n, m in block_linears(model, block_name, block) if n in selected}
+        groups = _sequential_groups(linears) if opts["true_sequential"] else [list(linears)]
+        done = {}
+        for names in groups:
+            hess = {n: Hessian(linears[n].in_features) for n in names}
+            observe_inputs(block, {n: linears[n] for n in names}, inputs, kw, lambda n, x: hess[n].add(x))
+            for n in names:
+                scheme = config.scheme_for(n)
+                qt, loss = gptq_quantize(linears[n].weight, hess[n].H, scheme, blocksize=opts["blocksize"],
+                                         percdamp=opts["percdamp"], act_order=opts["act_order"])
+                q = QuantLinear.from_linear(linears[n], scheme, qt=qt)
+                q.calib_loss = loss
+                set_module(model, n, q)
+                done[n] = scheme
+                tqdm.write(f"lowbit: gptq {n}: loss {loss:.4g}, rel. weight error {q.rel_error:.4f}", file=sys.stderr)
+        return done
+
+    return process
+
+
+def _sequential_groups(linears: dict[str, nn.Module]) -> list[list[str]]:
+    """True-sequential order inside a block: attention inputs, attention output, MLP inputs, MLP output."""
+    order = [("q_proj", "k_proj", "v_proj", "qkv_proj"), ("o_proj",), ("gate_proj", "up_proj", "gate_up_proj"), ("down_proj",)]
+    groups, seen = [], set()
+    for suffixes in order:
+        g = [n for n in linears if n.rsplit(".", 1)[-1] in suffixes]
+        if g:
+            groups.append(g)
+            seen.update(g)
+    rest = [n for n in linears if n not in seen]
+    return groups + ([rest] if rest else [])
+
+
+@register_method("gptq")
+def gptq(model: nn.Module, config: QuantConfig, ctx) -> dict[str, Scheme]:
+    from ..models.arch import select_modules
+
+    selected = set(select_modules(model, config.include, config.exclude))
+    return layer_sequential(model, ctx.calib_ids(), gptq_block(model, config, selected), desc="gptq")

@@ -1,0 +1,93 @@
+"""Layer-sequential calibration: one decoder block at a time.
+
+    inputs of block 0  <- captured once (the model runs up to block 0 and stops)
+    for each block:
+        process_block(block, inputs)   hooks its linears, gathers statistics, quantizes
+        inputs <- block(inputs)         recomputed with the *quantized* weights
+Memory: the model plus one block's activations (inputs and outputs of
+nsamples x seqlen x hidden), nothing more. Architecture-agnostic: blocks come
+from models.arch (name patterns, with a fallback).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.scheme import Scheme
+from ..models.arch import find_blocks
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
+    """Hidden states entering the first block, one tensor per sample, and the block's other kwargs."""
+    inputs: list[torch.Tensor] = []
+    kw: dict = {}
+
+    def pre(mod, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        inputs.append(h.detach())
+        if not kw:
+            kw.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = first_block.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        for i in range(ids.shape[0]):
+            try:
+                model(ids[i: i + 1], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    kw.pop("past_key_values", None)
+    kw.pop("past_key_value", None)
+    kw["use_cache"] = False
+    return inputs, kw
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: list[torch.Tensor], kw: dict) -> list[torch.Tensor]:
+    outs = []
+    for h in inputs:
+        o = block(h, **kw)
+        outs.append(o[0] if isinstance(o, (tuple, list)) else o)
+    return outs
+
+
+@torch.no_grad()
+def observe_inputs(block: nn.Module, modules: dict[str, nn.Module], inputs: list[torch.Tensor], kw: dict,
+                   observe: Callable[[str, torch.Tensor], None]) -> list[torch.Tensor]:
+    """Run the block once, calling observe(name, x) with each listed module's input; returns the outputs."""
+    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: observe(n, inp[0].detach()))
+               for n, m in modules.items()]
+    try:
+        return run_block(block, inputs, kw)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+BlockFn = Callable[[str, nn.Module, list[torch.Tensor], dict], dict[str, Scheme]]
+
+
+def layer_sequential(model: nn.Module, ids: torch.Tensor, process_block: BlockFn, desc: str = "calibrate") -> dict[str, Scheme]:
+    """Drive `process_block` over the decoder blocks in order; returns everything it quantized."""
+    blocks = find_blocks(model)
+    t0 = time.time()
+    inputs, kw = capture_block_inputs(model, blocks[0][1], ids)
+    done: dict[str, Scheme] = {}
+    bar = tqdm(blocks, desc=desc, unit="block", file=sys.stderr, leave=False)
+    for name, block in bar:
+        done.update(process_block(name, block, inputs, kw))
+        inputs = run_block(block, inputs, kw)
+    print(f"lowbit: {desc}: {len(blocks)} blocks in {time.time() - t0:.1f}s", file=sys.stderr)
+    return done

@@ -1,0 +1,100 @@
+import copy
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import QuantConfig, Scheme
+from lowbit.algorithms.gptq import Hessian, gptq_quantize
+from lowbit.core.quant import dequantize, quantize
+from lowbit.errors import LowbitError
+from tests.conftest import TEXT
+
+SCHEMES = [Scheme(4, True, "group", 32), Scheme(3, False, "group", 20), Scheme(8, True, "channel"),
+           Scheme(2, False, "tensor"), Scheme(4, False, "group", 128)]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
+@pytest.mark.parametrize("act_order", [False, True])
+def test_identity_hessian_is_rtn(scheme, act_order):
+    """With H = I no error is propagated (off-diagonals are 0): GPTQ reduces to RTN exactly."""
+    W = torch.randn(16, 72)
+    qt, _ = gptq_quantize(W, torch.eye(72), scheme, act_order=act_order)
+    ref = quantize(W, scheme)
+    assert torch.equal(qt.codes, ref.codes) and torch.equal(qt.scale, ref.scale)
+    assert (qt.zero is None and ref.zero is None) or torch.equal(qt.zero, ref.zero)
+
+
+def _correlated_inputs(n=2048, d=96, seed=0):
+    """Activations like an LLM's: mostly a few shared directions, channels of very different scale."""
+    g = torch.Generator().manual_seed(seed)
+    low_rank = torch.randn(n, d // 8, generator=g) @ torch.randn(d // 8, d, generator=g)
+    return (low_rank + 0.1 * torch.randn(n, d, generator=g)) * torch.linspace(0.2, 3, d)
+
+
+@pytest.mark.parametrize("scheme", [Scheme(3, False, "group", 32), Scheme(4, True, "group", 40), Scheme(2, False, "channel")],
+                         ids=lambda s: s.describe())
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_layer_output(scheme, act_order):
+    X = _correlated_inputs()
+    W = torch.randn(48, X.shape[1])
+    h = Hessian(X.shape[1])
+    h.add(X[:1000])
+    h.add(X[1000:])
+    assert torch.allclose(h.H, 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-3)
+    qt, loss = gptq_quantize(W, h.H, scheme, act_order=act_order)
+    err_gptq = (X @ (dequantize(qt) - W).T).pow(2).mean()
+    err_rtn = (X @ (dequantize(quantize(W, scheme)) - W).T).pow(2).mean()
+    assert loss > 0 and err_gptq < 0.8 * err_rtn
+
+
+def test_dead_columns():
+    X = _correlated_inputs(512, 64)
+    X[:, 5] = 0
+    h = Hessian(64)
+    h.add(X)
+    qt, _ = gptq_quantize(torch.randn(8, 64), h.H, Scheme(4, True, "group", 16))
+    assert torch.isfinite(dequantize(qt)).all()
+    assert (dequantize(qt)[:, 5] == 0).all()
+
+
+@pytest.fixture()
+def calib(tiny):
+    _, tok = tiny
+    ids = tok(TEXT, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    return ids[: 8 * 64].reshape(8, 64)
+
+
+@pytest.mark.parametrize("opts", [{}, {"act_order": True}, {"true_sequential": True}])
+def test_gptq_on_tiny_model_beats_rtn_and_round_trips(tiny, calib, tmp_path, opts):
+    model, tok = tiny
+    x = calib[:2]
+    ref = model(x).logits
+    scheme = Scheme(3, False, "group", 32)  # hidden 72: groups of 32, 32, 8
+    rtn = lowbit.quantize(copy.deepcopy(model), QuantConfig(scheme=scheme))
+    g = lowbit.quantize(copy.deepcopy(model), QuantConfig(method="gptq", scheme=scheme, options=opts), calib_ids=calib)
+    assert (g(x).logits - ref).pow(2).mean() < (rtn(x).logits - ref).pow(2).mean()
+    before = g(x).logits
+    lowbit.save(g, tok, tmp_path / "g")
+    loaded, _ = lowbit.load(tmp_path / "g")
+    assert torch.equal(loaded(x).logits, before)
+
+
+def test_calibration_refuses_test_text(tiny):
+    from lowbit.calibration.data import calibration_ids
+    from lowbit.eval.text import TEST_TEXT
+
+    _, tok = tiny
+    with pytest.raises(LowbitError, match="test text"):
+        calibration_ids(tok, TEST_TEXT, nsamples=2, seqlen=16)
+
+
+def test_calibration_windows_are_seeded(tiny, text_file):
+    from lowbit.calibration.data import calibration_ids
+
+    _, tok = tiny
+    a, info = calibration_ids(tok, text_file, nsamples=4, seqlen=16, seed=3)
+    b, _ = calibration_ids(tok, text_file, nsamples=4, seqlen=16, seed=3)
+    c, _ = calibration_ids(tok, text_file, nsamples=4, seqlen=16, seed=4)
+    assert a.shape == (4, 16) and torch.equal(a, b) and not torch.equal(a, c)
+    assert info["nsamples"] == 4 and info["seed"] == 3
