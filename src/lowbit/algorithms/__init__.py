@@ -1,2 +1,2 @@
 """Quantization methods, one file each; importing registers them."""
-from . import gptq, rtn  # noqa: F401
+from . import awq, gptq, rtn  # noqa: F401

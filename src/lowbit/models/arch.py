@@ -6,12 +6,23 @@ nn.ModuleList whose children contain Linear layers.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..errors import LowbitError
+
+
+@dataclass(frozen=True)
+class ScaleMapping:
+    """`prev` feeds every linear in `linears` (names relative to the block): a per-input-channel
+    scale s can be folded as prev.weight / s (a norm, or the rows of a linear) and linear.weight * s."""
+
+    prev: str
+    linears: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -20,6 +31,7 @@ class Arch:
     linears: tuple[str, ...] = ()  # regexes of linears within a block (relative names); empty = all
     embeddings: tuple[str, ...] = ()  # full names of input embeddings
     head: tuple[str, ...] = ()  # full names of the output projection
+    mappings: tuple[ScaleMapping, ...] = ()  # where activation scales fold (AWQ, SmoothQuant)
 
 
 _LLAMA_LIKE = Arch(
@@ -27,6 +39,12 @@ _LLAMA_LIKE = Arch(
     linears=(r"self_attn\.(q|k|v|o)_proj$", r"mlp\.(gate|up|down)_proj$"),
     embeddings=("model.embed_tokens",),
     head=("lm_head",),
+    mappings=(
+        ScaleMapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ScaleMapping("self_attn.v_proj", ("self_attn.o_proj",)),  # only where v's rows match o's columns (no GQA)
+        ScaleMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ScaleMapping("mlp.up_proj", ("mlp.down_proj",)),
+    ),
 )
 
 ARCHITECTURES: dict[str, Arch] = {
@@ -34,13 +52,30 @@ ARCHITECTURES: dict[str, Arch] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
+    # Gemma's RMSNorm multiplies by (1 + weight): scales cannot be folded by dividing the weight.
+    "gemma": dataclasses.replace(_LLAMA_LIKE, mappings=()),
+    "gemma2": dataclasses.replace(_LLAMA_LIKE, mappings=()),
     "phi3": Arch(blocks=r"^model\.layers\.\d+$", linears=(r"self_attn\.(qkv|o)_proj$", r"mlp\.(gate_up|down)_proj$"),
                  embeddings=("model.embed_tokens",), head=("lm_head",)),
     "gpt2": Arch(blocks=r"^transformer\.h\.\d+$", embeddings=("transformer.wte",), head=("lm_head",)),
     "opt": Arch(blocks=r"^model\.decoder\.layers\.\d+$", embeddings=("model.decoder.embed_tokens",), head=("lm_head",)),
 }
+
+
+def scale_mappings(model: nn.Module, block: nn.Module) -> list[tuple[nn.Module, list[str]]]:
+    """The architecture's mappings that apply to this block, as (prev module, [linear names])."""
+    arch = ARCHITECTURES.get(_model_type(model) or "")
+    out = []
+    for mp in arch.mappings if arch else ():
+        try:
+            prev = block.get_submodule(mp.prev)
+            lins = [block.get_submodule(n) for n in mp.linears]
+        except AttributeError:
+            continue
+        width = prev.out_features if isinstance(prev, nn.Linear) else getattr(prev, "weight", torch.empty(0)).shape[0]
+        if all(isinstance(l, nn.Linear) and l.in_features == width for l in lins):
+            out.append((prev, list(mp.linears)))
+    return out
 
 
 def _model_type(model: nn.Module) -> str | None:
