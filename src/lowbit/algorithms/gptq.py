@@ -90,37 +90,44 @@ def gptq_quantize(
     H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-    group_of = (perm // g) if scheme.granularity == "group" else torch.zeros(cols, dtype=torch.long)
+    group_of = ((perm // g) if scheme.granularity == "group" else torch.zeros(cols, dtype=torch.long)).tolist()
+    starts = [(not static) and p % g == 0 for p in perm.tolist()]  # a new group begins at this column
     Q = torch.zeros(rows, cols, dtype=torch.int32)
-    loss = 0.0
+    losses = torch.zeros(rows, cols)
     qmin, qmax = scheme.qmin, scheme.qmax
+    sf = scale.float()
+    zf = zero.float() if zero is not None else None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        d_all = torch.diag(Hinv1).tolist()
         for i in range(i2 - i1):
             col = i1 + i
-            k = int(group_of[col])
-            if not static and int(perm[col]) % g == 0:  # entering a new group: fit it on the updated weights
-                s, z = _group_params(W[:, col: col + g] if i == 0 else torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g], scheme)
+            k = group_of[col]
+            if starts[col]:  # entering a new group: fit it on the updated weights
+                s, z = _group_params(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g], scheme)
                 scale[:, k:k + 1] = s
+                sf[:, k] = s[:, 0].float()
                 if zero is not None:
                     zero[:, k:k + 1] = z
+                    zf[:, k] = z[:, 0].float()
             w = W1[:, i]
-            d = Hinv1[i, i]
-            s = scale[:, k].float()
-            q = torch.round(w / s)
-            if zero is not None:
-                q = q + zero[:, k].float()
-            q = q.clamp(qmin, qmax)
-            dq = (q - zero[:, k].float()) * s if zero is not None else q * s
+            s = sf[:, k]
+            if zf is not None:
+                q = torch.round(w / s).add_(zf[:, k]).clamp_(qmin, qmax)
+                dq = (q - zf[:, k]).mul_(s)
+            else:
+                q = torch.round(w / s).clamp_(qmin, qmax)
+                dq = q * s
             Q[:, col] = q.to(torch.int32)
-            loss += float(((w - dq) ** 2).sum() / d**2 / 2)
-            err = (w - dq) / d
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            err = (w - dq).div_(d_all[i])
+            losses[:, col] = err
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+    loss = float(losses.pow(2).sum() / 2)  # Σ (w - q)² / d² / 2
 
     inv = torch.argsort(perm)
     Q = Q[:, inv]
