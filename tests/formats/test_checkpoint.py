@@ -94,3 +94,12 @@ def test_corrupt_checkpoint_refused(tiny, tmp_path, damage):
         os.remove(w)
     with pytest.raises(LowbitError, match=str(out)):
         lowbit.load(out)
+
+
+def test_failed_save_into_new_folders_leaves_nothing(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    lowbit.quantize(model, QuantConfig(scheme=Scheme(4, True, "group", 32)))
+    monkeypatch.setattr(tok, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(RuntimeError):
+        lowbit.save(model, tok, tmp_path / "a" / "b" / "c")
+    assert list(tmp_path.iterdir()) == []

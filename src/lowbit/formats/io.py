@@ -15,13 +15,13 @@ def check_output(out: str | os.PathLike, overwrite: bool = False) -> Path:
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise LowbitError(f"{out}: already exists (pass --force to replace it)")
-    parent = out.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LowbitError(f"{out}: cannot create output folder ({e.strerror})") from None
-    if not os.access(parent, os.W_OK):
-        raise LowbitError(f"{out}: cannot write in {parent}")
+    ancestor = out.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LowbitError(f"{out}: cannot create output folder ({ancestor} is not a folder)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise LowbitError(f"{out}: cannot create output folder (no write permission in {ancestor})")
     return out
 
 
@@ -39,7 +39,13 @@ def atomic_path(out: str | os.PathLike, overwrite: bool = False, is_dir: bool = 
     """Yield a temporary path; on success it replaces `out`, on any failure it is removed."""
     out = check_output(out, overwrite)
     parent = out.absolute().parent
+    created = []  # parent folders made here, removed again if nothing lands in them
+    p = parent
+    while not p.exists():
+        created.append(p)
+        p = p.parent
     try:
+        parent.mkdir(parents=True, exist_ok=True)
         if is_dir:
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
         else:
@@ -47,7 +53,9 @@ def atomic_path(out: str | os.PathLike, overwrite: bool = False, is_dir: bool = 
             os.close(fd)
             tmp = Path(name)
     except OSError as e:
+        _remove_empty(created)
         raise LowbitError(f"{out}: cannot write ({e.strerror})") from None
+    ok = False
     try:
         yield tmp
         _default_permissions(tmp)
@@ -58,6 +66,17 @@ def atomic_path(out: str | os.PathLike, overwrite: bool = False, is_dir: bool = 
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
         else:
             os.replace(tmp, out)
+        ok = True
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if not ok:
+            _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for f in folders:  # deepest first
+        try:
+            f.rmdir()
+        except OSError:
+            break
