@@ -1,0 +1,99 @@
+"""SmolLM2-135M: RTN vs GPTQ vs AWQ (issue 3) -> JSON lines on stdout (+ a markdown table).
+
+    python bench/ptq_table.py [--limit-tokens N] [--nsamples 128] [--calib-seqlen 512] [--markdown FILE]
+                              [--settings w4g128sym,w3g128] [--methods rtn,gptq,...]
+
+Every quantization runs in its own process (`lowbit quantize`, the CLI users
+run) so its wall time and peak RSS are its own; the checkpoints are then scored
+here, one after the other, on the same WikiText-2 test windows (seqlen 512).
+Calibration: WikiText-2 valid, the same seeded windows for every method.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lowbit  # noqa: E402
+from common import emit, log, markdown  # noqa: E402
+
+SETTINGS = {
+    "w4g128sym": ["--bits", "4", "--group-size", "128", "--sym"],
+    "w4g128asym": ["--bits", "4", "--group-size", "128", "--asym"],
+    "w3g128": ["--bits", "3", "--group-size", "128", "--asym"],
+    "w2g64": ["--bits", "2", "--group-size", "64", "--asym"],
+}
+METHODS = {
+    "rtn": ["--method", "rtn"],
+    "gptq": ["--method", "gptq"],
+    "gptq-act-order": ["--method", "gptq", "--act-order"],
+    "awq": ["--method", "awq"],
+    "awq+gptq": ["--method", "awq+gptq"],
+}
+
+
+def quantize_child(model: str, out: Path, args: list[str]) -> dict:
+    """Run `lowbit quantize` in a child process; its wall time and its own peak RSS."""
+    cmd = [sys.executable, "-m", "lowbit", "quantize", model, str(out), *args]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"quantize failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"wall_s": wall, "peak_rss_bytes": peak * 1024 if peak > before else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--limit-tokens", type=int, default=None)
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--markdown", type=Path, default=None)
+    args = ap.parse_args()
+
+    model, tok = lowbit.load(args.model)  # also fills the cache before any timing
+    fp = lowbit.evaluate(model, tok, limit_tokens=args.limit_tokens)
+    float_bytes = fp["model_bytes"]
+    rows = [{"setting": "FP32", "method": "—", "ppl": fp["ppl"], "bpw": 32.0}]
+    emit(rows[0])
+    del model
+    calib = ["--nsamples", str(args.nsamples), "--calib-seqlen", str(args.calib_seqlen), "--seed", "0"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for setting in args.settings.split(","):
+            for method in args.methods.split(","):
+                out = Path(tmp) / f"{setting}-{method}"
+                extra = calib if method != "rtn" else []
+                q = quantize_child(args.model, out, [*METHODS[method], *SETTINGS[setting], *extra])
+                m, _ = lowbit.load(out)
+                res = lowbit.evaluate(m, tok, limit_tokens=args.limit_tokens)
+                row = {"setting": setting, "method": method, "ppl": res["ppl"], "bpw": res["bpw"],
+                       "delta_ppl_pct": 100 * (res["ppl"] / fp["ppl"] - 1), **q,
+                       "peak_rss_vs_fp32_model": q["peak_rss_bytes"] / float_bytes if q["peak_rss_bytes"] else None}
+                rows.append(row)
+                emit(row)
+                del m
+    table = markdown(rows, [("setting", "setting", ""), ("method", "method", ""), ("ppl", "ppl", ".3f"),
+                            ("delta_ppl_pct", "Δppl %", "+.1f"), ("bpw", "bits/weight", ".3f"),
+                            ("wall_s", "quantize wall s", ".0f"), ("peak_rss_bytes", "peak RSS bytes", ","),
+                            ("peak_rss_vs_fp32_model", "RSS / fp32 model", ".2f")])
+    log(table)
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+    emit({"rows": rows, "limit_tokens": args.limit_tokens, "nsamples": args.nsamples, "calib_seqlen": args.calib_seqlen})
+
+
+if __name__ == "__main__":
+    main()
