@@ -11,9 +11,6 @@ Calibration: WikiText-2 valid, the same seeded windows for every method.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,15 +39,20 @@ METHODS = {
 
 def quantize_child(model: str, out: Path, args: list[str]) -> dict:
     """Run `lowbit quantize` in a child process; its wall time and its own peak RSS."""
-    cmd = [sys.executable, "-m", "lowbit", "quantize", model, str(out), *args]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    cmd = [sys.executable, "-c", _CHILD, "quantize", model, str(out), *args]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
-        raise SystemExit(f"quantize failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"wall_s": wall, "peak_rss_bytes": peak * 1024 if peak > before else None}
+        raise SystemExit(f"quantize failed: {' '.join(cmd[3:])}\n{r.stderr[-2000:]}")
+    peak = [l for l in r.stderr.splitlines() if l.startswith("PEAK_RSS_KIB ")]
+    return {"wall_s": wall, "peak_rss_bytes": int(peak[-1].split()[1]) * 1024 if peak else None}
+
+
+# The CLI, reporting its own peak RSS (Linux: KiB) when it exits.
+_CHILD = ("import atexit, resource, sys; atexit.register(lambda: print('PEAK_RSS_KIB', "
+          "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
+          "sys.argv = ['lowbit', *sys.argv[1:]]; from lowbit.cli import main; main()")
 
 
 def main() -> None:
