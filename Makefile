@@ -28,7 +28,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
-	$(BIN)/python bench/rtn_table.py
+	$(BIN)/python bench/rtn_table.py --limit-tokens 32768
 
 clean:
 	rm -rf $(VENV) out
