@@ -61,8 +61,8 @@ def quantize(
 
         read_text(calib)  # missing or empty calibration text: refuse before loading anything
     check_output(out, overwrite=force)  # unwritable OUT: refuse before the long work
-    t0 = time.time()
     m, tok = api.load(model)
+    t0 = time.time()
     api.quantize(m, config, tokenizer=tok)
     t_quant = time.time() - t0
     api.save(m, tok, out, overwrite=force)
