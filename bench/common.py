@@ -46,3 +46,12 @@ def markdown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def report(rows: list[dict], columns: list[tuple[str, str, str]], markdown_path: Path | None, summary: dict) -> None:
+    """The closing output of a bench: the table on stderr (and to a file if asked), then one JSON summary line."""
+    table = markdown(rows, columns)
+    log(table)
+    if markdown_path:
+        Path(markdown_path).write_text(table + "\n")
+    emit({"rows": rows, **summary})

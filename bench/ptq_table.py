@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lowbit  # noqa: E402
-from common import emit, log, markdown  # noqa: E402
+from common import emit, report  # noqa: E402
 
 SETTINGS = {
     "w4g128sym": ["--bits", "4", "--group-size", "128", "--sym"],
@@ -87,14 +87,11 @@ def main() -> None:
                 rows.append(row)
                 emit(row)
                 del m
-    table = markdown(rows, [("setting", "setting", ""), ("method", "method", ""), ("ppl", "ppl", ".3f"),
-                            ("delta_ppl_pct", "Δppl %", "+.1f"), ("bpw", "bits/weight", ".3f"),
-                            ("wall_s", "quantize wall s", ".0f"), ("peak_rss_bytes", "peak RSS bytes", ","),
-                            ("peak_rss_vs_fp32_model", "RSS / fp32 model", ".2f")])
-    log(table)
-    if args.markdown:
-        args.markdown.write_text(table + "\n")
-    emit({"rows": rows, "limit_tokens": args.limit_tokens, "nsamples": args.nsamples, "calib_seqlen": args.calib_seqlen})
+    report(rows, [("setting", "setting", ""), ("method", "method", ""), ("ppl", "ppl", ".3f"),
+                  ("delta_ppl_pct", "Δppl %", "+.1f"), ("bpw", "bits/weight", ".3f"),
+                  ("wall_s", "quantize wall s", ".0f"), ("peak_rss_bytes", "peak RSS bytes", ","),
+                  ("peak_rss_vs_fp32_model", "RSS / fp32 model", ".2f")],
+           args.markdown, {"limit_tokens": args.limit_tokens, "nsamples": args.nsamples, "calib_seqlen": args.calib_seqlen})
 
 
 if __name__ == "__main__":

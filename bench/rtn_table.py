@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lowbit  # noqa: E402
-from common import Timer, emit, folder_bytes, log, markdown  # noqa: E402
+from common import Timer, emit, folder_bytes, log, report  # noqa: E402
 from lowbit import QuantConfig, Scheme  # noqa: E402
 
 SETTINGS = [
@@ -65,13 +65,10 @@ def main() -> None:
             rows.append(row)
             emit(row)
             del m
-    table = markdown(rows, [("setting", "setting", ""), ("ppl", "ppl", ".3f"), ("delta_ppl_pct", "Δppl %", "+.2f"),
-                            ("bpw", "bits/weight", ".3f"), ("quantized_bytes", "quantized bytes", ","),
-                            ("checkpoint_bytes", "checkpoint bytes", ","), ("quantize_s", "quantize s", ".1f")])
-    log(table)
-    if args.markdown:
-        args.markdown.write_text(table + "\n")
-    emit({"rows": rows, "model": args.model, "limit_tokens": args.limit_tokens, "seqlen": args.seqlen})
+    report(rows, [("setting", "setting", ""), ("ppl", "ppl", ".3f"), ("delta_ppl_pct", "Δppl %", "+.2f"),
+                  ("bpw", "bits/weight", ".3f"), ("quantized_bytes", "quantized bytes", ","),
+                  ("checkpoint_bytes", "checkpoint bytes", ","), ("quantize_s", "quantize s", ".1f")],
+           args.markdown, {"model": args.model, "limit_tokens": args.limit_tokens, "seqlen": args.seqlen})
 
 
 if __name__ == "__main__":
