@@ -107,7 +107,9 @@ def gptq_quantize(
             col = i1 + i
             k = group_of[col]
             if starts[col]:  # entering a new group: fit it on the updated weights
-                s, z = _group_params(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g], scheme)
+                # the group's columns: the rest of this lazy block (updated), then beyond it
+                cols_here = W1[:, i: i + g]
+                s, z = _group_params(torch.cat([cols_here, W[:, i2: i2 + g - cols_here.shape[1]]], 1), scheme)
                 scale[:, k:k + 1] = s
                 sf[:, k] = s[:, 0].float()
                 if zero is not None:
