@@ -43,6 +43,24 @@ def test_per_channel_flag(cli, tiny_dir, tmp_path):
     assert conf["scheme"]["granularity"] == "channel" and conf["scheme"]["bits"] == 8
 
 
+@pytest.mark.parametrize("args", [
+    ["--method", "w8a8"],
+    ["--method", "w8a8", "--act", "static", "--smooth", "0.5", "--nsamples", "4", "--calib-seqlen", "32"],
+    ["--method", "w8a8", "--act", "tensor", "--per-tensor"],
+    ["--method", "llm-int8", "--threshold", "4"],
+])
+def test_int8_methods(cli, tiny_dir, tmp_path, text_file, args):
+    out = tmp_path / "q"
+    code, _, err = cli("quantize", tiny_dir, out, *args, "--calib", text_file)
+    assert code == 0, err
+    conf = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert conf["method"] == args[1] and conf["scheme"]["bits"] == 8
+    assert {e["kind"] for e in conf["layers"].values()} == {args[1]}
+    code, stdout, err = cli("eval", out, "--text", text_file, "--seqlen", "64", "--limit-tokens", "256", "--json")
+    assert code == 0, err
+    assert json.loads(stdout.splitlines()[-1])["bpw"] > 8.0
+
+
 BAD_QUANTIZE = {
     "missing model": (["/no/such/model"], "no such file"),
     "bits 1": (["{tiny}", "--bits", "1"], "bits"),
@@ -53,6 +71,12 @@ BAD_QUANTIZE = {
     "not a model": (["{textfile}"], "not a model"),
     "folder without config": (["{emptydir}"], "no config.json"),
     "bad pattern": (["{tiny}", "--include", "("], "pattern"),
+    "w8a8 with 4 bits": (["{tiny}", "--method", "w8a8", "--bits", "4"], "8-bit symmetric"),
+    "w8a8 grouped": (["{tiny}", "--method", "w8a8", "--group-size", "32"], "8-bit symmetric"),
+    "w8a8 bad act": (["{tiny}", "--method", "w8a8", "--act", "magic"], "--act must be one of"),
+    "w8a8 act bits 6": (["{tiny}", "--method", "w8a8", "--act-bits", "6"], "--act-bits"),
+    "w8a8 smooth 2": (["{tiny}", "--method", "w8a8", "--smooth", "2"], "--smooth"),
+    "llm-int8 threshold 0": (["{tiny}", "--method", "llm-int8", "--threshold", "0"], "--threshold"),
 }
 
 

@@ -27,8 +27,10 @@ def quantize(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Argument(..., help="Output checkpoint folder (written atomically)."),
     method: str = typer.Option("rtn", help="Quantization method."),
-    bits: int = typer.Option(4, help="Bits per weight, 2..8."),
-    group_size: int = typer.Option(128, help="Columns per scale; -1 = per output channel."),
+    bits: Optional[int] = typer.Option(None, help="Bits per weight, 2..8 [default: 4; 8 for w8a8/llm-int8]."),
+    group_size: Optional[int] = typer.Option(
+        None, help="Columns per scale; -1 = per output channel [default: 128; -1 for w8a8/llm-int8]."),
+    per_tensor: bool = typer.Option(False, help="One weight scale for the whole tensor (w8a8: the naive scheme)."),
     sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (z = 0) or asymmetric (zero point) grid."),
     include: List[str] = typer.Option([], help="Regex of layers to quantize (repeatable; default: decoder linears)."),
     exclude: List[str] = typer.Option([], help="Regex of layers to keep in float (repeatable)."),
@@ -39,6 +41,12 @@ def quantize(
     act_order: bool = typer.Option(False, help="GPTQ: quantize columns by descending Hessian diagonal."),
     true_sequential: bool = typer.Option(False, help="GPTQ: quantize q/k/v, o, gate/up, down in turn inside a block."),
     percdamp: float = typer.Option(0.01, help="GPTQ: dampening, as a fraction of the mean Hessian diagonal."),
+    act: str = typer.Option("dynamic", help="w8a8 activations: dynamic (per token), static (per tensor, "
+                                            "calibrated) or tensor (per tensor at run time: naive)."),
+    act_bits: int = typer.Option(8, help="w8a8/llm-int8 activation bits: 8, or 7 (exact on the fast int8 "
+                                         "kernel of CPUs without VNNI)."),
+    smooth: Optional[float] = typer.Option(None, help="w8a8: SmoothQuant migration strength alpha in [0, 1]."),
+    threshold: float = typer.Option(6.0, help="llm-int8: |x| at which an input column is an outlier."),
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:
     """Quantize MODEL and save a packed lowbit checkpoint to OUT."""
@@ -48,12 +56,38 @@ def quantize(
     from .core.scheme import Scheme
     from .formats.io import check_output
 
-    options = {}
-    if method != "rtn":
-        options = {"calib": str(calib) if calib else None, "nsamples": nsamples, "calib_seqlen": calib_seqlen}
+    options: dict = {}
+    int8 = method in ("w8a8", "llm-int8")
+    if int8:
+        if bits not in (None, 8) or not sym or (group_size not in (None, -1)):
+            raise LowbitError(f"{method} stores 8-bit symmetric weights per channel (or --per-tensor): "
+                              "drop --bits/--group-size/--asym")
+        bits, group_size = 8, -1
+        if act_bits not in (7, 8):
+            raise LowbitError(f"--act-bits must be 7 or 8, got {act_bits}")
+        options["act_bits"] = act_bits
+        if method == "w8a8":
+            from .algorithms.smoothquant import ACT_MODES
+
+            if act not in ACT_MODES:
+                raise LowbitError(f"--act must be one of {', '.join(ACT_MODES)}, got {act!r}")
+            if smooth is not None and not 0.0 <= smooth <= 1.0:
+                raise LowbitError(f"--smooth must be in [0, 1], got {smooth}")
+            options.update(act=act, smooth=smooth)
+        else:
+            if not threshold > 0:
+                raise LowbitError(f"--threshold must be > 0, got {threshold}")
+            options["threshold"] = threshold
+    bits = 4 if bits is None else bits
+    group_size = 128 if group_size is None else group_size
+    if method != "rtn" and (not int8 or options.get("smooth") is not None or act == "static"):
+        options.update({"calib": str(calib) if calib else None, "nsamples": nsamples, "calib_seqlen": calib_seqlen})
         if "gptq" in method:
             options.update(act_order=act_order, true_sequential=true_sequential, percdamp=percdamp)
-    config = QuantConfig(method=method, scheme=Scheme.from_cli(bits, group_size, sym),
+    scheme = Scheme.from_cli(bits, group_size, sym)
+    if per_tensor:
+        scheme = Scheme(bits=bits, symmetric=sym, granularity="tensor", group_size=None)
+    config = QuantConfig(method=method, scheme=scheme,
                          include=tuple(include), exclude=tuple(exclude), seed=seed, options=options)
     get_method(method)  # unknown method: refuse before loading anything
     if calib is not None:

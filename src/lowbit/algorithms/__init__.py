@@ -1,2 +1,2 @@
 """Quantization methods, one file each; importing registers them."""
-from . import awq, gptq, rtn  # noqa: F401
+from . import awq, gptq, llm_int8, rtn, smoothquant  # noqa: F401

@@ -29,6 +29,7 @@ from ..core.config import QuantConfig
 from ..core.scheme import Scheme
 from ..errors import LowbitError
 from ..models.arch import set_module
+from ..nn.int8 import INT8_MODULES
 from ..nn.qlinear import QuantEmbedding, QuantLinear
 from .io import atomic_path
 
@@ -69,7 +70,9 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, overwri
     layers = {}
     for name, scheme in modules.items():
         mod = model.get_submodule(name)
-        entry = {"kind": "embedding" if isinstance(mod, QuantEmbedding) else "linear"}
+        entry = {"kind": "embedding" if isinstance(mod, QuantEmbedding) else getattr(mod, "kind", "linear")}
+        if hasattr(mod, "entry"):
+            entry.update(mod.entry())
         if scheme != default:
             entry["scheme"] = scheme.to_dict()
         if getattr(mod, "rel_error", None) is not None:
@@ -132,14 +135,19 @@ def load_checkpoint(folder: str | os.PathLike):
         for name, entry in qc.get("layers", {}).items():
             scheme = Scheme.from_dict(entry["scheme"]) if "scheme" in entry else cfg.scheme
             old = model.get_submodule(name)
-            if entry.get("kind") == "embedding":
+            kind = entry.get("kind", "linear")
+            if kind == "embedding":
                 new = QuantEmbedding(old.num_embeddings, old.embedding_dim, scheme, padding_idx=old.padding_idx, device="meta")
+            elif kind in INT8_MODULES:
+                new = INT8_MODULES[kind].from_entry(entry, old, scheme)
+            elif kind != "linear":
+                raise LowbitError(f"unknown layer kind {kind!r} of {name}")
             else:
                 new = QuantLinear(old.in_features, old.out_features, scheme, bias=old.bias is not None, device="meta")
             new.rel_error = entry.get("rel_error")
             set_module(model, name, new)
             modules[name] = scheme
-    except (AttributeError, KeyError, LowbitError) as e:
+    except (AttributeError, KeyError, TypeError, LowbitError) as e:
         raise _bad(folder, f"layer table: {e}") from None
     try:
         with safe_open(str(weights), framework="pt") as f:

@@ -1,0 +1,162 @@
+"""Integer matmul for W8A8 and LLM.int8(): a reference path and a oneDNN fast path.
+
+    x [M, K] float --quantize_act--> u = Qx + 2^(b-1) (uint8 [M, K]), sx ([M, 1] or [1, 1])
+    acc = (u - 2^(b-1)) @ Qw^T        int32 [M, N]
+    y   = acc * sw * sx (+ bias)
+
+reference  the codes in float64 through BLAS: every int32 accumulator is exact.
+onednn     torch.ops.onednn.qlinear_pointwise on u8 x s8 with int32 accumulation,
+           prepacked weight cached on the module. On CPUs without VNNI the
+           u8 x s8 instruction (vpmaddubsw) adds pairs of products in *saturating*
+           int16, so it is exact only while 2 * max(u) * max|Qw| <= 32767: true for
+           7-bit activations (u <= 127, |Qw| <= 128), false for 8-bit ones. Whether
+           the fast path is exact for a given activation width is probed once, on
+           the worst case, and the reference path is used where it is not (logged
+           once). torch._int_mm is exact but measured ~30x slower than an fp32
+           matmul on this AVX2 CPU, so it is not used.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+import torch.nn.functional as F
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        print(f"lowbit: {msg}", file=sys.stderr)
+
+
+# -- activation quantization ------------------------------------------------------------
+
+def quantize_act(x2: torch.Tensor, act, static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 float [M, K] -> (u uint8 [M, K] = Qx - qmin, sx float32 [M, 1] or [1, 1]).
+
+    Symmetric textbook grid: s = 2 max|x| / (2^b - 1), Qx = clamp(round(x / s), qmin, qmax)."""
+    x2 = x2.float()
+    if act.static:
+        s = static_scale.reshape(1, 1).float()
+    else:
+        m = x2.abs().amax(dim=-1, keepdim=True) if act.granularity == "token" else x2.abs().amax().reshape(1, 1)
+        s = m * (2.0 / ((1 << act.bits) - 1))
+        s = torch.nextafter(s, torch.full_like(s, float("inf")))  # >= the exact s: the s/2 bound holds in fp32
+        s = torch.where(s > 0, s, torch.ones_like(s))
+    u = (x2 / s).round_().clamp_(act.qmin, act.qmax).sub_(act.qmin).to(torch.uint8)
+    return u, s
+
+
+# -- integer GEMM -----------------------------------------------------------------------
+
+def int8_gemm_reference(u: torch.Tensor, zp: int, qw: torch.Tensor) -> torch.Tensor:
+    """(u - zp) @ qw^T exactly: int32 [M, N]. u uint8 [M, K], qw int8 [N, K]."""
+    a = u.double() - zp
+    return (a @ qw.double().T).to(torch.int32)
+
+
+def _onednn_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+    except Exception:
+        return False
+
+
+def _onednn_call(u: torch.Tensor, zp: int, packed: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+    """float32 [M, N] = ((u - zp) @ Qw^T) * sw, int32 accumulation inside oneDNN."""
+    wz = torch.zeros(sw.shape[0], dtype=torch.long)
+    return torch.ops.onednn.qlinear_pointwise(u, 1.0, zp, packed, sw, wz, None, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_exact(act_bits: int) -> bool:
+    """Does oneDNN's u8 x s8 GEMM give exact sums for `act_bits`-bit activations and 8-bit weights here?
+
+    Probed on the worst case (every u = 2^b - 1 against weights of -128 and 127, and the
+    most negative inputs), K = 64, against the exact reference."""
+    if not _onednn_available():
+        return False
+    try:
+        K, zp = 64, 1 << (act_bits - 1)
+        umax = (1 << act_bits) - 1
+        u = torch.tensor([[umax] * K, [0] * K, [umax, 0] * (K // 2)], dtype=torch.uint8)
+        qw = torch.tensor([[127] * K, [-128] * K, [-128, 127] * (K // 2), [127, -128] * (K // 2)], dtype=torch.int8)
+        packed = torch.ops.onednn.qlinear_prepack(qw, None)
+        got = _onednn_call(u, zp, packed, torch.ones(qw.shape[0]))
+        want = int8_gemm_reference(u, zp, qw).float()
+        return bool(torch.equal(got, want))
+    except Exception:
+        return False
+
+
+def kernel_for(module) -> str:
+    """'onednn' where it is available and exact for the module's activation width, else 'reference'."""
+    if onednn_exact(module.act.bits):
+        return "onednn"
+    if _onednn_available():
+        _log_once(f"int8: the oneDNN u8xs8 GEMM is not exact for {module.act.bits}-bit activations on this CPU "
+                  "(saturating int16 pairs, no VNNI); using the exact reference path (slower). "
+                  "7-bit activations (--act-bits 7) run the fast path exactly.")
+    else:
+        _log_once("int8: oneDNN is not available in this torch build; using the reference path")
+    return "reference"
+
+
+def int8_linear_scaled(module, u: torch.Tensor, zp: int) -> torch.Tensor:
+    """float32 [M, N] = ((u - zp) @ Qw^T) * sw through the module's kernel."""
+    sw = module.weight_scale()
+    if kernel_for(module) == "onednn":
+        packed = module._kcache.get("onednn")
+        if packed is None:
+            packed = module._kcache["onednn"] = torch.ops.onednn.qlinear_prepack(module.weight_codes_int8(), None)
+        return _onednn_call(u.contiguous(), zp, packed, sw)
+    return int8_gemm_reference(u, zp, module.weight_codes_int8()).float() * sw
+
+
+# -- module forwards --------------------------------------------------------------------
+
+def w8a8_forward(module, x: torch.Tensor) -> torch.Tensor:
+    """[..., K] -> [..., N] in x's dtype."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    u, sx = quantize_act(x2, module.act, module.input_scale)
+    y = int8_linear_scaled(module, u, -module.act.qmin) * sx
+    if module.bias is not None:
+        y = y + module.bias.float()
+    return y.to(x.dtype).reshape(*lead, module.out_features)
+
+
+def llm_int8_forward(module, x: torch.Tensor) -> torch.Tensor:
+    """LLM.int8(): outlier input columns (any |x| >= threshold) in float, the rest in int8 per token."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    cols = (x2.abs() >= module.threshold).any(dim=0).nonzero().flatten()
+    module.calls += 1
+    module.outlier_columns += int(cols.numel())
+    module.last_outlier_columns = cols
+    if cols.numel():
+        x_reg = x2.index_fill(1, cols, 0.0)
+        w_out = module.weight_codes_int8()[:, cols].float() * module.weight_scale()[:, None]  # [N, n_out]
+        y_out = x2[:, cols] @ w_out.T
+    else:
+        x_reg, y_out = x2, None
+    u, sx = quantize_act(x_reg, module.act)
+    y = int8_linear_scaled(module, u, -module.act.qmin) * sx
+    if y_out is not None:
+        y = y + y_out
+    if module.bias is not None:
+        y = y + module.bias.float()
+    return y.to(x.dtype).reshape(*lead, module.out_features)
+
+
+def reference_forward(module, x: torch.Tensor) -> torch.Tensor:
+    """Plain float statement of W8A8 (no kernels): dequantized codes times dequantized weight."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    u, sx = quantize_act(x2, module.act, module.input_scale)
+    xq = (u.float() + module.act.qmin) * sx
+    y = F.linear(xq, module.dequantize_weight(), None if module.bias is None else module.bias.float())
+    return y.to(x.dtype).reshape(*x.shape[:-1], module.out_features)

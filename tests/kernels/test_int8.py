@@ -1,0 +1,123 @@
+"""Integer matmul paths: exact accumulators, the fast path equals the reference, the activation grid."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lowbit.kernels import int8 as K
+from lowbit.nn.int8 import W8_CHANNEL, W8_TENSOR, ActQuant, Int8OutlierLinear, W8A8Linear
+
+# float32 rescaling of the same int32 accumulators: only the order of two multiplications may differ.
+RESCALE_RTOL = 1e-6
+
+
+def _linear(n_in=96, n_out=40, seed=0, bias=True):
+    torch.manual_seed(seed)
+    return nn.Linear(n_in, n_out, bias=bias)
+
+
+@pytest.mark.parametrize("bits", [7, 8])
+def test_reference_gemm_is_exact(bits):
+    g = torch.Generator().manual_seed(bits)
+    u = torch.randint(0, 1 << bits, (13, 200), dtype=torch.uint8, generator=g)
+    qw = torch.randint(-128, 128, (17, 200), dtype=torch.int8, generator=g)
+    zp = 1 << (bits - 1)
+    want = ((u.long() - zp) @ qw.long().T).to(torch.int32)
+    assert torch.equal(K.int8_gemm_reference(u, zp, qw), want)
+
+
+@pytest.mark.skipif(not K.onednn_exact(7), reason="oneDNN int8 GEMM not available")
+@pytest.mark.parametrize("shape", [(1, 96, 40), (37, 576, 192), (5, 1536, 64)])
+def test_onednn_integer_sums_equal_reference(shape):
+    M, Kd, N = shape
+    g = torch.Generator().manual_seed(M)
+    u = torch.randint(0, 128, (M, Kd), dtype=torch.uint8, generator=g)
+    qw = torch.randint(-128, 128, (N, Kd), dtype=torch.int8, generator=g)
+    packed = torch.ops.onednn.qlinear_prepack(qw, None)
+    got = K._onednn_call(u, 64, packed, torch.ones(N))  # unit scales: the float32 output *is* the int32 sum
+    want = K.int8_gemm_reference(u, 64, qw)
+    assert (want.abs() < 2**24).all()  # exactly representable in float32
+    assert torch.equal(got, want.float())
+
+
+def test_probe_says_where_the_fast_path_is_exact():
+    # 7-bit activations never saturate the u8 x s8 pair sums (2 * 127 * 128 <= 32767).
+    if K._onednn_available():
+        assert K.onednn_exact(7)
+
+
+@pytest.mark.parametrize("bits", [7, 8])
+@pytest.mark.parametrize("act", [ActQuant("token"), ActQuant("tensor"), ActQuant("tensor", static=True)])
+@pytest.mark.parametrize("scheme", [W8_CHANNEL, W8_TENSOR])
+def test_w8a8_forward_equals_plain_float_statement(bits, act, scheme):
+    act = ActQuant(act.granularity, act.static, bits)
+    lin = _linear()
+    x = torch.randn(3, 11, 96)
+    m = W8A8Linear.from_linear(lin, scheme, act=act, input_amax=float(x.abs().max()) if act.static else None)
+    y = m(x)
+    assert y.shape == (3, 11, 40)
+    assert torch.allclose(y, K.reference_forward(m, x), rtol=RESCALE_RTOL, atol=1e-5)
+    assert (y - lin(x)).abs().max() < 0.05 * lin(x).abs().max()
+
+
+@given(st.integers(1, 40), st.floats(0.01, 100.0), st.sampled_from([7, 8]))
+@settings(max_examples=40, deadline=None)
+def test_activation_grid_error_bound(m, mag, bits):
+    """|x - x̂| <= s/2 on the per-token textbook grid, codes in range."""
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 33, generator=g) * mag
+    act = ActQuant("token", bits=bits)
+    u, s = K.quantize_act(x, act)
+    q = u.float() + act.qmin
+    assert q.min() >= act.qmin and q.max() <= act.qmax
+    assert ((q * s - x).abs() <= s / 2 * (1 + 1e-6)).all()
+
+
+def test_static_scale_clips_outside_the_calibrated_range():
+    lin = _linear(bias=False)
+    m = W8A8Linear.from_linear(lin, act=ActQuant("tensor", static=True), input_amax=1.0)
+    u, s = K.quantize_act(torch.full((1, 96), 50.0), m.act, m.input_scale)
+    assert float(s) == pytest.approx(2 / 255) and int(u.max()) == 255  # clamped to qmax
+
+
+def test_llm_int8_routes_outlier_columns_through_float():
+    lin = _linear(bias=False)
+    m = Int8OutlierLinear.from_linear(lin, threshold=6.0)
+    x = torch.randn(2, 9, 96)
+    x[0, 3, 7] = 40.0
+    x[1, 0, 50] = -9.0
+    y = m(x)
+    assert m.last_outlier_columns.tolist() == [7, 50] and m.calls == 1 and m.outlier_columns == 2
+    # the same computation written out: float for the outlier columns, per-token int8 for the rest
+    x2 = x.reshape(-1, 96)
+    w = m.dequantize_weight()
+    reg = x2.clone()
+    reg[:, [7, 50]] = 0
+    u, s = K.quantize_act(reg, m.act)
+    want = ((u.float() + m.act.qmin) * s) @ w.T + x2[:, [7, 50]] @ w[:, [7, 50]].T
+    assert torch.allclose(y.reshape(-1, 40), want, rtol=RESCALE_RTOL, atol=1e-5)
+    # the outlier does not blow up the error of the other columns, as it does for plain per-token W8A8
+    err_int8 = (y - lin(x)).abs().max()
+    err_w8a8 = (W8A8Linear.from_linear(lin)(x) - lin(x)).abs().max()
+    assert err_int8 < err_w8a8
+
+
+def test_llm_int8_without_outliers_is_w8a8():
+    lin = _linear()
+    x = torch.randn(4, 96).clamp(-5, 5)
+    a = Int8OutlierLinear.from_linear(lin, threshold=6.0)
+    b = W8A8Linear.from_linear(lin)
+    assert torch.equal(a(x), b(x)) and a.outlier_columns == 0
+
+
+def test_int8_weights_take_one_byte():
+    m = W8A8Linear.from_linear(_linear(576, 192, bias=False))
+    assert m.weight_nbytes() == 576 * 192 + 192 * 2  # codes + fp16 scales: half of FP16
+
+
+def test_group_scheme_is_refused():
+    from lowbit import LowbitError, Scheme
+
+    with pytest.raises(LowbitError, match="per-channel or per-tensor"):
+        W8A8Linear.from_linear(_linear(), Scheme(8, True, "group", 32))
