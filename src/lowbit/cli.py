@@ -166,12 +166,22 @@ def generate(
 def inspect(
     model: str = typer.Argument(..., help=MODEL_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
+    activations: bool = typer.Option(False, help="Report the outliers of every linear's input on calibration text."),
+    calib: Optional[Path] = typer.Option(None, help="--activations: text (default: WikiText-2 valid)."),
+    nsamples: int = typer.Option(16, help="--activations: windows of calibration text."),
+    calib_seqlen: int = typer.Option(512, help="--activations: tokens per window."),
+    threshold: float = typer.Option(6.0, help="--activations: |x| from which a dimension counts as an outlier."),
+    plot: Optional[Path] = typer.Option(None, help="--activations: write a PNG of per-layer max |x| and outlier dims."),
+    seed: int = typer.Option(0, help="--activations: seed of the calibration windows."),
 ) -> None:
-    """A table per layer: shape, bits, group size, bytes, relative weight error."""
+    """A table per layer: shape, bits, group size, bytes, relative weight error (or, with --activations, outliers)."""
     from .inspect import layer_table
 
     from . import api
 
+    if activations:
+        _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshold, plot, seed)
+        return
     m, _ = api.load(model)
     rows, total = layer_table(m)
     if as_json:
@@ -187,6 +197,49 @@ def inspect(
     print("-" * len(head))
     print(f"{len(rows)} layers, {total['bytes']} bytes, {total['bpw']:.3f} bits/weight; "
           f"model {total['model_bytes']} bytes")
+
+
+def _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshold, plot, seed) -> None:
+    from . import api
+    from .calibration.data import calibration_ids
+    from .eval.outliers import activation_outliers, plot_outliers
+    from .formats.io import check_output
+
+    if not threshold > 0:
+        raise LowbitError(f"--threshold must be > 0, got {threshold}")
+    if calib is not None:
+        from .eval.text import read_text
+
+        read_text(calib)
+    if plot is not None:
+        check_output(plot, overwrite=True)
+        if plot.is_dir() or plot.suffix.lower() != ".png":
+            raise LowbitError(f"{plot}: --plot needs a .png file path")
+    m, tok = api.load(model)
+    ids, info = calibration_ids(tok, calib, nsamples=nsamples, seqlen=calib_seqlen, seed=seed)
+    res = activation_outliers(m, ids, threshold=threshold)
+    res["calibration"] = info
+    if plot is not None:
+        plot_outliers(res, plot)
+    if as_json:
+        print(json.dumps(res))
+        return
+    head = f"{'linear (input)':<40} {'max|x|':>9} {'median|x|':>10} {'ratio':>8} {'#dims':>6}  top outlier dims (share of tokens)"
+    print(head)
+    print("-" * len(head))
+    for r in res["layers"]:
+        dims = " ".join(f"{d['dim']}({100 * d['share']:.1f}%)" for d in r["outlier_dims"][:5])
+        print(f"{r['name']:<40} {r['max_abs']:>9.3g} {r['median_abs']:>10.3g} {r['ratio']:>8.3g} "
+              f"{r['n_outlier_dims']:>6}  {dims}")
+    print("-" * len(head))
+    feats = res["features"]
+    print(f"{res['tokens']} tokens, threshold {threshold:g}: {len(feats)} dimensions are outliers in >= 25% of "
+          "the layers of their width" + (": " if feats else ""))
+    for f in feats[:10]:
+        print(f"  dim {f['dim']} (width {f['width']}): in {100 * f['layers_frac']:.0f}% of layers, "
+              f"{100 * f['mean_token_share']:.2f}% of tokens on average")
+    if plot is not None:
+        print(f"plot -> {plot}")
 
 
 def main() -> None:

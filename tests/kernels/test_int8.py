@@ -71,7 +71,8 @@ def test_activation_grid_error_bound(m, mag, bits):
     u, s = K.quantize_act(x, act)
     q = u.float() + act.qmin
     assert q.min() >= act.qmin and q.max() <= act.qmax
-    assert ((q * s - x).abs() <= s / 2 * (1 + 1e-6)).all()
+    # the check itself rounds in float32: allow a few ulps of |x| beyond s/2
+    assert ((q * s - x).abs() <= s / 2 + 4 * torch.finfo(torch.float32).eps * x.abs()).all()
 
 
 def test_static_scale_clips_outside_the_calibrated_range():

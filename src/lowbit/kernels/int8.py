@@ -65,9 +65,14 @@ def _onednn_available() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=64)
+def _zeros(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.long)
+
+
 def _onednn_call(u: torch.Tensor, zp: int, packed: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
     """float32 [M, N] = ((u - zp) @ Qw^T) * sw, int32 accumulation inside oneDNN."""
-    wz = torch.zeros(sw.shape[0], dtype=torch.long)
+    wz = _zeros(sw.shape[0])
     return torch.ops.onednn.qlinear_pointwise(u, 1.0, zp, packed, sw, wz, None, 1.0, 0, torch.float32,
                                               "none", [], "")
 
@@ -124,9 +129,9 @@ def w8a8_forward(module, x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     u, sx = quantize_act(x2, module.act, module.input_scale)
-    y = int8_linear_scaled(module, u, -module.act.qmin) * sx
+    y = int8_linear_scaled(module, u, -module.act.qmin).mul_(sx)
     if module.bias is not None:
-        y = y + module.bias.float()
+        y += module.bias.float()
     return y.to(x.dtype).reshape(*lead, module.out_features)
 
 
