@@ -155,3 +155,17 @@ def test_real_entry_point_exit_code(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("lowbit: error:") and "Traceback" not in r.stderr
+
+
+def test_bench_compare(cli, tiny_dir, tmp_path):
+    out = tmp_path / "w4"
+    assert cli("quantize", tiny_dir, out, "--bits", "4", "--group-size", "32")[0] == 0
+    code, stdout, err = cli("bench", tiny_dir, "--compare", out, "--prompt-tokens", "16", "--new-tokens", "4",
+                            "--runs", "1", "--json")
+    assert code == 0, err
+    res = json.loads(stdout.splitlines()[-1])
+    a, b = res["rows"]
+    assert a["prefill_tok_s"] > 0 and b["decode_tok_s"] > 0 and b["prefill_vs_first"] > 0
+    assert b["model_bytes"] < a["model_bytes"] and res["peak_rss_bytes"] > 0
+    code, stdout, err = cli("bench", tiny_dir, "--prompt-tokens", "0")
+    assert code == 2 and "--prompt-tokens" in err

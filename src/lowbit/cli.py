@@ -199,6 +199,63 @@ def inspect(
           f"model {total['model_bytes']} bytes")
 
 
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    compare: List[str] = typer.Option([], help="Another model to measure alternately in the same process (repeatable)."),
+    llama_cpp: Optional[Path] = typer.Option(None, help="A .gguf file to time with llama-cpp-python on the same prompt."),
+    prompt_tokens: int = typer.Option(512, help="Prompt length for prefill."),
+    new_tokens: int = typer.Option(128, help="Greedy tokens to decode (batch 1, KV cache)."),
+    runs: int = typer.Option(3, help="Measured runs per model (after one warm-up); the median is reported."),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last stdout line."),
+) -> None:
+    """Prefill and decode tokens/s, time to first token, memory: MODEL (and --compare models, with ratios)."""
+    import torch
+
+    from . import api
+    from .eval import speed
+
+    if prompt_tokens < 1 or new_tokens < 0 or runs < 1:
+        raise LowbitError("need --prompt-tokens >= 1, --new-tokens >= 0 and --runs >= 1")
+    if llama_cpp is not None and not llama_cpp.is_file():
+        raise LowbitError(f"{llama_cpp}: no such file")
+    if threads:
+        torch.set_num_threads(threads)
+    models, rss = {}, {}
+    tok = None
+    for name in [model, *compare]:
+        before = speed.rss_bytes()
+        m, t = api.load(name)
+        rss[name] = speed.rss_bytes() - before
+        models[name] = m
+        tok = tok or t
+    if tok is None:
+        raise LowbitError(f"{model}: no tokenizer to build the prompt")
+    ids = speed.prompt_ids(tok, prompt_tokens)
+    rows = speed.compare(models, ids, new_tokens=new_tokens, runs=runs)
+    for r in rows:
+        r["rss_after_load_bytes"] = rss[r["model"]]
+    if llama_cpp is not None:
+        rows.append(speed.llama_cpp_speed(str(llama_cpp), ids, new_tokens=new_tokens, runs=runs,
+                                          threads=torch.get_num_threads()))
+    res = {"rows": rows, "peak_rss_bytes": speed.peak_rss_bytes(), "threads": torch.get_num_threads()}
+    if as_json:
+        print(json.dumps(res))
+        return
+    print(f"{'model':<40} {'prefill tok/s':>14} {'ttft s':>8} {'decode tok/s':>13} {'x first (p/d)':>14} {'bytes':>13}")
+    for r in rows:
+        ratio = ""
+        if "prefill_vs_first" in r:
+            ratio = f"{r['prefill_vs_first']:.2f}/{r.get('decode_vs_first', float('nan')):.2f}"
+        dec = "-" if r.get("decode_tok_s") is None else f"{r['decode_tok_s']:.1f}"
+        ttft = "-" if r.get("ttft_s") is None else f"{r['ttft_s']:.3f}"
+        print(f"{r['model'][-40:]:<40} {r['prefill_tok_s']:>14.1f} {ttft:>8} {dec:>13} {ratio:>14} "
+              f"{r['model_bytes']:>13,}")
+    print(f"prompt {prompt_tokens} tokens, {new_tokens} new tokens, median of {runs} runs, "
+          f"{torch.get_num_threads()} threads; peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB")
+
+
 def _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshold, plot, seed) -> None:
     from . import api
     from .calibration.data import calibration_ids

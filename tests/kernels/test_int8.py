@@ -41,6 +41,24 @@ def test_onednn_integer_sums_equal_reference(shape):
     assert torch.equal(got, want.float())
 
 
+@pytest.mark.skipif(not K.onednn_exact(7), reason="oneDNN int8 GEMM not available")
+@pytest.mark.parametrize("K_in", [96, 1536])
+def test_8bit_activations_are_exact_on_every_path(K_in):
+    """Whatever kernel runs 8-bit activations here (one GEMM, the split, the reference), the integer
+    sums are the exact ones: outputs equal the reference path bit for bit."""
+    torch.manual_seed(K_in)
+    lin = nn.Linear(K_in, 64, bias=False)
+    m = W8A8Linear.from_linear(lin, act=ActQuant("token", bits=8))
+    assert K.kernel_for(m) in ("onednn", "onednn-split")
+    x = torch.randn(9, K_in) * 3
+    x[:, 4] = -50.0  # codes at both ends of the range
+    x[0, 5] = 80.0
+    u, sx = K.quantize_act(x, m.act)
+    fast = K.int8_linear_scaled(m, u, 128)
+    ref = K.int8_gemm_reference(u, 128, m.weight_codes_int8()).float() * m.weight_scale()
+    assert torch.equal(fast, ref)
+
+
 def test_probe_says_where_the_fast_path_is_exact():
     # 7-bit activations never saturate the u8 x s8 pair sums (2 * 127 * 128 <= 32767).
     if K._onednn_available():

@@ -1,8 +1,55 @@
 """Compute paths for quantized modules, behind one dispatch.
 
-`reference` dequantizes the packed weight and runs a float matmul; faster
-paths (int4/int8 kernels) register here later and fall back to it.
+    QuantLinear, 4-bit, groups the kernel can tile  -> int4.py  (torch's CPU int4 matmul, packed once)
+    QuantLinear, anything else                      -> reference.py (dequantize, float matmul)
+    W8A8Linear / Int8OutlierLinear                  -> int8.py (their own forward)
+A module that a fast path refuses falls back to the reference, logged once per
+reason. LOWBIT_KERNELS=reference forces the reference path everywhere.
 """
-from .reference import qlinear_forward
+from __future__ import annotations
 
-__all__ = ["qlinear_forward"]
+import os
+import sys
+
+from .reference import qlinear_forward as reference_forward
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        print(f"lowbit: {msg}", file=sys.stderr)
+
+
+def choose_kernel(module) -> tuple[str, object]:
+    """('int4', group) or ('reference', None) for a QuantLinear; cached on the module."""
+    choice = module._kcache.get("kernel")
+    if choice is not None:
+        return choice
+    choice = ("reference", None)
+    if os.environ.get("LOWBIT_KERNELS", "") != "reference":
+        if module.scheme.bits == 4:
+            from .int4 import kernel_group
+
+            G = kernel_group(module)
+            if G is not None:
+                choice = ("int4", G)
+            else:
+                _log_once(f"int4 kernel: a {module.out_features}x{module.in_features} layer with "
+                          f"{module.scheme.describe()} does not tile (rows by 16, columns in groups of 32..256); "
+                          "using the reference path for such layers")
+    module._kcache["kernel"] = choice
+    return choice
+
+
+def qlinear_forward(module, x):
+    kind, arg = choose_kernel(module)
+    if kind == "int4":
+        from .int4 import int4_forward
+
+        return int4_forward(module, x, arg)
+    return reference_forward(module, x)
+
+
+__all__ = ["qlinear_forward", "reference_forward", "choose_kernel"]

@@ -4,6 +4,9 @@
     acc = (u - 2^(b-1)) @ Qw^T        int32 [M, N]
     y   = acc * sw * sx (+ bias)
 
+kernel_for() picks, per module: onednn (one GEMM), onednn-split (8-bit activations on
+CPUs where one GEMM would saturate: two halves of 7 bits in one GEMM), or reference.
+
 reference  the codes in float64 through BLAS: every int32 accumulator is exact.
 onednn     torch.ops.onednn.qlinear_pointwise on u8 x s8 with int32 accumulation,
            prepacked weight cached on the module. On CPUs without VNNI the
@@ -70,6 +73,11 @@ def _zeros(n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.long)
 
 
+@functools.lru_cache(maxsize=64)
+def _ones(n: int) -> torch.Tensor:
+    return torch.ones(n, dtype=torch.float32)
+
+
 def _onednn_call(u: torch.Tensor, zp: int, packed: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
     """float32 [M, N] = ((u - zp) @ Qw^T) * sw, int32 accumulation inside oneDNN."""
     wz = _zeros(sw.shape[0])
@@ -99,26 +107,56 @@ def onednn_exact(act_bits: int) -> bool:
 
 
 def kernel_for(module) -> str:
-    """'onednn' where it is available and exact for the module's activation width, else 'reference'."""
+    """How this module's integer matmul runs here:
+
+    'onednn'        one u8 x s8 GEMM; exact for the module's activation width on this CPU
+    'onednn-split'  8-bit activations where one GEMM would saturate: u = 128 b + r with r < 128 and
+                    b in {0, 1}, both halves in one GEMM of 2M rows (exact: u <= 127), combined as
+                    acc = R + 128 B - 128 rowsum(Qw). The halves come back as float32, exact while
+                    127 * sum_k |Qw[n, k]| < 2^24 for every row n, which is checked once per module.
+    'reference'     the codes through float64 BLAS
+    """
+    kind = module._kcache.get("int8_kernel")
+    if kind is not None:
+        return kind
+    kind = "reference"
     if onednn_exact(module.act.bits):
-        return "onednn"
-    if _onednn_available():
-        _log_once(f"int8: the oneDNN u8xs8 GEMM is not exact for {module.act.bits}-bit activations on this CPU "
-                  "(saturating int16 pairs, no VNNI); using the exact reference path (slower). "
-                  "7-bit activations (--act-bits 7) run the fast path exactly.")
-    else:
+        kind = "onednn"
+    elif module.act.bits == 8 and onednn_exact(7):
+        l1 = module.weight_codes_int8().abs().sum(dim=1, dtype=torch.int64)
+        if int(l1.max()) * 127 < 2**24:
+            kind = "onednn-split"
+        else:
+            _log_once(f"int8: a {module.out_features}x{module.in_features} layer's weight sums are too large for "
+                      "the exact split path; using the reference path for it")
+    elif not _onednn_available():
         _log_once("int8: oneDNN is not available in this torch build; using the reference path")
-    return "reference"
+    module._kcache["int8_kernel"] = kind
+    return kind
+
+
+def _packed(module) -> torch.Tensor:
+    packed = module._kcache.get("onednn")
+    if packed is None:
+        packed = module._kcache["onednn"] = torch.ops.onednn.qlinear_prepack(module.weight_codes_int8(), None)
+    return packed
 
 
 def int8_linear_scaled(module, u: torch.Tensor, zp: int) -> torch.Tensor:
     """float32 [M, N] = ((u - zp) @ Qw^T) * sw through the module's kernel."""
     sw = module.weight_scale()
-    if kernel_for(module) == "onednn":
-        packed = module._kcache.get("onednn")
-        if packed is None:
-            packed = module._kcache["onednn"] = torch.ops.onednn.qlinear_prepack(module.weight_codes_int8(), None)
-        return _onednn_call(u.contiguous(), zp, packed, sw)
+    kind = kernel_for(module)
+    if kind == "onednn":
+        return _onednn_call(u.contiguous(), zp, _packed(module), sw)
+    if kind == "onednn-split":
+        M = u.shape[0]
+        halves = torch.cat([u & 127, u >> 7])  # [2M, K], every value <= 127
+        out = _onednn_call(halves, 0, _packed(module), _ones(sw.shape[0]))  # exact integer sums, as float32
+        colsum = module._kcache.get("colsum")
+        if colsum is None:
+            colsum = module._kcache["colsum"] = module.weight_codes_int8().sum(dim=1, dtype=torch.int64).double()
+        acc = out[:M].double().add_(out[M:].double(), alpha=128.0).sub_(colsum, alpha=float(zp))  # exact in float64
+        return acc.float().mul_(sw)
     return int8_gemm_reference(u, zp, module.weight_codes_int8()).float() * sw
 
 

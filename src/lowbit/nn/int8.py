@@ -84,7 +84,6 @@ class W8A8Linear(QuantLinear):
         super().__init__(in_features, out_features, scheme, bias=bias, device=device, dtype=dtype)
         self.act = act
         self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32, device=device))
-        self._kcache: dict = {}  # kernel-side copies (int8 weight, packed weight): built on first use
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: Scheme = W8_CHANNEL, qt=None, act: ActQuant = ActQuant(),
@@ -118,14 +117,6 @@ class W8A8Linear(QuantLinear):
         if s is None:
             s = self._kcache["sw"] = self.scales.float().reshape(-1).expand(self.out_features).contiguous()
         return s
-
-    def _apply(self, fn, *args, **kwargs):  # .to()/.float() etc. invalidate the kernel copies
-        self._kcache = {}
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._kcache = {}
-        return super()._load_from_state_dict(*args, **kwargs)
 
     def entry(self) -> dict:
         """What a checkpoint records to rebuild this module."""

@@ -23,6 +23,7 @@ class _PackedWeight(nn.Module):
 
     def _init_buffers(self, rows: int, cols: int, scheme: Scheme, device=None) -> None:
         self.scheme = scheme
+        self._kcache: dict = {}  # kernel-side copies of the weight (packed for a fast path): built on first use
         self.rel_error: float | None = None  # ||W - Ŵ|| / ||W||, set when quantized from floats
         n_groups = 1 if scheme.granularity == "tensor" else scheme.n_groups(cols)
         r = 1 if scheme.granularity == "tensor" else rows
@@ -43,6 +44,15 @@ class _PackedWeight(nn.Module):
         self.scales.copy_(qt.scale)
         if not s.symmetric:
             self.qzeros.copy_(pack(qt.zero.to(torch.int32), s.bits))
+        self._kcache = {}
+
+    def _apply(self, fn, *args, **kwargs):  # .to()/.float() etc. invalidate the kernel copies
+        self._kcache = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kcache = {}
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def codes(self) -> torch.Tensor:
         """Textbook codes Q (int32 [rows, cols])."""

@@ -1,0 +1,69 @@
+"""W4 weight-only: torch's CPU int4 matmul (`_weight_int4pack_mm_for_cpu`).
+
+The kernel multiplies a float x [M, K] by a weight packed from unsigned 4-bit
+codes u [N, K] in groups of G input columns (G in 32, 64, 128, 256), with
+
+    w[n, k] = (u[n, k] - 8) * scale[k // G, n] + zero[k // G, n]
+
+lowbit's codes are u = Q - qmin and w = s (u - z_u), so per lowbit group
+    symmetric  (z_u = 8):   scale = s, zero = 0
+    asymmetric (z_u = z):   scale = s, zero = s (8 - z)
+A lowbit group of g columns (the last one possibly shorter) is cut into g / G
+kernel groups that repeat its scale, with G the largest allowed size dividing
+both g and K; so g128 on K = 576 runs with G = 64. Packing is done once per
+module and cached. Rounding differs from the reference (the kernel adds the
+zero term instead of subtracting z before scaling), hence a float tolerance in
+the equivalence test.
+"""
+from __future__ import annotations
+
+import torch
+
+KERNEL_GROUPS = (256, 128, 64, 32)
+
+
+def kernel_group(module) -> int | None:
+    """The kernel group size for this module, or None if the kernel cannot run it."""
+    s = module.scheme
+    if s.bits != 4 or s.granularity == "tensor" or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return None
+    K = module.in_features
+    if module.out_features % 16:  # the packer tiles output rows by 16
+        return None
+    g = s.group_len(K)
+    for G in KERNEL_GROUPS:
+        if K % G == 0 and g % G == 0:
+            return G
+    return None
+
+
+def pack_int4(module, G: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed weight, scale-and-zero [K/G, N, 2] in `dtype`)."""
+    s = module.scheme
+    N, K = module.out_features, module.in_features
+    u = module.codes().sub(s.qmin).to(torch.int32)  # [N, K] in 0..15
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
+    scales = module.scales.float()  # [N, n_groups]
+    zu = module.zero_points().float() if not s.symmetric else torch.full_like(scales, 8.0)
+    zero = scales * (8.0 - zu)
+    rep = s.group_len(K) // G
+    # a lowbit group -> rep kernel groups; the short last group needs fewer: cut to K / G
+    sc = scales.repeat_interleave(rep, dim=1)[:, : K // G]
+    ze = zero.repeat_interleave(rep, dim=1)[:, : K // G]
+    sz = torch.stack([sc.T, ze.T], dim=-1).contiguous().to(dtype)  # [K/G, N, 2]
+    return packed, sz
+
+
+def int4_forward(module, x: torch.Tensor, G: int) -> torch.Tensor:
+    dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    key = ("int4", dtype)
+    cached = module._kcache.get(key)
+    if cached is None:
+        cached = module._kcache[key] = pack_int4(module, G, dtype)
+    packed, sz = cached
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, G, sz)
+    if module.bias is not None:
+        y = y + module.bias.to(dtype)
+    return y.to(x.dtype).reshape(*lead, module.out_features)

@@ -1,0 +1,73 @@
+"""The int4 kernel computes the same linear map as the reference (dequantize + matmul)."""
+import pytest
+import torch
+from torch import nn
+
+from lowbit.core.scheme import Scheme
+from lowbit.kernels import choose_kernel, reference_forward
+from lowbit.kernels.int4 import kernel_group
+from lowbit.nn.qlinear import QuantLinear
+
+# The kernel adds s*(8 - z) instead of subtracting z before scaling and sums in its own order:
+# fp32 reassociation, relative to the output scale.
+INT4_RTOL = 1e-5
+
+needs_kernel = pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
+                                  reason="torch has no CPU int4 matmul")
+
+
+@needs_kernel
+@pytest.mark.parametrize("K,scheme,G", [
+    (576, Scheme(4, True, "group", 128), 64),   # short last group (576 = 4*128 + 64)
+    (576, Scheme(4, False, "group", 128), 64),
+    (256, Scheme(4, False, "group", 32), 32),
+    (1536, Scheme(4, True, "group", 256), 256),
+    (512, Scheme(4, False, "channel"), 256),
+])
+@pytest.mark.parametrize("M", [1, 7])
+def test_int4_equals_reference(K, scheme, G, M):
+    torch.manual_seed(K + M)
+    lin = nn.Linear(K, 48, bias=True)
+    q = QuantLinear.from_linear(lin, scheme)
+    assert kernel_group(q) == G and choose_kernel(q) == ("int4", G)
+    x = torch.randn(2, M, K)
+    y, ref = q(x), reference_forward(q, x)
+    assert y.shape == ref.shape == (2, M, 48)
+    assert (y - ref).abs().max() <= INT4_RTOL * ref.abs().max()
+
+
+@needs_kernel
+def test_int4_bf16_input():
+    q = QuantLinear.from_linear(nn.Linear(256, 32), Scheme(4, True, "group", 64))
+    x = torch.randn(3, 256)
+    y = q(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - reference_forward(q, x)).abs().max() < 0.05 * reference_forward(q, x).abs().max()
+
+
+def test_shapes_the_kernel_refuses_fall_back():
+    q = QuantLinear.from_linear(nn.Linear(72, 16), Scheme(4, True, "group", 32))  # 72 is not a multiple of 32
+    assert choose_kernel(q) == ("reference", None)
+    x = torch.randn(2, 72)
+    assert torch.equal(q(x), reference_forward(q, x))
+    q16 = QuantLinear.from_linear(nn.Linear(256, 36), Scheme(4, True, "group", 32))  # rows not a multiple of 16
+    assert choose_kernel(q16) == ("reference", None)
+    q3 = QuantLinear.from_linear(nn.Linear(256, 16), Scheme(3, True, "group", 32))
+    assert choose_kernel(q3) == ("reference", None)
+
+
+@needs_kernel
+def test_environment_forces_the_reference(monkeypatch):
+    monkeypatch.setenv("LOWBIT_KERNELS", "reference")
+    q = QuantLinear.from_linear(nn.Linear(256, 16), Scheme(4, True, "group", 32))
+    assert choose_kernel(q) == ("reference", None)
+
+
+@needs_kernel
+def test_cache_is_rebuilt_after_load(tmp_path):
+    a = QuantLinear.from_linear(nn.Linear(256, 16), Scheme(4, True, "group", 32))
+    b = QuantLinear.from_linear(nn.Linear(256, 16), Scheme(4, True, "group", 32))
+    x = torch.randn(1, 256)
+    b(x)  # packs b's weight
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b(x), a(x))
