@@ -47,6 +47,14 @@ def tiny():
 
 
 @pytest.fixture()
+def calib(tiny):
+    """[8, 64] calibration token windows for the tiny model."""
+    _, tok = tiny
+    ids = tok(TEXT, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    return ids[: 8 * 64].reshape(8, 64)
+
+
+@pytest.fixture()
 def tiny_dir(tmp_path):
     """A tiny LLaMA saved as a Hugging Face folder (a MODEL source like any other)."""
     model, tok = make_tiny_llama(), make_tokenizer()

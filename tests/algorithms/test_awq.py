@@ -9,17 +9,9 @@ from lowbit.algorithms.awq import apply_scale, rtn_dequant, search_clip
 from lowbit.core.quant import dequantize, quantize
 from lowbit.models.arch import scale_mappings
 from lowbit.nn.qlinear import QuantLinear
-from tests.conftest import TEXT
 
 # Folding is exact in real arithmetic; fp32 reassociation leaves this much on logits of order 1.
 FOLD_ATOL = 1e-4
-
-
-@pytest.fixture()
-def calib(tiny):
-    _, tok = tiny
-    ids = tok(TEXT, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    return ids[: 8 * 64].reshape(8, 64)
 
 
 def test_rtn_dequant_matches_core():

@@ -58,13 +58,6 @@ def test_dead_columns():
     assert (dequantize(qt)[:, 5] == 0).all()
 
 
-@pytest.fixture()
-def calib(tiny):
-    _, tok = tiny
-    ids = tok(TEXT, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    return ids[: 8 * 64].reshape(8, 64)
-
-
 @pytest.mark.parametrize("opts", [{}, {"act_order": True}, {"true_sequential": True}])
 def test_gptq_on_tiny_model_beats_rtn_and_round_trips(tiny, calib, tmp_path, opts):
     model, tok = tiny

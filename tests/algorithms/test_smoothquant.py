@@ -7,17 +7,9 @@ import lowbit
 from lowbit import QuantConfig
 from lowbit.algorithms.smoothquant import smooth, smooth_factors
 from lowbit.nn.int8 import W8_CHANNEL, W8_TENSOR, Int8OutlierLinear, W8A8Linear
-from tests.conftest import TEXT
 
 # Folding is exact in real arithmetic; fp32 reassociation leaves this much on logits of order 1.
 FOLD_ATOL = 1e-4
-
-
-@pytest.fixture()
-def calib(tiny):
-    _, tok = tiny
-    ids = tok(TEXT, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    return ids[: 8 * 64].reshape(8, 64)
 
 
 def test_smooth_factors_formula():
