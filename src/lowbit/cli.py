@@ -290,11 +290,12 @@ def _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshol
               f"{r['n_outlier_dims']:>6}  {dims}")
     print("-" * len(head))
     feats = res["features"]
-    print(f"{res['tokens']} tokens, threshold {threshold:g}: {len(feats)} dimensions are outliers in >= 25% of "
-          "the layers of their width" + (": " if feats else ""))
+    n_em = sum(f["emergent"] for f in feats)
+    print(f"{res['tokens']} tokens, threshold {threshold:g}: {n_em} dimensions reach it in >= 6% of the tokens in "
+          ">= 25% of the layers of their width (Dettmers et al.'s outlier features); most frequent:")
     for f in feats[:10]:
         print(f"  dim {f['dim']} (width {f['width']}): in {100 * f['layers_frac']:.0f}% of layers, "
-              f"{100 * f['mean_token_share']:.2f}% of tokens on average")
+              f"{100 * f['mean_token_share']:.2f}% of tokens on average{' (emergent)' if f['emergent'] else ''}")
     if plot is not None:
         print(f"plot -> {plot}")
 

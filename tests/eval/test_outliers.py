@@ -17,7 +17,7 @@ def test_outlier_statistics_on_a_planted_dimension(tiny):
     q = next(l for l in res["layers"] if l["name"] == "model.layers.0.self_attn.q_proj")
     assert q["outlier_dims"][0]["dim"] == 5 and q["outlier_dims"][0]["share"] > 0.9
     assert q["max_abs"] > 100 and q["ratio"] > 50
-    assert any(f["dim"] == 5 and f["width"] == 72 and f["layers_frac"] >= 0.25 for f in res["features"])
+    assert any(f["dim"] == 5 and f["width"] == 72 and f["layers_frac"] >= 0.25 and f["emergent"] for f in res["features"])
     feat = next(f for f in res["features"] if f["dim"] == 5)
     assert len(feat["shares"]) == len(res["layers"])
 

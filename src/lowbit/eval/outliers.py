@@ -6,8 +6,9 @@ Per linear (its input x [tokens, K]):
     ratio        max_abs / median_abs
     outlier dims the input dimensions j with |x_tj| >= threshold for some token t, each
                  with the share of tokens in which it fires
-Across layers, a dimension that is an outlier in at least 25% of the layers is
-one of the "emergent outlier features" of Dettmers et al. (2022).
+Across layers, a dimension that reaches the threshold in at least 6% of the tokens
+in at least 25% of the layers (of its input width) is one of the "emergent outlier
+features" of Dettmers et al. (2022).
 """
 from __future__ import annotations
 
@@ -22,12 +23,17 @@ from tqdm.auto import tqdm
 from ..nn.qlinear import QuantLinear
 
 MEDIAN_TOKENS = 2048  # tokens per layer kept for the median
+FEATURE_TOKEN_SHARE = 0.06  # Dettmers et al.: an outlier feature fires in >= 6% of the sequence
+FEATURE_LAYER_SHARE = 0.25  # ... in >= 25% of the layers
 
 
 @torch.inference_mode()
 def activation_outliers(model: nn.Module, ids: torch.Tensor, threshold: float = 6.0, top: int = 8,
                         batch: int = 4, progress: bool = True) -> dict:
-    """ids [nsamples, seqlen] -> {"layers": [...], "features": [...], "threshold", "tokens"}."""
+    """ids [nsamples, seqlen] -> {"layers": [...], "features": [...], "threshold", "tokens"}.
+
+    features: per input width, up to 50 dimensions that reach the threshold in >= 6% of the tokens of
+    some layer, ranked by the share of layers where they do; "emergent" marks >= 25% of the layers."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))}
     n_tok = ids.numel()
     stride = max(1, n_tok // MEDIAN_TOKENS)
@@ -72,12 +78,15 @@ def activation_outliers(model: nn.Module, ids: torch.Tensor, threshold: float = 
     for width, ls in by_width.items():
         if len(ls) < 4:
             continue
-        hit = torch.stack([(l["_share"] > 0) for l in ls]).double()  # [layers, width]
+        hit = torch.stack([(l["_share"] >= FEATURE_TOKEN_SHARE) for l in ls]).double()  # [layers, width]
         frac_layers = hit.mean(0)
         mean_share = torch.stack([l["_share"] for l in ls]).mean(0)
-        for d in (frac_layers >= 0.25).nonzero().flatten().tolist():
+        ranked = sorted((frac_layers > 0).nonzero().flatten().tolist(),
+                        key=lambda d: (-float(frac_layers[d]), -float(mean_share[d])))
+        for d in ranked[:50]:
             features.append({"width": width, "dim": d, "layers_frac": round(float(frac_layers[d]), 3),
-                             "mean_token_share": round(float(mean_share[d]), 5)})
+                             "mean_token_share": round(float(mean_share[d]), 5),
+                             "emergent": bool(frac_layers[d] >= FEATURE_LAYER_SHARE)})
     features.sort(key=lambda f: (-f["layers_frac"], -f["mean_token_share"]))
     for f in features:  # the token share of this dimension in every layer of its width (0 elsewhere)
         f["shares"] = [round(float(l["_share"][f["dim"]]), 5) if l["_share"].numel() == f["width"] else 0.0
@@ -116,7 +125,7 @@ def plot_outliers(result: dict, path, top_dims: int = 12) -> None:
         a2.set_title(f"Share of tokens with |x| >= {result['threshold']:g} in the top outlier dimensions (input width {width})")
         fig.colorbar(im, ax=a2, fraction=0.02)
     else:
-        a2.text(0.5, 0.5, "no dimension is an outlier in 25% of the layers", ha="center", va="center")
+        a2.text(0.5, 0.5, "no dimension reaches the threshold in 6% of the tokens of any layer", ha="center", va="center")
         a2.set_axis_off()
     fig.tight_layout()
     path = Path(path)

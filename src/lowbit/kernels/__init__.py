@@ -1,6 +1,7 @@
 """Compute paths for quantized modules, behind one dispatch.
 
-    QuantLinear, 4-bit, groups the kernel can tile  -> int4.py  (torch's CPU int4 matmul, packed once)
+    QuantLinear, 4-bit, groups the kernel can tile, -> int4.py  (torch's CPU int4 matmul, packed once,
+      at most int4.MAX_ROWS rows of x (decoding)           bf16 activations)
     QuantLinear, anything else                      -> reference.py (dequantize, float matmul)
     W8A8Linear / Int8OutlierLinear                  -> int8.py (their own forward)
 A module that a fast path refuses falls back to the reference, logged once per
@@ -46,9 +47,10 @@ def choose_kernel(module) -> tuple[str, object]:
 def qlinear_forward(module, x):
     kind, arg = choose_kernel(module)
     if kind == "int4":
-        from .int4 import int4_forward
+        from .int4 import MAX_ROWS, int4_forward
 
-        return int4_forward(module, x, arg)
+        if x.numel() // x.shape[-1] <= MAX_ROWS:
+            return int4_forward(module, x, arg)
     return reference_forward(module, x)
 
 
