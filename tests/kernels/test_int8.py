@@ -140,3 +140,17 @@ def test_group_scheme_is_refused():
 
     with pytest.raises(LowbitError, match="per-channel or per-tensor"):
         W8A8Linear.from_linear(_linear(), Scheme(8, True, "group", 32))
+
+
+def test_a_refusing_kernel_falls_back_to_the_reference(monkeypatch):
+    lin = _linear()
+    m = W8A8Linear.from_linear(lin, act=ActQuant("token", bits=7))
+    x = torch.randn(4, 96)
+    want = K.reference_forward(m, x)
+
+    def refuse(*a, **k):
+        raise RuntimeError("unsupported shape")
+
+    monkeypatch.setattr(K, "_fast", refuse)
+    assert torch.allclose(m(x), want, rtol=RESCALE_RTOL, atol=1e-5)
+    assert K.kernel_for(m) == "reference"

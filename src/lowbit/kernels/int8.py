@@ -146,6 +146,17 @@ def int8_linear_scaled(module, u: torch.Tensor, zp: int) -> torch.Tensor:
     """float32 [M, N] = ((u - zp) @ Qw^T) * sw through the module's kernel."""
     sw = module.weight_scale()
     kind = kernel_for(module)
+    if kind != "reference":
+        try:
+            return _fast(module, kind, u, zp, sw)
+        except RuntimeError as e:  # a shape or layout the kernel refuses: the reference path, from now on
+            _log_once(f"int8: oneDNN refused a {module.out_features}x{module.in_features} layer "
+                      f"({str(e).splitlines()[0][:80]}); using the reference path for it")
+            module._kcache["int8_kernel"] = "reference"
+    return int8_gemm_reference(u, zp, module.weight_codes_int8()).float() * sw
+
+
+def _fast(module, kind: str, u: torch.Tensor, zp: int, sw: torch.Tensor) -> torch.Tensor:
     if kind == "onednn":
         return _onednn_call(u.contiguous(), zp, _packed(module), sw)
     if kind == "onednn-split":
@@ -157,7 +168,7 @@ def int8_linear_scaled(module, u: torch.Tensor, zp: int) -> torch.Tensor:
             colsum = module._kcache["colsum"] = module.weight_codes_int8().sum(dim=1, dtype=torch.int64).double()
         acc = out[:M].double().add_(out[M:].double(), alpha=128.0).sub_(colsum, alpha=float(zp))  # exact in float64
         return acc.float().mul_(sw)
-    return int8_gemm_reference(u, zp, module.weight_codes_int8()).float() * sw
+    raise ValueError(f"unknown int8 kernel {kind!r}")
 
 
 # -- module forwards --------------------------------------------------------------------
