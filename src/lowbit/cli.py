@@ -222,20 +222,15 @@ def bench(
         raise LowbitError(f"{llama_cpp}: no such file")
     if threads:
         torch.set_num_threads(threads)
-    models, rss = {}, {}
+    models = {}
     tok = None
     for name in [model, *compare]:
-        before = speed.rss_bytes()
-        m, t = api.load(name)
-        rss[name] = speed.rss_bytes() - before
-        models[name] = m
+        models[name], t = api.load(name)
         tok = tok or t
     if tok is None:
         raise LowbitError(f"{model}: no tokenizer to build the prompt")
     ids = speed.prompt_ids(tok, prompt_tokens)
     rows = speed.compare(models, ids, new_tokens=new_tokens, runs=runs)
-    for r in rows:
-        r["rss_after_load_bytes"] = rss[r["model"]]
     if llama_cpp is not None:
         rows.append(speed.llama_cpp_speed(str(llama_cpp), ids, new_tokens=new_tokens, runs=runs,
                                           threads=torch.get_num_threads()))

@@ -7,6 +7,7 @@ from tqdm.auto import tqdm
 from ..core.config import QuantConfig
 from ..core.registry import register_method
 from ..core.scheme import Scheme
+from ..errors import LowbitError
 from ..models.arch import get_module, select_modules, set_module
 from ..nn.qlinear import QuantEmbedding, QuantLinear
 
@@ -17,6 +18,19 @@ def quantize_module(mod: nn.Module, scheme: Scheme) -> nn.Module:
     if isinstance(mod, nn.Embedding):
         return QuantEmbedding.from_embedding(mod, scheme)
     raise TypeError(f"cannot quantize {type(mod).__name__}")
+
+
+def replace_linears(model: nn.Module, config: QuantConfig, make, desc: str) -> dict[str, Scheme]:
+    """Replace every selected Linear by make(linear, scheme), no data needed; returns {name: scheme}."""
+    done: dict[str, Scheme] = {}
+    for name in tqdm(select_modules(model, config.include, config.exclude), desc=desc, unit="layer", leave=False):
+        lin = get_module(model, name)
+        if not isinstance(lin, nn.Linear):
+            raise LowbitError(f"{desc} quantizes Linear layers only: {name} is {type(lin).__name__}")
+        scheme = config.scheme_for(name)
+        set_module(model, name, make(lin, scheme))
+        done[name] = scheme
+    return done
 
 
 @register_method("rtn")

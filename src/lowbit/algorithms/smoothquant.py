@@ -28,9 +28,10 @@ from ..core.config import QuantConfig
 from ..core.registry import register_method
 from ..core.scheme import Scheme
 from ..errors import LowbitError
-from ..models.arch import block_linears, get_module, scale_mappings, select_modules, set_module
+from ..models.arch import block_linears, scale_mappings, select_modules, set_module
 from ..nn.int8 import ActQuant, W8A8Linear
 from .awq import apply_scale
+from .rtn import replace_linears
 
 ACT_MODES = {"dynamic": ("token", False), "static": ("tensor", True), "tensor": ("tensor", False)}
 
@@ -61,6 +62,17 @@ def smooth_block(model: nn.Module, block: nn.Module, block_name: str, amax: dict
             amax[n] = amax[n] / s
 
 
+def channel_amax(block: nn.Module, linears: dict[str, nn.Module], inputs, kw) -> dict[str, torch.Tensor]:
+    """Run the block once: per input channel max |x| of every listed linear."""
+    amax = {n: torch.zeros(m.in_features) for n, m in linears.items()}
+
+    def observe(n: str, x: torch.Tensor) -> None:
+        amax[n] = torch.maximum(amax[n], x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float())
+
+    observe_inputs(block, linears, inputs, kw, observe)
+    return amax
+
+
 def act_from_options(o: dict) -> ActQuant:
     mode = o.get("act", "dynamic")
     if mode not in ACT_MODES:
@@ -76,12 +88,7 @@ def _calibrated(model: nn.Module, config: QuantConfig, ctx, make, alpha: float |
 
     def process(block_name: str, block: nn.Module, inputs, kw) -> dict[str, Scheme]:
         linears = {n: m for n, m in block_linears(model, block_name, block) if n in selected}
-        amax = {n: torch.zeros(m.in_features) for n, m in linears.items()}
-
-        def observe(n: str, x: torch.Tensor) -> None:
-            amax[n] = torch.maximum(amax[n], x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float())
-
-        observe_inputs(block, linears, inputs, kw, observe)
+        amax = channel_amax(block, linears, inputs, kw)
         if alpha is not None:
             smooth_block(model, block, block_name, amax, alpha)
         done = {}
@@ -113,15 +120,7 @@ def w8a8(model: nn.Module, config: QuantConfig, ctx) -> dict[str, Scheme]:
 
     if act.static or alpha is not None:
         return _calibrated(model, config, ctx, make, alpha, desc="smoothquant" if alpha is not None else "w8a8")
-    done = {}
-    for name in tqdm(select_modules(model, config.include, config.exclude), desc="w8a8", unit="layer", leave=False):
-        lin = get_module(model, name)
-        if not isinstance(lin, nn.Linear):
-            raise LowbitError(f"w8a8 quantizes Linear layers only: {name} is {type(lin).__name__}")
-        scheme = config.scheme_for(name)
-        set_module(model, name, make(lin, scheme))
-        done[name] = scheme
-    return done
+    return replace_linears(model, config, make, desc="w8a8")
 
 
 @torch.no_grad()
@@ -129,13 +128,7 @@ def smooth(model: nn.Module, ids: torch.Tensor, alpha: float = 0.5) -> nn.Module
     """SmoothQuant's smoothing alone, in float (nothing is quantized): the model computes the same function."""
 
     def process(block_name: str, block: nn.Module, inputs, kw) -> dict:
-        linears = dict(block_linears(model, block_name, block))
-        amax = {n: torch.zeros(m.in_features) for n, m in linears.items()}
-
-        def observe(n: str, x: torch.Tensor) -> None:
-            amax[n] = torch.maximum(amax[n], x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float())
-
-        observe_inputs(block, linears, inputs, kw, observe)
+        amax = channel_amax(block, dict(block_linears(model, block_name, block)), inputs, kw)
         smooth_block(model, block, block_name, amax, alpha)
         return {}
 

@@ -49,7 +49,7 @@ def kernel_group(module) -> int | None:
 def pack_int4(module, G: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed weight, scale-and-zero [K/G, N, 2] in `dtype`)."""
     s = module.scheme
-    N, K = module.out_features, module.in_features
+    K = module.in_features
     u = module.codes().sub(s.qmin).to(torch.int32)  # [N, K] in 0..15
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
     scales = module.scales.float()  # [N, n_groups]

@@ -21,19 +21,11 @@ onednn     torch.ops.onednn.qlinear_pointwise on u8 x s8 with int32 accumulation
 from __future__ import annotations
 
 import functools
-import sys
 
 import torch
 import torch.nn.functional as F
 
-_LOGGED: set[str] = set()
-
-
-def _log_once(msg: str) -> None:
-    if msg not in _LOGGED:
-        _LOGGED.add(msg)
-        print(f"lowbit: {msg}", file=sys.stderr)
-
+from . import _log_once
 
 # -- activation quantization ------------------------------------------------------------
 
