@@ -182,6 +182,10 @@ def inspect(
     if activations:
         _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshold, plot, seed)
         return
+    p = Path(model)
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        _inspect_gguf(p, as_json)
+        return
     m, _ = api.load(model)
     rows, total = layer_table(m)
     if as_json:
@@ -249,6 +253,79 @@ def bench(
               f"{r['model_bytes']:>13,}")
     print(f"prompt {prompt_tokens} tokens, {new_tokens} new tokens, median of {runs} runs, "
           f"{torch.get_num_threads()} threads; peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB")
+
+
+@app.command("export-gguf")
+def export_gguf(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out: Path = typer.Argument(..., help="Output .gguf file (written atomically)."),
+    type_: str = typer.Option("Q4_K_M", "--type", help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M "
+                                                       "Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K (Q4_K = Q4_K_M ...)."),
+    tensor_type: List[str] = typer.Option([], help="PATTERN=TYPE: tensors whose GGUF name matches the regex get "
+                                                   "TYPE (repeatable; first match wins), e.g. 'attn_v=Q6_K'."),
+    calib: Optional[str] = typer.Option(None, help="Calibrate the blocks' scales on this text ('default': "
+                                                   "WikiText-2 valid): error weighted by mean x² per input column."),
+    nsamples: int = typer.Option(64, help="--calib: windows of calibration text."),
+    calib_seqlen: int = typer.Option(512, help="--calib: tokens per window."),
+    seed: int = typer.Option(0, help="--calib: seed of the calibration windows."),
+    force: bool = typer.Option(False, help="Replace OUT if it exists."),
+) -> None:
+    """Write MODEL as a GGUF file for llama.cpp (and ollama, LM Studio): its types and mixtures."""
+    from . import api
+    from .formats.gguf.blocks import get_type
+    from .formats.gguf.export import export_gguf as export
+    from .formats.gguf.mixtures import file_type
+    from .formats.io import check_output
+
+    try:
+        ftype = file_type(type_)
+        overrides = []
+        for spec in tensor_type:
+            pat, sep, t = spec.rpartition("=")
+            if not sep or not pat:
+                raise ValueError(f"--tensor-type {spec!r}: expected PATTERN=TYPE")
+            import re
+
+            re.compile(pat)
+            overrides.append((pat, get_type(t).name))
+    except (ValueError, re.error) as e:
+        raise LowbitError(str(e)) from None
+    check_output(out, overwrite=force)
+    if calib is not None and calib != "default":
+        from .eval.text import read_text
+
+        read_text(calib)
+    m, tok = api.load(model)
+    imatrix = None
+    if calib is not None:
+        from .calibration.data import calibration_ids
+        from .calibration.stats import input_sq_means
+
+        ids, _ = calibration_ids(tok, None if calib == "default" else calib, nsamples=nsamples,
+                                 seqlen=calib_seqlen, seed=seed)
+        imatrix = input_sq_means(m, ids)
+    res = export(m, tok, out, ftype, overrides=overrides, imatrix=imatrix, overwrite=force)
+    kinds = ", ".join(f"{k} x{v}" for k, v in sorted(res["tensor_types"].items()))
+    print(f"{out}: {res['type']}{' (calibrated)' if res['calibrated'] else ''}, {res['bytes']:,} bytes, "
+          f"{res['bpw']:.3f} bits/weight; tensors: {kinds}")
+
+
+def _inspect_gguf(path: Path, as_json: bool) -> None:
+    from .formats.gguf.reader import gguf_table
+
+    rows, total = gguf_table(path)
+    if as_json:
+        print(json.dumps({"tensors": rows, "total": total}))
+        return
+    head = f"{'tensor':<32} {'type':>6} {'shape':>14} {'bytes':>11} {'bpw':>7}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['name']:<32} {r['type']:>6} {'x'.join(map(str, r['shape'])):>14} {r['bytes']:>11,} {r['bpw']:>7.3f}")
+    print("-" * len(head))
+    kinds = ", ".join(f"{k} x{v}" for k, v in sorted(total["types"].items()))
+    print(f"{total['tensors']} tensors ({kinds}); {total['weights']:,} weights in {total['tensor_bytes']:,} bytes = "
+          f"{total['bpw']:.3f} bits/weight; file {total['file_bytes']:,} bytes; file type {total['file_type']}")
 
 
 def _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshold, plot, seed) -> None:

@@ -1,0 +1,252 @@
+"""Write a model as a GGUF v3 file that llama.cpp loads: metadata, tokenizer, tensors in llama.cpp's types.
+
+The container is gguf-py's GGUFWriter; the blocks are lowbit's (``blocks.py``); the per-tensor types
+follow llama.cpp's mixtures (``mixtures.py``). Tensor names come from gguf-py's HF->GGUF name map and
+the Q/K rows are permuted the way llama.cpp's converter does for LLaMA (HF keeps rotary halves, ggml
+interleaves pairs). The file is written to a temporary sibling and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...errors import LowbitError
+from ..io import atomic_path
+from .blocks import TYPES
+from .mixtures import FILE_TYPES, TensorInfo, bits_per_weight, choose_types, file_type
+
+# HF model_type -> (GGUF architecture, permute Q/K rows)
+ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+
+# Pre-tokenizers llama.cpp names, recognized by a fingerprint of the BPE merges (sha256 of the first
+# 64 merges, computed here from the tokenizers themselves).
+KNOWN_PRE = {"50480ad37d7b1993": "smollm"}
+
+
+def _merges_fingerprint(merges: list[str]) -> str:
+    return hashlib.sha256("\n".join(merges[:64]).encode()).hexdigest()[:16]
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF's rotary layout (two halves per head) -> GGUF's (interleaved pairs), as llama.cpp's converter."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """HF parameter name -> float32 tensor; packed lowbit layers are dequantized."""
+    out: dict[str, torch.Tensor] = {}
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for mname, mod in model.named_modules():
+        prefix = f"{mname}." if mname else ""
+        if hasattr(mod, "dequantize_weight"):
+            out[prefix + "weight"] = mod.dequantize_weight().float()
+            b = getattr(mod, "bias", None)
+            if isinstance(b, torch.Tensor):
+                out[prefix + "bias"] = b.detach().float()
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            out[prefix + pname] = p.detach().float()
+    if tied:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def _gguf_names(model: nn.Module, names: list[str], arch: str) -> dict[str, str]:
+    import gguf
+
+    n_layers = model.config.num_hidden_layers
+    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    tmap = gguf.get_tensor_name_map(arch_enum, n_layers)
+    out = {}
+    for n in names:
+        g = tmap.get_name(n, try_suffixes=(".weight", ".bias"))
+        if g is None:
+            raise LowbitError(f"{n}: no GGUF tensor name for this parameter (architecture {arch})")
+        out[n] = g
+    return out
+
+
+def _hparams(w, cfg, arch: str) -> None:
+    n_head = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or n_head)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != cfg.hidden_size // n_head:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    rope = dict(getattr(cfg, "rope_parameters", None) or {})
+    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
+    if theta is not None:
+        w.add_rope_freq_base(float(theta))
+    rtype = rope.get("rope_type", "default")
+    if rtype not in ("default", None):
+        if rtype == "linear":
+            import gguf
+
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(rope["factor"]))
+        else:
+            raise LowbitError(f"rope scaling {rtype!r}: not supported by lowbit's GGUF export yet")
+    w.add_vocab_size(cfg.vocab_size)
+
+
+def _copy_tokenizer(w, source_gguf: str) -> None:
+    """Every tokenizer.* key of the source GGUF, as it was."""
+    import gguf
+
+    r = gguf.GGUFReader(source_gguf)
+    for key, f in r.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, f.contents(), vtype, sub)
+
+
+def _build_tokenizer(w, tok, vocab_size: int) -> None:
+    """A GPT-2 style BPE tokenizer (tokenizers' ByteLevel BPE) from a transformers tokenizer."""
+    import gguf
+
+    try:
+        spec = json.loads(tok.backend_tokenizer.to_str())
+    except Exception:
+        raise LowbitError("tokenizer: only fast (tokenizer.json) tokenizers export to GGUF") from None
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise LowbitError(f"tokenizer: {model.get('type')} tokenizers do not export to GGUF yet (BPE only)")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    id_to_tok = {i: t for t, i in tok.get_vocab().items()}
+    added = tok.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        t = id_to_tok.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(t)
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(t)
+            types.append(gguf.TokenType.NORMAL)
+    pre = KNOWN_PRE.get(_merges_fingerprint(merges))
+    if pre is None:
+        pt = spec.get("pre_tokenizer") or {}
+        pre = "gpt2" if pt.get("type") == "ByteLevel" and pt.get("use_regex", True) else "default"
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for what, tid in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("unk", tok.unk_token_id),
+                      ("pad", tok.pad_token_id)):
+        if tid is not None:
+            getattr(w, f"add_{what}_token_id")(int(tid))
+    w.add_add_bos_token(bool(getattr(tok, "add_bos_token", False)))
+    if getattr(tok, "chat_template", None):
+        w.add_chat_template(tok.chat_template)
+
+
+def source_gguf_of(model: nn.Module) -> str | None:
+    """The .gguf file a model was loaded from, if any (its tokenizer metadata is copied as is)."""
+    from ...models.loading import resolve
+
+    src = getattr(model, "lowbit_source", None)
+    if not src:
+        return None
+    try:
+        s = resolve(src)
+    except LowbitError:
+        return None
+    return s.location if s.kind == "gguf" else None
+
+
+def export_gguf(model: nn.Module, tok, out: str | os.PathLike, ftype: str = "Q4_K_M",
+                overrides: list[tuple[str, str]] = (), imatrix: dict[str, torch.Tensor] | None = None,
+                overwrite: bool = False, progress: bool = True) -> dict:
+    """Write ``model`` to ``out`` as GGUF of file type ``ftype`` (a tensor type or a mixture such as Q4_K_M).
+
+    ``imatrix``: HF module name -> mean x² per input column (from calibration); with it, every block
+    chooses its scales to minimize the error weighted by it. Returns a summary (types, bytes, bpw).
+    """
+    import gguf
+
+    ftype = file_type(ftype)
+    cfg = model.config
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in ARCHS:
+        raise LowbitError(f"model type {mtype!r}: GGUF export supports {', '.join(ARCHS)}")
+    arch, permute = ARCHS[mtype]
+    tensors = float_tensors(model)
+    names = _gguf_names(model, list(tensors), arch)
+    n_head = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
+    infos = [TensorInfo(names[n], tuple(t.shape)) for n, t in tensors.items()]
+    types = choose_types(infos, ftype, cfg.num_hidden_layers, n_head // n_kv, list(overrides),
+                         imatrix=imatrix is not None)
+    shapes = {i.name: i.shape for i in infos}
+    src = source_gguf_of(model)
+
+    with atomic_path(out, overwrite=overwrite, is_dir=False) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        w.add_type(gguf.GGUFType.MODEL)
+        w.add_name(str(getattr(model, "lowbit_source", None) or getattr(cfg, "_name_or_path", "") or "model"))
+        _hparams(w, cfg, arch)
+        w.add_file_type(int(FILE_TYPES[ftype][1]))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if src is not None:
+            _copy_tokenizer(w, src)
+        elif tok is not None:
+            _build_tokenizer(w, tok, cfg.vocab_size)
+        else:
+            raise LowbitError("no tokenizer: llama.cpp needs one in the GGUF file")
+        t0 = time.time()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(tensors), desc=f"GGUF {ftype}", unit="tensor", file=sys.stderr)
+        for hf_name, t in tensors.items():
+            g = names[hf_name]
+            if permute and g.endswith("attn_q.weight"):
+                t = permute_qk(t, n_head)
+            elif permute and g.endswith("attn_k.weight"):
+                t = permute_qk(t, n_kv)
+            ttype = TYPES[types[g]]
+            qw = None
+            if imatrix is not None and t.dim() == 2:
+                mod = hf_name.rsplit(".", 1)[0]
+                qw = imatrix.get(mod)  # per input column: the Q/K row permutation leaves it as is
+            data = ttype.quantize(t.reshape(-1, t.shape[-1]), qw)
+            # uint8 rows of blocks: gguf-py derives the element shape from the byte shape and the type
+            w.add_tensor(g, data.reshape(*t.shape[:-1], -1) if t.dim() > 1 else data.reshape(-1), raw_dtype=ttype.qtype)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        size = os.path.getsize(tmp)
+    counts: dict[str, int] = {}
+    for t in types.values():
+        counts[t] = counts.get(t, 0) + 1
+    return {"file": str(out), "type": ftype, "bytes": size, "bpw": bits_per_weight(types, shapes),
+            "tensor_types": counts, "calibrated": imatrix is not None, "seconds": round(time.time() - t0, 1)}
