@@ -276,6 +276,7 @@ def export_gguf(
     from .formats.gguf.export import export_gguf as export
     from .formats.gguf.mixtures import file_type
     from .formats.io import check_output
+    import re
 
     try:
         ftype = file_type(type_)
@@ -284,8 +285,6 @@ def export_gguf(
             pat, sep, t = spec.rpartition("=")
             if not sep or not pat:
                 raise ValueError(f"--tensor-type {spec!r}: expected PATTERN=TYPE")
-            import re
-
             re.compile(pat)
             overrides.append((pat, get_type(t).name))
     except (ValueError, re.error) as e:

@@ -148,7 +148,7 @@ def _build_tokenizer(w, tok, vocab_size: int) -> None:
     pre = KNOWN_PRE.get(_merges_fingerprint(merges))
     if pre is None:
         pt = spec.get("pre_tokenizer") or {}
-        pre = "gpt2" if pt.get("type") == "ByteLevel" and pt.get("use_regex", True) else "default"
+        pre = "gpt-2" if pt.get("type") == "ByteLevel" and pt.get("use_regex", True) else "default"
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
