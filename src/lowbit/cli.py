@@ -204,6 +204,51 @@ def inspect(
 
 
 @app.command()
+def qat(
+    model: str = typer.Argument(..., help=MODEL_HELP + " The float model (also the teacher with --distill)."),
+    out: Path = typer.Argument(..., help="Output checkpoint folder (packed, like every PTQ checkpoint)."),
+    bits: int = typer.Option(4, help="Bits per weight, 2..8 (ignored with --init: the checkpoint's scheme)."),
+    group_size: int = typer.Option(128, help="Columns per scale; -1 = per output channel."),
+    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric or asymmetric grid."),
+    init: Optional[str] = typer.Option(None, help="Start from this PTQ checkpoint (rtn/gptq/awq) instead of RTN."),
+    train_text: Optional[Path] = typer.Option(None, help="Training text (default: WikiText-2 valid minus its "
+                                                         "last 10%, which is the held-out text). Never the test text."),
+    eval_text: Optional[Path] = typer.Option(None, help="Held-out text for the before/after perplexity."),
+    steps: int = typer.Option(200, help="Optimizer steps."),
+    lr: float = typer.Option(1e-5, help="Peak learning rate of the weights (AdamW, warm-up then cosine)."),
+    scale_lr: Optional[float] = typer.Option(None, help="Learning rate of scales/zero points [default: --lr]."),
+    learn_scales: bool = typer.Option(False, help="Train the scales too (LSQ gradient)."),
+    learn_zeros: bool = typer.Option(False, help="Train the zero points too (asymmetric grids)."),
+    seqlen: int = typer.Option(256, help="Tokens per training window."),
+    batch: int = typer.Option(4, help="Windows per step."),
+    distill: bool = typer.Option(False, help="Loss = KL(float teacher || student) on the next-token distribution."),
+    clip: float = typer.Option(1.0, help="Gradient clipping (global norm)."),
+    save_every: int = typer.Option(50, help="Save the training state every K steps (for --resume)."),
+    resume: bool = typer.Option(False, help="Continue from the state saved next to OUT (OUT.qat-state)."),
+    eval_tokens: int = typer.Option(16384, help="Held-out tokens scored before and after."),
+    include: List[str] = typer.Option([], help="Regex of layers to train quantized (default: decoder linears)."),
+    exclude: List[str] = typer.Option([], help="Regex of layers to keep in float."),
+    seed: int = typer.Option(0, help="Seed of the training windows."),
+    force: bool = typer.Option(False, help="Replace OUT if it exists."),
+) -> None:
+    """Quantization-aware training (STE fake quantization), then a packed checkpoint."""
+    from .algorithms.qat import TrainConfig, run
+    from .core.config import QuantConfig
+    from .core.scheme import Scheme
+
+    if steps < 1 or batch < 1 or seqlen < 2 or not lr > 0:
+        raise LowbitError("need --steps >= 1, --batch >= 1, --seqlen >= 2 and --lr > 0")
+    config = QuantConfig(method="qat", scheme=Scheme.from_cli(bits, group_size, sym), include=tuple(include),
+                         exclude=tuple(exclude), seed=seed)
+    tcfg = TrainConfig(steps=steps, lr=lr, scale_lr=scale_lr, batch=batch, seqlen=seqlen, clip=clip,
+                       distill=distill, seed=seed, save_every=save_every)
+    res = run(model, out, config, tcfg, init=init, train_text=str(train_text) if train_text else None,
+              eval_text=str(eval_text) if eval_text else None, learn_scale=learn_scales, learn_zero=learn_zeros,
+              resume=resume, eval_tokens=eval_tokens, overwrite=force)
+    print(json.dumps(res))
+
+
+@app.command()
 def bench(
     model: str = typer.Argument(..., help=MODEL_HELP),
     compare: List[str] = typer.Option([], help="Another model to measure alternately in the same process (repeatable)."),

@@ -12,7 +12,7 @@ from lowbit.eval import llama_cpp as L
 from lowbit.formats.gguf.export import export_gguf, permute_qk
 from lowbit.formats.gguf.mixtures import FILE_TYPES, TensorInfo, choose_types
 
-from ...conftest import make_tokenizer
+from tests.conftest import make_tokenizer
 
 needs_llama_cpp = pytest.mark.skipif(not L.available(), reason="llama-cpp-python is not installed "
                                      "(pip install llama-cpp-python) - llama.cpp loading tests skipped")

@@ -1,0 +1,379 @@
+"""Quantization-aware training: fake quantization with a straight-through estimator (STE).
+
+    forward:  ŵ = s · (clamp(round(w/s) + z, qmin, qmax) − z)       (the lowbit grid, exactly)
+    backward: ∂ŵ/∂w = 1 where the code was not clamped, 0 where it was  (clipped STE)
+              ∂ŵ/∂s = round(w/s) − w/s inside, (q − z) outside         (LSQ, Esser et al. 2020)
+
+The weights train in float; every forward sees them on the grid, so the loss is the loss of the
+quantized model. Scales train optionally (LSQ), zero points optionally (rounded with an STE).
+Scales are used as fp16 (as stored in checkpoints) through an STE, so ``convert`` turns the
+trained model into packed QuantLinear layers whose dequantized weights equal ŵ bit for bit.
+
+Training: AdamW, linear warm-up then cosine decay, gradient clipping, optional distillation
+(KL of the student's next-token distribution from the float teacher's). Batches are a pure
+function of (seed, step), and the state (trainable tensors, AdamW moments, step) is saved as
+safetensors + JSON, so ``--resume`` continues exactly where an interrupted run stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.config import QuantConfig
+from ..core.quant import QTensor, compute_qparams, grouped, quantize_codes, ungrouped
+from ..core.scheme import Scheme
+from ..errors import LowbitError
+from ..models.arch import get_module, select_modules, set_module
+from ..nn.qlinear import QuantLinear
+
+
+class FakeQuantLinear(nn.Module):
+    """A Linear trained in float whose forward uses its weight quantized-dequantized on ``scheme``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scheme: Scheme, scale: torch.Tensor,
+                 zero: torch.Tensor | None, learn_scale: bool = False, learn_zero: bool = False) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.scheme = scheme
+        self.weight = nn.Parameter(weight.detach().float().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.scale = nn.Parameter(scale.detach().float().clone(), requires_grad=learn_scale)  # [R, G]
+        self.zero = None
+        if zero is not None:
+            self.zero = nn.Parameter(zero.detach().float().clone(), requires_grad=learn_zero)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, scheme: Scheme, **kw) -> "FakeQuantLinear":
+        """Initialized as RTN: min/max scales of the float weight."""
+        s, z = compute_qparams(lin.weight.detach(), scheme)
+        return cls(lin.weight, lin.bias, scheme, s, z, **kw)
+
+    @classmethod
+    def from_quant(cls, q: QuantLinear, **kw) -> "FakeQuantLinear":
+        """Initialized from a PTQ result (RTN, GPTQ, AWQ): its dequantized weight, scales and zero points,
+        so that step 0 reproduces the PTQ model exactly."""
+        return cls(q.dequantize_weight(), q.bias, q.scheme, q.scales.detach(), q.zero_points(), **kw)
+
+    def _scale(self) -> torch.Tensor:
+        s = self.scale.clamp(min=1e-8)
+        return s + (s.to(self.scheme.torch_scale_dtype).float() - s).detach()
+
+    def _zero(self) -> torch.Tensor | None:
+        if self.zero is None:
+            return None
+        z = self.zero
+        return z + (torch.round(z).clamp(0, self.scheme.qmax) - z).detach()
+
+    def quantized_weight(self) -> torch.Tensor:
+        rows, cols = self.weight.shape
+        wg = grouped(self.weight, self.scheme)  # [R, G, g]
+        s = self._scale().unsqueeze(-1)
+        v = wg / s
+        q = v + (torch.round(v) - v).detach()  # STE: round in the forward, identity in the backward
+        z = self._zero()
+        if z is not None:
+            q = q + z.unsqueeze(-1)
+        q = q.clamp(self.scheme.qmin, self.scheme.qmax)  # zero gradient where clamped
+        if z is not None:
+            q = q - z.unsqueeze(-1)
+        return ungrouped(q * s, rows, cols)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def qtensor(self) -> QTensor:
+        scale = self.scale.clamp(min=1e-8).to(self.scheme.torch_scale_dtype)
+        zero = None
+        if self.zero is not None:
+            zero = torch.round(self.zero).clamp(0, self.scheme.qmax).to(torch.int16)
+        q = quantize_codes(grouped(self.weight.detach(), self.scheme), scale, zero, self.scheme)
+        codes = ungrouped(q, self.out_features, self.in_features)
+        codes = codes.to(torch.int8 if self.scheme.symmetric else torch.uint8)
+        return QTensor(codes=codes, scale=scale, zero=zero, scheme=self.scheme, shape=self.weight.shape)
+
+    @torch.no_grad()
+    def to_quant_linear(self) -> QuantLinear:
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        lin.weight.data.copy_(self.weight.detach())
+        if self.bias is not None:
+            lin.bias.data.copy_(self.bias.detach())
+        return QuantLinear.from_linear(lin, self.scheme, qt=self.qtensor())
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.scheme.describe()}"
+
+
+def prepare(model: nn.Module, config: QuantConfig, learn_scale: bool = False, learn_zero: bool = False) -> dict[str, Scheme]:
+    """Swap the selected layers for FakeQuantLinear, in place: float Linears start as RTN, packed
+    QuantLinears (a PTQ checkpoint given as the model) start from their codes. Everything else is frozen."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    done: dict[str, Scheme] = {}
+    names = select_modules(model, config.include, config.exclude)
+    if not names:
+        quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+        names = quantized
+    for name in names:
+        mod = get_module(model, name)
+        if isinstance(mod, QuantLinear):
+            fq = FakeQuantLinear.from_quant(mod, learn_scale=learn_scale, learn_zero=learn_zero)
+        elif isinstance(mod, nn.Linear):
+            fq = FakeQuantLinear.from_linear(mod, config.scheme_for(name), learn_scale=learn_scale,
+                                             learn_zero=learn_zero)
+        else:
+            raise LowbitError(f"qat trains Linear layers only: {name} is {type(mod).__name__}")
+        set_module(model, name, fq)
+        done[name] = fq.scheme
+    return done
+
+
+def convert(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Replace every FakeQuantLinear by the packed QuantLinear it stands for; record the quantization."""
+    modules: dict[str, Scheme] = {}
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, FakeQuantLinear):
+            set_module(model, name, mod.to_quant_linear())
+            modules[name] = mod.scheme
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.lowbit_quant = {"config": config, "modules": modules}
+    return model
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    lr: float = 1e-5
+    scale_lr: float | None = None  # default: lr
+    batch: int = 4
+    seqlen: int = 256
+    warmup: int | None = None  # default: 5% of steps
+    clip: float = 1.0
+    weight_decay: float = 0.0
+    distill: bool = False
+    seed: int = 0
+    save_every: int = 50
+
+    def lr_factor(self, step: int) -> float:
+        warm = self.warmup if self.warmup is not None else max(1, self.steps // 20)
+        if step < warm:
+            return (step + 1) / warm
+        prog = (step - warm) / max(1, self.steps - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
+
+
+def batch_at(ids: torch.Tensor, cfg: TrainConfig, step: int) -> torch.Tensor:
+    """The training windows of one step: a pure function of (seed, step), so a resumed run sees the same."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    starts = torch.randint(0, ids.numel() - cfg.seqlen, (cfg.batch,), generator=g)
+    return torch.stack([ids[s: s + cfg.seqlen] for s in starts.tolist()])
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    params = trainable(model)
+    weights = [p for n, p in params.items() if not n.endswith((".scale", ".zero"))]
+    qparams = [p for n, p in params.items() if n.endswith((".scale", ".zero"))]
+    groups = [{"params": weights, "lr": cfg.lr, "base_lr": cfg.lr}]
+    if qparams:
+        slr = cfg.scale_lr if cfg.scale_lr is not None else cfg.lr
+        groups.append({"params": qparams, "lr": slr, "base_lr": slr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+
+
+def loss_fn(student: nn.Module, teacher: nn.Module | None, x: torch.Tensor, distill: bool) -> torch.Tensor:
+    logits = student(x).logits[:, :-1].float()
+    if distill:
+        with torch.no_grad():
+            t = teacher(x).logits[:, :-1].float()
+        logp = F.log_softmax(logits, dim=-1).flatten(0, 1)
+        logq = F.log_softmax(t, dim=-1).flatten(0, 1)
+        return F.kl_div(logp, logq, log_target=True, reduction="batchmean")  # KL(teacher || student) per token
+    return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].reshape(-1))
+
+
+STATE_TENSORS = "state.safetensors"
+STATE_META = "state.json"
+
+
+def save_state(path: Path, model: nn.Module, opt: torch.optim.AdamW, step: int, meta: dict) -> None:
+    """Trainable tensors + AdamW moments (safetensors) and the step (JSON), replaced atomically."""
+    from safetensors.torch import save_file
+
+    params = trainable(model)
+    by_id = {id(p): n for n, p in params.items()}
+    tensors = {f"param.{n}": p.detach().contiguous() for n, p in params.items()}
+    for p, st in opt.state.items():
+        n = by_id[id(p)]
+        for k in ("exp_avg", "exp_avg_sq"):
+            tensors[f"adam.{k}.{n}"] = st[k].contiguous()
+        tensors[f"adam.step.{n}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (STATE_TENSORS + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path / STATE_TENSORS)
+    tmpj = path / (STATE_META + ".tmp")
+    tmpj.write_text(json.dumps({**meta, "step": step}))
+    os.replace(tmpj, path / STATE_META)
+
+
+def load_state(path: Path, model: nn.Module, opt: torch.optim.AdamW) -> dict:
+    from safetensors import safe_open
+
+    meta = json.loads((path / STATE_META).read_text())
+    params = trainable(model)
+    with safe_open(str(path / STATE_TENSORS), framework="pt") as f:
+        keys = set(f.keys())
+        for n, p in params.items():
+            if f"param.{n}" not in keys:
+                raise LowbitError(f"{path}: resume state has no tensor for {n} (a different model or options?)")
+            with torch.no_grad():
+                p.copy_(f.get_tensor(f"param.{n}"))
+            if f"adam.exp_avg.{n}" in keys:
+                opt.state[p] = {"step": torch.tensor(float(f.get_tensor(f"adam.step.{n}")[0])),
+                                "exp_avg": f.get_tensor(f"adam.exp_avg.{n}"),
+                                "exp_avg_sq": f.get_tensor(f"adam.exp_avg_sq.{n}")}
+    return meta
+
+
+def train(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, cfg: TrainConfig,
+          state_dir: Path | None = None, resume: bool = False, progress: bool = True, log=None) -> list[dict]:
+    """Run cfg.steps optimizer steps (from the saved step when resuming). Returns the per-step log."""
+    from tqdm.auto import tqdm
+
+    if ids.numel() <= cfg.seqlen + 1:
+        raise LowbitError(f"training text: {ids.numel()} tokens, too short for windows of {cfg.seqlen}")
+    if cfg.distill and teacher is None:
+        raise LowbitError("distillation needs the float teacher model")
+    opt = make_optimizer(student, cfg)
+    start = 0
+    if resume:
+        if state_dir is None or not (state_dir / STATE_META).is_file():
+            raise LowbitError(f"--resume: no saved state in {state_dir}")
+        meta = load_state(state_dir, student, opt)
+        if meta.get("train_config") != asdict(cfg):
+            raise LowbitError(f"{state_dir}: saved with other training options {meta.get('train_config')}")
+        start = int(meta["step"])
+    params = list(trainable(student).values())
+    history: list[dict] = []
+    student.train()
+    meta = {"train_config": asdict(cfg)}
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="qat", unit="step",
+               file=sys.stderr, disable=not progress)
+    step = start
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            f = cfg.lr_factor(step)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * f
+            x = batch_at(ids, cfg, step)
+            loss = loss_fn(student, teacher, x, cfg.distill)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+            opt.step()
+            dt = time.perf_counter() - t0
+            rec = {"step": step + 1, "loss": loss.item(), "grad_norm": gnorm, "lr": opt.param_groups[0]["lr"],
+                   "tok_s": x.numel() / dt}
+            history.append(rec)
+            if log is not None:
+                log(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tok_s']:.0f}")
+            if state_dir is not None and cfg.save_every and (step + 1) % cfg.save_every == 0:
+                save_state(state_dir, student, opt, step + 1, meta)
+    except KeyboardInterrupt:
+        done = history[-1]["step"] if history else start
+        if state_dir is not None and done > start:
+            save_state(state_dir, student, opt, done, meta)
+            print(f"lowbit: interrupted after step {done}; state saved in {state_dir} (continue with --resume)",
+                  file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+        student.eval()
+    if state_dir is not None and history:
+        save_state(state_dir, student, opt, history[-1]["step"], meta)
+    return history
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def split_text(text: str, held_out: float = 0.1) -> tuple[str, str]:
+    """(training part, held-out part): the last `held_out` share of the text, cut at a line break."""
+    cut = text.rfind("\n", 0, int(len(text) * (1 - held_out)))
+    cut = cut if cut > 0 else int(len(text) * (1 - held_out))
+    return text[:cut], text[cut:]
+
+
+def run(model_src: str, out: str | os.PathLike, config: QuantConfig, tcfg: TrainConfig, init: str | None = None,
+        train_text: str | None = None, eval_text: str | None = None, learn_scale: bool = False,
+        learn_zero: bool = False, state_dir: str | os.PathLike | None = None, resume: bool = False,
+        eval_tokens: int | None = 16384, overwrite: bool = False, progress: bool = True) -> dict:
+    """Train MODEL (or the PTQ checkpoint ``init``) with fake quantization, convert, save to ``out``.
+
+    Training text: ``train_text`` (default WikiText-2 valid, minus its last 10% which is then the
+    held-out text); never the test text. Returns the training log and held-out perplexities."""
+    from ..calibration.data import _TEST_SHA256
+    from ..eval.perplexity import evaluate, tokenize
+    from ..eval.text import CALIB_TEXT, TEST_TEXT, read_text
+    from ..formats.checkpoint import save_checkpoint
+    from ..formats.io import check_output
+    from ..models.loading import load
+    import hashlib
+
+    out = check_output(out, overwrite=overwrite)
+    text, label = read_text(train_text if train_text is not None else CALIB_TEXT)
+    for t, lab in ((text, label),) + (((read_text(eval_text)), ) if eval_text is not None else ()):
+        if hashlib.sha256(t.encode()).hexdigest() == _TEST_SHA256 or os.path.realpath(lab) == os.path.realpath(TEST_TEXT):
+            raise LowbitError(f"{lab}: this is the WikiText-2 test text; train and choose on other text")
+    if eval_text is None:
+        text, held = split_text(text)
+        held_label = f"{os.path.basename(label)} (last 10%, not trained on)"
+    else:
+        held, held_label = read_text(eval_text)
+    state_dir = Path(state_dir) if state_dir is not None else Path(str(out) + ".qat-state")
+    teacher, tok = load(model_src)
+    student, _ = load(init) if init else load(model_src)
+    modules = prepare(student, config, learn_scale=learn_scale, learn_zero=learn_zero)
+    schemes = sorted({s.describe() for s in modules.values()})
+    ids = tokenize(tok, text)
+    before = evaluate(student, tok, text=held, limit_tokens=eval_tokens, progress=progress)["ppl"]
+    log_path = state_dir / "log.jsonl"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    logf = open(log_path, "a")
+    t0 = time.time()
+    try:
+        hist = train(student, teacher if tcfg.distill else None, ids, tcfg, state_dir=state_dir, resume=resume,
+                     progress=progress, log=lambda r: (logf.write(json.dumps(r) + "\n"), logf.flush()))
+    finally:
+        logf.close()
+    seconds = time.time() - t0
+    after = evaluate(student, tok, text=held, limit_tokens=eval_tokens, progress=progress)["ppl"]
+    config.options.update({"init": init, "train_text": os.path.basename(label), "train": asdict(tcfg),
+                           "learn_scale": learn_scale, "learn_zero": learn_zero,
+                           "tokens_seen": tcfg.steps * tcfg.batch * tcfg.seqlen})
+    if config.scheme is None or (init and len(schemes) == 1):
+        config.scheme = next(iter(modules.values()))
+    convert(student, config)
+    save_checkpoint(student, tok, out, overwrite=overwrite)
+    return {"out": str(out), "schemes": schemes, "steps": tcfg.steps, "tokens_seen": tcfg.steps * tcfg.batch * tcfg.seqlen,
+            "train_seconds": round(seconds, 1), "heldout_text": held_label, "heldout_ppl_before": before,
+            "heldout_ppl_after": after, "final_loss": hist[-1]["loss"] if hist else None, "state_dir": str(state_dir)}
