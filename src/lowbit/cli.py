@@ -310,6 +310,8 @@ def export_gguf(
                                                    "TYPE (repeatable; first match wins), e.g. 'attn_v=Q6_K'."),
     calib: Optional[str] = typer.Option(None, help="Calibrate the blocks' scales on this text ('default': "
                                                    "WikiText-2 valid): error weighted by mean x² per input column."),
+    gptq: bool = typer.Option(False, help="--calib: then choose every block's codes by GPTQ against its "
+                                          "stored grid (error compensation with E[x xᵀ])."),
     nsamples: int = typer.Option(64, help="--calib: windows of calibration text."),
     calib_seqlen: int = typer.Option(512, help="--calib: tokens per window."),
     seed: int = typer.Option(0, help="--calib: seed of the calibration windows."),
@@ -335,22 +337,26 @@ def export_gguf(
     except (ValueError, re.error) as e:
         raise LowbitError(str(e)) from None
     check_output(out, overwrite=force)
+    if gptq and calib is None:
+        raise LowbitError("--gptq needs calibration: add --calib default (or --calib FILE)")
     if calib is not None and calib != "default":
         from .eval.text import read_text
 
         read_text(calib)
     m, tok = api.load(model)
-    imatrix = None
+    imatrix = hessians = None
     if calib is not None:
         from .calibration.data import calibration_ids
         from .calibration.stats import input_sq_means
 
         ids, _ = calibration_ids(tok, None if calib == "default" else calib, nsamples=nsamples,
                                  seqlen=calib_seqlen, seed=seed)
-        imatrix = input_sq_means(m, ids)
-    res = export(m, tok, out, ftype, overrides=overrides, imatrix=imatrix, overwrite=force)
+        stats = input_sq_means(m, ids, full=gptq)
+        hessians, imatrix = (stats, None) if gptq else (None, stats)
+    res = export(m, tok, out, ftype, overrides=overrides, imatrix=imatrix, hessians=hessians, overwrite=force)
     kinds = ", ".join(f"{k} x{v}" for k, v in sorted(res["tensor_types"].items()))
-    print(f"{out}: {res['type']}{' (calibrated)' if res['calibrated'] else ''}, {res['bytes']:,} bytes, "
+    how = " (calibrated, GPTQ)" if res["gptq"] else " (calibrated)" if res["calibrated"] else ""
+    print(f"{out}: {res['type']}{how}, {res['bytes']:,} bytes, "
           f"{res['bpw']:.3f} bits/weight; tensors: {kinds}")
 
 

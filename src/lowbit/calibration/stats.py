@@ -14,8 +14,10 @@ from tqdm.auto import tqdm
 
 
 @torch.no_grad()
-def input_sq_means(model: nn.Module, ids: torch.Tensor, batch: int = 4, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Module name -> mean x² per input column, over the [N, T] calibration windows ``ids``.
+def input_sq_means(model: nn.Module, ids: torch.Tensor, batch: int = 4, progress: bool = True,
+                   full: bool = False) -> dict[str, torch.Tensor]:
+    """Module name -> mean x² per input column, over the [N, T] calibration windows ``ids``
+    (``full``: the whole second-moment matrix E[x xᵀ], [in, in], whose diagonal that is — GPTQ's H/2).
 
     With tied embeddings the output matrix is the token embedding: its statistics are also filed
     under the embedding's name (llama.cpp's imatrix records them for token_embd in that case)."""
@@ -26,7 +28,7 @@ def input_sq_means(model: nn.Module, ids: torch.Tensor, batch: int = 4, progress
     def hook(name):
         def fn(mod, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            s = (x * x).sum(dim=0)
+            s = x.T @ x if full else (x * x).sum(dim=0)
             if name in sums:
                 sums[name] += s
             else:

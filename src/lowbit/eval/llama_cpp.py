@@ -17,11 +17,9 @@ from ..errors import LowbitError
 
 
 def available() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def open_model(path: str | os.PathLike, n_ctx: int = 512, logits_all: bool = False, threads: int | None = None):

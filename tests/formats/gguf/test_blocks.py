@@ -142,3 +142,45 @@ def test_blocks_match_llama_cpp(name, calibrated):
         assert same == 1.0, (name, same)
     assert same >= 0.97, (name, same)
     assert abs(e_ours - e_ref) <= 0.005 * e_ref, (name, e_ours / e_ref)
+
+
+def _correlated(rows=32, cols=512, n=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g) * 0.05
+    mix = torch.randn(cols, cols, generator=g) / cols ** 0.5 + torch.eye(cols)
+    X = torch.randn(n, cols, generator=g) @ mix  # inputs with correlated columns
+    return W, X, X.T @ X / n
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q5_1", *KQUANTS])
+def test_gptq_with_identity_hessian_is_nearest_rounding_on_the_grid(name):
+    """No error to compensate: every weight goes to its nearest code on the stored grid (= the requantize
+    step of quantize() for the K-quants; Q4_0/Q5_1 pick codes inside their scale search, so there only
+    the error is compared)."""
+    t = get_type(name)
+    x = weights(rows=16)
+    plain = t.quantize(x)
+    g = t.quantize_gptq(torch.from_numpy(x), torch.eye(x.shape[1]))
+    back_p = gguf_dequantize(plain, t.qtype).reshape(x.shape)
+    back_g = gguf_dequantize(g, t.qtype).reshape(x.shape)
+    if name in KQUANTS:
+        assert (back_p == back_g).mean() >= 0.999
+    assert ((back_g - x) ** 2).sum() <= ((back_p - x) ** 2).sum() * 1.0001
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", *KQUANTS])
+def test_gptq_on_the_grid_lowers_the_output_error(name):
+    t = get_type(name)
+    W, X, H = _correlated()
+    qw = torch.diagonal(H)
+
+    def out_err(data):
+        back = torch.from_numpy(gguf_dequantize(data, t.qtype).reshape(W.shape))
+        return float(((X @ (back - W).T) ** 2).sum())
+
+    plain, gptq = t.quantize(W, qw), t.quantize_gptq(W, H, qw)
+    # same block parameters (scales, mins), only the codes move
+    a, b = plain.reshape(-1, t.type_size), gptq.reshape(-1, t.type_size)
+    assert out_err(gptq) < out_err(plain)
+    if name in ("Q4_0", "Q5_0", "Q8_0"):
+        assert np.array_equal(a[:, :2], b[:, :2])

@@ -166,3 +166,26 @@ def test_llama_cpp_loads_and_generates_every_type(tiny_gguf_model, tmp_path, fty
     export_gguf(model, tok, out, ftype, progress=False)
     toks = L.generate(out, [5, 6, 7, 8], max_new_tokens=4)
     assert 1 <= len(toks) <= 4 and all(0 <= t < 320 for t in toks)
+
+
+def test_gptq_export_writes_valid_blocks(tiny_gguf_model, tmp_path, calib):
+    from lowbit.calibration.stats import input_sq_means
+
+    model, tok = tiny_gguf_model
+    H = input_sq_means(model, calib[:4] % 320, progress=False, full=True)
+    assert H["model.layers.0.mlp.down_proj"].shape == (512, 512)
+    out = tmp_path / "g.gguf"
+    res = export_gguf(model, tok, out, "Q4_K_M", hessians=H, progress=False)
+    assert res["gptq"] and res["calibrated"]
+    _, ts = read(out)
+    w = model.state_dict()["model.layers.1.mlp.down_proj.weight"].numpy()
+    t = ts["blk.1.ffn_down.weight"]
+    back = dequantize(t.data, t.tensor_type).reshape(w.shape)
+    assert np.sqrt(((back - w) ** 2).mean()) / w.std() < 0.2
+    if L.available():
+        assert len(L.generate(out, [5, 6, 7], max_new_tokens=3)) >= 1
+
+
+def test_cli_gptq_needs_calibration(cli, tiny_dir, tmp_path):
+    code, _, err = cli("export-gguf", str(tiny_dir), str(tmp_path / "z.gguf"), "--gptq")
+    assert code == 2 and "--calib" in err

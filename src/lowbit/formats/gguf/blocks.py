@@ -105,7 +105,48 @@ class GGMLType:
 
     @classmethod
     def _quantize(cls, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+        P, L = cls._fit(x, qw)
+        return cls._pack(P, L)
+
+    # Quantized types split into: _fit (block parameters P and codes L of [rows, cols] floats, as ggml),
+    # _pack (P, L -> bytes) and _grid (P -> the per-weight grid ŵ = a·L + c, L in [lo, hi]).
+    @classmethod
+    def _fit(cls, x: torch.Tensor, qw: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
         raise NotImplementedError
+
+    @classmethod
+    def _pack(cls, P: dict, L: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def _grid(cls, P: dict) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+        """(a [NB, n_sub], c [NB, n_sub], weights per sub-block, lo, hi)."""
+        raise NotImplementedError
+
+    @classmethod
+    def quantize_gptq(cls, x: torch.Tensor, H: torch.Tensor, qw: torch.Tensor | None = None,
+                      blocksize: int = 128, percdamp: float = 0.01) -> np.ndarray:
+        """Blocks whose scales/mins are chosen as ``quantize`` does, then whose codes are chosen by GPTQ
+        against the exact stored grid (scales and mins already rounded to fp16 and 6/4 bits), with
+        H = E[x xᵀ] of the layer's input: each column's rounding error is compensated in the columns
+        after it."""
+        from .gptq import gptq_on_grid
+
+        x = torch.as_tensor(x, dtype=torch.float32)
+        rows, cols = x.shape
+        if not cls.fits(cols):
+            raise ValueError(f"{cls.name}: row length {cols} is not a multiple of {cls.block_size}")
+        if qw is not None:
+            qw = torch.as_tensor(qw, dtype=torch.float32).reshape(cols)
+        step = max(1, cls.chunk_rows * 4096 // max(cols, 1))
+        fits = [cls._fit(x[r: r + step].contiguous(), qw) for r in range(0, rows, step)]
+        P = {k: torch.cat([f[0][k] for f in fits]) for k in fits[0][0]}
+        L0 = torch.cat([f[1].reshape(-1, cls.block_size) for f in fits])
+        a, c, sub, lo, hi = cls._grid(P)
+        a = a.repeat_interleave(sub, dim=1).reshape(rows, cols)
+        c = c.repeat_interleave(sub, dim=1).reshape(rows, cols)
+        L = gptq_on_grid(x, H, a, c, lo, hi, L0.reshape(rows, cols).float(), blocksize, percdamp)
+        return cls._pack(P, L.reshape(-1, cls.block_size)).reshape(rows, -1).numpy()
 
 
 # ----------------------------------------------------------------------------- float types
@@ -147,30 +188,48 @@ class Q8_0(GGMLType):
     name, qtype, block_size, type_size = "Q8_0", T.Q8_0, 32, 34
 
     @classmethod
-    def _quantize(cls, x, qw):  # no importance-weighted variant in ggml
+    def _fit(cls, x, qw):  # no importance-weighted variant in ggml
         b = x.reshape(-1, 32)
         d = b.abs().max(dim=1).values / 127
         inv = torch.where(d == 0, torch.zeros_like(d), 1 / torch.where(d == 0, 1, d))
         v = b * inv[:, None]
         q = torch.sign(v) * torch.floor(v.abs() + 0.5)  # roundf: half away from zero
-        return torch.cat([_fp16_bytes(d), q.to(torch.int8).view(torch.uint8)], dim=1)
+        return {"d": d}, q
+
+    @classmethod
+    def _pack(cls, P, L):
+        return torch.cat([_fp16_bytes(P["d"]), L.to(torch.int8).view(torch.uint8)], dim=1)
+
+    @classmethod
+    def _grid(cls, P):
+        a = _fp16(P["d"])[:, None]
+        return a, torch.zeros_like(a), 32, -127, 127
 
 
 class Q4_0(GGMLType):
     name, qtype, block_size, type_size = "Q4_0", T.Q4_0, 32, 18
 
     @classmethod
-    def _quantize(cls, x, qw):
+    def _fit(cls, x, qw):
         if qw is not None:
             w = qw.repeat(x.shape[0]).reshape(-1, 32) * torch.sqrt(_row_sigma2(x).repeat_interleave(x.shape[1] // 32)[:, None] + x.reshape(-1, 32) ** 2)
             d, L = qx_quants(x.reshape(-1, 32), 8, w)
-            return torch.cat([_fp16_bytes(d), _nibbles(L[:, :16], L[:, 16:])], dim=1)
+            return {"d": d}, L
         b = x.reshape(-1, 32)
         mx = b.gather(1, b.abs().argmax(dim=1, keepdim=True)).squeeze(1)
         d = mx / -8
         inv = torch.where(d == 0, torch.zeros_like(d), 1 / torch.where(d == 0, 1, d))
         q = torch.trunc(b * inv[:, None] + 8.5).clamp_(0, 15)
-        return torch.cat([_fp16_bytes(d), _nibbles(q[:, :16], q[:, 16:])], dim=1)
+        return {"d": d}, q
+
+    @classmethod
+    def _pack(cls, P, L):
+        return torch.cat([_fp16_bytes(P["d"]), _nibbles(L[:, :16], L[:, 16:])], dim=1)
+
+    @classmethod
+    def _grid(cls, P):
+        a = _fp16(P["d"])[:, None]
+        return a, -8 * a, 32, 0, 15
 
 
 class Q4_1(GGMLType):
@@ -192,16 +251,24 @@ class Q4_1(GGMLType):
         return d, lo, q
 
     @classmethod
-    def _quantize(cls, x, qw):
+    def _fit(cls, x, qw):
         d, m, q = cls._codes(x, qw)
-        return torch.cat([_fp16_bytes(d), _fp16_bytes(m), _nibbles(q[:, :16], q[:, 16:])], dim=1)
+        return {"d": d, "m": m}, q
+
+    @classmethod
+    def _pack(cls, P, L):
+        return torch.cat([_fp16_bytes(P["d"]), _fp16_bytes(P["m"]), _nibbles(L[:, :16], L[:, 16:])], dim=1)
+
+    @classmethod
+    def _grid(cls, P):
+        return _fp16(P["d"])[:, None], _fp16(P["m"])[:, None], 32, 0, cls.nmax
 
 
 class Q5_0(GGMLType):
     name, qtype, block_size, type_size = "Q5_0", T.Q5_0, 32, 22
 
     @classmethod
-    def _quantize(cls, x, qw):
+    def _fit(cls, x, qw):
         b = x.reshape(-1, 32)
         if qw is not None:
             w = qw.repeat(x.shape[0]).reshape(-1, 32) * torch.sqrt(_row_sigma2(x).repeat_interleave(x.shape[1] // 32)[:, None] + b * b)
@@ -211,8 +278,17 @@ class Q5_0(GGMLType):
             d = mx / -16
             inv = torch.where(d == 0, torch.zeros_like(d), 1 / torch.where(d == 0, 1, d))
             q = torch.trunc(b * inv[:, None] + 16.5).clamp_(0, 31)
-        q = q.to(torch.uint8)
-        return torch.cat([_fp16_bytes(d), _bits_u32(q >> 4), _nibbles(q[:, :16], q[:, 16:])], dim=1)
+        return {"d": d}, q
+
+    @classmethod
+    def _pack(cls, P, L):
+        q = L.to(torch.uint8)
+        return torch.cat([_fp16_bytes(P["d"]), _bits_u32(q >> 4), _nibbles(q[:, :16], q[:, 16:])], dim=1)
+
+    @classmethod
+    def _grid(cls, P):
+        a = _fp16(P["d"])[:, None]
+        return a, -16 * a, 32, 0, 31
 
 
 class Q5_1(Q4_1):
@@ -220,10 +296,9 @@ class Q5_1(Q4_1):
     nmax = 31
 
     @classmethod
-    def _quantize(cls, x, qw):
-        d, m, q = cls._codes(x, qw)
-        q = q.to(torch.uint8)
-        return torch.cat([_fp16_bytes(d), _fp16_bytes(m), _bits_u32(q >> 4), _nibbles(q[:, :16], q[:, 16:])], dim=1)
+    def _pack(cls, P, L):
+        q = L.to(torch.uint8)
+        return torch.cat([_fp16_bytes(P["d"]), _fp16_bytes(P["m"]), _bits_u32(q >> 4), _nibbles(q[:, :16], q[:, 16:])], dim=1)
 
 
 # ----------------------------------------------------------------------------- K-quants (256-weight super-blocks)
@@ -279,7 +354,7 @@ class Q2_K(GGMLType):
     name, qtype, block_size, type_size = "Q2_K", T.Q2_K, QK_K, 84
 
     @classmethod
-    def _quantize(cls, x, qw):
+    def _fit(cls, x, qw):
         xb, qb = _superblocks(x, qw)
         nb = xb.shape[0]
         g = xb.reshape(-1, 16)
@@ -304,14 +379,22 @@ class Q2_K(GGMLType):
         ls, lm = ls.to(torch.uint8) & 15, lm.to(torch.uint8) & 15
         d16, dmin16 = _fp16(d), _fp16(dmin)
         L = _requant_affine(xb, d16, ls.float(), dmin16, lm.float(), L.reshape(nb, QK_K), 16, 3)
-        return torch.cat([ls | (lm << 4), _planes_2bit(L), _fp16_bytes(d), _fp16_bytes(dmin)], dim=1)
+        return {"d": d, "dmin": dmin, "ls": ls, "lm": lm}, L
+
+    @classmethod
+    def _pack(cls, P, L):
+        return torch.cat([P["ls"] | (P["lm"] << 4), _planes_2bit(L), _fp16_bytes(P["d"]), _fp16_bytes(P["dmin"])], dim=1)
+
+    @classmethod
+    def _grid(cls, P):
+        return _fp16(P["d"])[:, None] * P["ls"].float(), -_fp16(P["dmin"])[:, None] * P["lm"].float(), 16, 0, 3
 
 
 class Q3_K(GGMLType):
     name, qtype, block_size, type_size = "Q3_K", T.Q3_K, QK_K, 110
 
     @classmethod
-    def _quantize(cls, x, qw):
+    def _fit(cls, x, qw):
         xb, qb = _superblocks(x, qw)
         nb = xb.shape[0]
         g = xb.reshape(-1, 16)
@@ -334,11 +417,22 @@ class Q3_K(GGMLType):
         l6 = l6.to(torch.uint8)
         d16 = _fp16(d)
         sc = l6.float() - 32
-        L = _requant_sym(xb, d16, sc, L.reshape(nb, QK_K), 16, -4, 3).to(torch.uint8)
+        L = _requant_sym(xb, d16, sc, L.reshape(nb, QK_K), 16, -4, 3)
+        return {"d": d, "l6": l6}, L
+
+    @classmethod
+    def _pack(cls, P, L):
+        L = L.to(torch.uint8)
+        nb = L.shape[0]
         high = (L > 3).reshape(nb, 8, 32)  # bit p of hmask byte l <- element 32p + l
         hmask = (high.to(torch.uint8) << torch.arange(8, dtype=torch.uint8).reshape(1, 8, 1)).sum(dim=1, dtype=torch.uint8)
         L = torch.where(L > 3, L - 4, L)
-        return torch.cat([hmask, _planes_2bit(L), _pack_scales_q3(l6), _fp16_bytes(d)], dim=1)
+        return torch.cat([hmask, _planes_2bit(L), _pack_scales_q3(P["l6"]), _fp16_bytes(P["d"])], dim=1)
+
+    @classmethod
+    def _grid(cls, P):
+        a = _fp16(P["d"])[:, None] * (P["l6"].float() - 32)
+        return a, -4 * a, 16, 0, 7
 
 
 class Q4_K(GGMLType):
@@ -346,7 +440,7 @@ class Q4_K(GGMLType):
     nmax, ref_search = 15, (-1.0, 0.1, 20)
 
     @classmethod
-    def _codes(cls, x, qw):
+    def _fit(cls, x, qw):
         """Super-block scale/min, 6-bit sub-block scales/mins, and codes 0..nmax after requantization."""
         xb, qb = _superblocks(x, qw)
         nb = xb.shape[0]
@@ -371,14 +465,17 @@ class Q4_K(GGMLType):
             d, ls = qp_quants(scales.reshape(nb, 8), 63, sw)
             dmin, lm = qp_quants(mins.reshape(nb, 8), 63, sw)
         L = _requant_affine(xb, _fp16(d), ls.float(), _fp16(dmin), lm.float(), L.reshape(nb, QK_K), 32, cls.nmax)
-        return d, dmin, ls, lm, L.to(torch.uint8)
+        return {"d": d, "dmin": dmin, "ls": ls, "lm": lm}, L
 
     @classmethod
-    def _quantize(cls, x, qw):
-        d, dmin, ls, lm, L = cls._codes(x, qw)
-        v = L.reshape(-1, 4, 2, 32)
+    def _grid(cls, P):
+        return _fp16(P["d"])[:, None] * P["ls"].float(), -_fp16(P["dmin"])[:, None] * P["lm"].float(), 32, 0, cls.nmax
+
+    @classmethod
+    def _pack(cls, P, L):
+        v = L.to(torch.uint8).reshape(-1, 4, 2, 32)
         qs = _nibbles(v[:, :, 0], v[:, :, 1]).reshape(-1, 128)
-        return torch.cat([_fp16_bytes(d), _fp16_bytes(dmin), _pack_scales_k4(ls, lm), qs], dim=1)
+        return torch.cat([_fp16_bytes(P["d"]), _fp16_bytes(P["dmin"]), _pack_scales_k4(P["ls"], P["lm"]), qs], dim=1)
 
 
 class Q5_K(Q4_K):
@@ -386,20 +483,19 @@ class Q5_K(Q4_K):
     nmax, ref_search = 31, (-0.5, 0.1, 15)
 
     @classmethod
-    def _quantize(cls, x, qw):
-        d, dmin, ls, lm, L = cls._codes(x, qw)
-        v = L.reshape(-1, 4, 2, 32)  # [NB, c, half, l]
+    def _pack(cls, P, L):
+        v = L.to(torch.uint8).reshape(-1, 4, 2, 32)  # [NB, c, half, l]
         qs = _nibbles(v[:, :, 0], v[:, :, 1]).reshape(-1, 128)
         high = (v >> 4).reshape(-1, 8, 32)  # bit 2c+half of byte l
         qh = (high << torch.arange(8, dtype=torch.uint8).reshape(1, 8, 1)).sum(dim=1, dtype=torch.uint8)
-        return torch.cat([_fp16_bytes(d), _fp16_bytes(dmin), _pack_scales_k4(ls, lm), qh, qs], dim=1)
+        return torch.cat([_fp16_bytes(P["d"]), _fp16_bytes(P["dmin"]), _pack_scales_k4(P["ls"], P["lm"]), qh, qs], dim=1)
 
 
 class Q6_K(GGMLType):
     name, qtype, block_size, type_size = "Q6_K", T.Q6_K, QK_K, 210
 
     @classmethod
-    def _quantize(cls, x, qw):
+    def _fit(cls, x, qw):
         xb, qb = _superblocks(x, qw)
         nb = xb.shape[0]
         g = xb.reshape(-1, 16)
@@ -411,12 +507,21 @@ class Q6_K(GGMLType):
         iscale = cdiv(-128.0, torch.where(zero, 1, max_scale))
         sc = torch.round(iscale[:, None] * scales).clamp_(max=127)
         d = 1 / iscale
-        L = _requant_sym(xb, _fp16(d), sc, L.reshape(nb, QK_K), 16, -32, 31).to(torch.uint8)
-        v = L.reshape(-1, 2, 4, 32)  # [NB, h, p, l]
+        L = _requant_sym(xb, _fp16(d), sc, L.reshape(nb, QK_K), 16, -32, 31)
+        return {"d": d, "sc": sc, "zero": zero}, L
+
+    @classmethod
+    def _pack(cls, P, L):
+        v = L.to(torch.uint8).reshape(-1, 2, 4, 32)  # [NB, h, p, l]
         ql = torch.cat([_nibbles(v[:, :, 0], v[:, :, 2]), _nibbles(v[:, :, 1], v[:, :, 3])], dim=2).reshape(-1, 128)
         qh = ((v >> 4) << torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)).sum(dim=2, dtype=torch.uint8)
-        out = torch.cat([ql, qh.reshape(-1, 64), sc.to(torch.int8).view(torch.uint8), _fp16_bytes(d)], dim=1)
-        return torch.where(zero[:, None], torch.zeros_like(out), out)
+        out = torch.cat([ql, qh.reshape(-1, 64), P["sc"].to(torch.int8).view(torch.uint8), _fp16_bytes(P["d"])], dim=1)
+        return torch.where(P["zero"][:, None], torch.zeros_like(out), out)
+
+    @classmethod
+    def _grid(cls, P):
+        a = torch.where(P["zero"][:, None], 0, _fp16(P["d"])[:, None] * P["sc"])
+        return a, -32 * a, 16, 0, 63
 
 
 TYPES: dict[str, type[GGMLType]] = {

@@ -13,9 +13,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
-
-import numpy as np
 import torch
 from torch import nn
 
@@ -179,12 +176,16 @@ def source_gguf_of(model: nn.Module) -> str | None:
 
 def export_gguf(model: nn.Module, tok, out: str | os.PathLike, ftype: str = "Q4_K_M",
                 overrides: list[tuple[str, str]] = (), imatrix: dict[str, torch.Tensor] | None = None,
-                overwrite: bool = False, progress: bool = True) -> dict:
+                hessians: dict[str, torch.Tensor] | None = None, overwrite: bool = False, progress: bool = True) -> dict:
     """Write ``model`` to ``out`` as GGUF of file type ``ftype`` (a tensor type or a mixture such as Q4_K_M).
 
     ``imatrix``: HF module name -> mean x² per input column (from calibration); with it, every block
-    chooses its scales to minimize the error weighted by it. Returns a summary (types, bytes, bpw).
+    chooses its scales to minimize the error weighted by it. ``hessians``: module name -> E[x xᵀ]; with
+    them the codes of every quantized 2-D tensor are then chosen by GPTQ on the stored grid (the imatrix
+    defaults to their diagonals). Returns a summary (types, bytes, bpw).
     """
+    if hessians is not None and imatrix is None:
+        imatrix = {k: torch.diagonal(h).clone() for k, h in hessians.items()}
     import gguf
 
     ftype = file_type(ftype)
@@ -233,7 +234,11 @@ def export_gguf(model: nn.Module, tok, out: str | os.PathLike, ftype: str = "Q4_
             if imatrix is not None and t.dim() == 2:
                 mod = hf_name.rsplit(".", 1)[0]
                 qw = imatrix.get(mod)  # per input column: the Q/K row permutation leaves it as is
-            data = ttype.quantize(t.reshape(-1, t.shape[-1]), qw)
+            H = hessians.get(hf_name.rsplit(".", 1)[0]) if hessians is not None and t.dim() == 2 else None
+            if H is not None and ttype.name not in ("F32", "F16", "BF16"):
+                data = ttype.quantize_gptq(t, H, qw)
+            else:
+                data = ttype.quantize(t.reshape(-1, t.shape[-1]), qw)
             # uint8 rows of blocks: gguf-py derives the element shape from the byte shape and the type
             w.add_tensor(g, data.reshape(*t.shape[:-1], -1) if t.dim() > 1 else data.reshape(-1), raw_dtype=ttype.qtype)
             if bar is not None:
@@ -249,4 +254,5 @@ def export_gguf(model: nn.Module, tok, out: str | os.PathLike, ftype: str = "Q4_
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1
     return {"file": str(out), "type": ftype, "bytes": size, "bpw": bits_per_weight(types, shapes),
-            "tensor_types": counts, "calibrated": imatrix is not None, "seconds": round(time.time() - t0, 1)}
+            "tensor_types": counts, "calibrated": imatrix is not None, "gptq": hessians is not None,
+            "seconds": round(time.time() - t0, 1)}
