@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--limit-tokens", type=int, default=16384)
     ap.add_argument("--types", default=",".join(ALL))
     ap.add_argument("--calibrated", default="Q4_K_M,Q3_K_M,Q2_K")
+    ap.add_argument("--gptq", default="Q4_K_M,Q3_K_M", help="calibrated + GPTQ on the stored grid (--gptq)")
+    ap.add_argument("--f32-ppl", type=float, help="reuse the F32 export's llama.cpp ppl of an earlier run")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--out-dir", type=Path, default=Path("bench_out/gguf"))
     ap.add_argument("--markdown", type=Path)
@@ -78,7 +80,7 @@ def main() -> None:
 
     f32 = str(args.out_dir / "lowbit-F32.gguf")
     export_gguf(model, tok, f32, "F32", overwrite=True, progress=False)
-    base = L.perplexity(f32, wins)["ppl"]
+    base = args.f32_ppl if args.f32_ppl is not None else L.perplexity(f32, wins)["ppl"]
     log(f"F32 export: llama.cpp ppl {base:.4f}")
 
     def row(name, path, seconds, ref_ppl=None):
@@ -112,20 +114,25 @@ def main() -> None:
         rows.append(lr)
 
     cal = [x for x in args.calibrated.split(",") if x]
-    if cal:
+    gq = [x for x in args.gptq.split(",") if x]
+    if cal or gq:
+        import torch
+
         from lowbit.calibration.data import calibration_ids
         from lowbit.calibration.stats import input_sq_means
 
         ids, info = calibration_ids(tok, None, nsamples=args.nsamples, seqlen=512, seed=0)
         t0 = time.perf_counter()
-        imatrix = input_sq_means(model, ids)
+        hessians = input_sq_means(model, ids, full=True)  # E[x xᵀ]; its diagonal is the imatrix
+        imatrix = {k: torch.diagonal(h).clone() for k, h in hessians.items()}
         stat_s = time.perf_counter() - t0
         log(f"activation statistics: {stat_s:.0f} s")
-        for t in cal:
-            path = str(args.out_dir / f"lowbit-{t}-calib.gguf")
+        for t, kind in [(t, "calibrated") for t in cal] + [(t, "calibrated + GPTQ") for t in gq]:
+            path = str(args.out_dir / f"lowbit-{t}-{'gptq' if 'GPTQ' in kind else 'calib'}.gguf")
             t0 = time.perf_counter()
-            export_gguf(model, tok, path, t, imatrix=imatrix, overwrite=True, progress=False)
-            r = row(f"lowbit {t} calibrated", path, time.perf_counter() - t0 + stat_s)
+            export_gguf(model, tok, path, t, imatrix=imatrix, hessians=hessians if "GPTQ" in kind else None,
+                        overwrite=True, progress=False)
+            r = row(f"lowbit {t} {kind}", path, time.perf_counter() - t0 + stat_s)
             ref = next((x for x in rows if x["variant"] == f"llama.cpp {t}"), None)
             if ref is not None:
                 r["vs_llama_cpp_pct"] = 100 * (r["ppl"] / ref["ppl"] - 1)

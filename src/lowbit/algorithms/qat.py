@@ -36,6 +36,27 @@ from ..models.arch import get_module, select_modules, set_module
 from ..nn.qlinear import QuantLinear
 
 
+class _FixedGridSTE(torch.autograd.Function):
+    """ŵ = s·(clamp(round(w/s) + z) − z) for fixed s, z; ∂ŵ/∂w = 1 inside the range, 0 where clamped."""
+
+    @staticmethod
+    def forward(ctx, w, s, z, qmin, qmax):  # type: ignore[override]
+        q = torch.round(w / s)
+        if z is not None:
+            q += z
+        inside = (q >= qmin) & (q <= qmax)
+        q.clamp_(qmin, qmax)
+        if z is not None:
+            q -= z
+        ctx.save_for_backward(inside)
+        return q.mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, grad, 0.0), None, None, None, None
+
+
 class FakeQuantLinear(nn.Module):
     """A Linear trained in float whose forward uses its weight quantized-dequantized on ``scheme``."""
 
@@ -64,6 +85,7 @@ class FakeQuantLinear(nn.Module):
         return cls(q.dequantize_weight(), q.bias, q.scheme, q.scales.detach(), q.zero_points(), **kw)
 
     def _scale(self) -> torch.Tensor:
+        """The scale as stored (fp16), with a straight-through gradient for the rounding."""
         s = self.scale.clamp(min=1e-8)
         return s + (s.to(self.scheme.torch_scale_dtype).float() - s).detach()
 
@@ -76,16 +98,22 @@ class FakeQuantLinear(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         rows, cols = self.weight.shape
         wg = grouped(self.weight, self.scheme)  # [R, G, g]
-        s = self._scale().unsqueeze(-1)
-        v = wg / s
-        q = v + (torch.round(v) - v).detach()  # STE: round in the forward, identity in the backward
-        z = self._zero()
-        if z is not None:
-            q = q + z.unsqueeze(-1)
-        q = q.clamp(self.scheme.qmin, self.scheme.qmax)  # zero gradient where clamped
-        if z is not None:
-            q = q - z.unsqueeze(-1)
-        return ungrouped(q * s, rows, cols)
+        if self.scale.requires_grad or (self.zero is not None and self.zero.requires_grad):
+            s = self._scale().unsqueeze(-1)
+            z = self._zero()
+            z = None if z is None else z.unsqueeze(-1)
+            v = wg / s
+            q = v + (torch.round(v) - v).detach()  # STE: round in the forward, identity in the backward
+            if z is not None:
+                q = q + z
+            q = q.clamp(self.scheme.qmin, self.scheme.qmax)  # zero gradient where clamped
+            if z is not None:
+                q = q - z
+            return ungrouped(q * s, rows, cols)
+        with torch.no_grad():  # fixed grid: one fused op in each direction
+            s = self.scale.clamp(min=1e-8).to(self.scheme.torch_scale_dtype).float().unsqueeze(-1)
+            z = None if self.zero is None else torch.round(self.zero).clamp(0, self.scheme.qmax).unsqueeze(-1)
+        return ungrouped(_FixedGridSTE.apply(wg, s, z, self.scheme.qmin, self.scheme.qmax), rows, cols)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -194,7 +222,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     if qparams:
         slr = cfg.scale_lr if cfg.scale_lr is not None else cfg.lr
         groups.append({"params": qparams, "lr": slr, "base_lr": slr, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=cfg.weight_decay, fused=True)
 
 
 def loss_fn(student: nn.Module, teacher: nn.Module | None, x: torch.Tensor, distill: bool) -> torch.Tensor:
