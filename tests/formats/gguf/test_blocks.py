@@ -39,8 +39,13 @@ def test_legacy_types_equal_gguf_py_bytes(name):
     assert np.array_equal(ours, ref.reshape(ours.shape))
 
 
+# Magnitudes below ~1e-30 make the block scale subnormal and its inverse infinite: ggml and gguf-py then cast
+# inf/NaN to an integer (undefined behaviour in C, platform-dependent in numpy), so those inputs are left out.
+_VALUES = st.one_of(st.just(0.0), st.floats(2.0 ** -20, 1e3, width=32), st.floats(-1e3, -(2.0 ** -20), width=32))
+
+
 @settings(max_examples=40, deadline=None)
-@given(arrays(np.float32, (3, 64), elements=st.floats(-1e3, 1e3, width=32)), st.sampled_from(LEGACY))
+@given(arrays(np.float32, (3, 64), elements=_VALUES), st.sampled_from(LEGACY))
 def test_legacy_types_equal_gguf_py_bytes_any_values(x, name):
     t = get_type(name)
     assert np.array_equal(t.quantize(x), gguf_quantize(x, t.qtype).reshape(3, -1))
