@@ -94,24 +94,7 @@ def q3_quants(x: torch.Tensor, nmax: int = 4) -> tuple[torch.Tensor, torch.Tenso
     w = x * x
     sumlx = _wsum(w * x * L)
     suml2 = _wsum(w * L * L)
-    n = x.shape[1]
-    for _ in range(5):
-        changed_any = torch.zeros(x.shape[0], dtype=torch.bool)
-        for i in range(n):
-            wi, xi, li = w[:, i], x[:, i], L[:, i]
-            slx = sumlx - wi * xi * li
-            sl2 = suml2 - wi * li * li
-            ok = slx > 0
-            new_l = torch.round(xi * sl2 / torch.where(ok, slx, 1)).clamp_(-nmax, nmax - 1)
-            slx2 = slx + wi * xi * new_l
-            sl22 = sl2 + wi * new_l * new_l
-            take = ok & (new_l != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            L[:, i] = torch.where(take, new_l, li)
-            sumlx = torch.where(take, slx2, sumlx)
-            suml2 = torch.where(take, sl22, suml2)
-            changed_any |= take
-        if not bool(changed_any.any()):
-            break
+    L, sumlx, suml2 = _refine(x, w, L, sumlx, suml2, -nmax, nmax - 1, qp_style=False)
     scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1), torch.zeros_like(sumlx))
     L = torch.where(zero[:, None], torch.zeros_like(L), L + nmax)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
@@ -190,24 +173,34 @@ def qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.Tenso
     L = torch.round(iscale[:, None] * x).clamp_(max=nmax)
     sumlx = _wsum(qw * x * L)
     suml2 = _wsum(qw * L * L)
+    L, sumlx, suml2 = _refine(x, qw, L, sumlx, suml2, None, nmax, qp_style=True)
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1), torch.zeros_like(sumlx))
+    L = torch.where(zero[:, None], torch.zeros_like(L), L)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    return scale, L.to(torch.uint8)
+
+
+def _refine(x, w, L, sumlx, suml2, lo, hi, qp_style: bool):
+    """Up to 5 passes of ggml's coordinate descent on the weighted least-squares fit of one scale:
+    each code in turn moves to round(x·Σwl²/Σwxl) (without itself) if that raises (Σwxl)²/Σwl².
+    make_q3_quants (qp_style False) and make_qp_quants (True) differ only in their guards."""
     for _ in range(5):
         changed_any = torch.zeros(x.shape[0], dtype=torch.bool)
         for i in range(x.shape[1]):
-            wi, xi, li = qw[:, i], x[:, i], L[:, i]
+            wi, xi, li = w[:, i], x[:, i], L[:, i]
             slx = sumlx - wi * xi * li
             sl2 = suml2 - wi * li * li
-            ok = (slx > 0) & (sl2 > 0)
-            new_l = torch.round(xi * sl2 / torch.where(ok, slx, 1)).clamp_(max=nmax)
+            ok = (slx > 0) & (sl2 > 0) if qp_style else slx > 0
+            new_l = torch.round(xi * sl2 / torch.where(ok, slx, 1)).clamp_(lo, hi)
             slx2 = slx + wi * xi * new_l
             sl22 = sl2 + wi * new_l * new_l
             take = ok & (new_l != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            if not qp_style:
+                take &= sl22 > 0
             L[:, i] = torch.where(take, new_l, li)
             sumlx = torch.where(take, slx2, sumlx)
             suml2 = torch.where(take, sl22, suml2)
             changed_any |= take
         if not bool(changed_any.any()):
             break
-    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1), torch.zeros_like(sumlx))
-    L = torch.where(zero[:, None], torch.zeros_like(L), L)
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
-    return scale, L.to(torch.uint8)
+    return L, sumlx, suml2
