@@ -368,15 +368,18 @@ def run(model_src: str, out: str | os.PathLike, config: QuantConfig, tcfg: Train
     import hashlib
 
     out = check_output(out, overwrite=overwrite)
-    text, label = read_text(train_text if train_text is not None else CALIB_TEXT)
-    for t, lab in ((text, label),) + (((read_text(eval_text)), ) if eval_text is not None else ()):
+    def not_test(path):
+        t, lab = read_text(path)
         if hashlib.sha256(t.encode()).hexdigest() == _TEST_SHA256 or os.path.realpath(lab) == os.path.realpath(TEST_TEXT):
             raise LowbitError(f"{lab}: this is the WikiText-2 test text; train and choose on other text")
+        return t, lab
+
+    text, label = not_test(train_text if train_text is not None else CALIB_TEXT)
     if eval_text is None:
         text, held = split_text(text)
         held_label = f"{os.path.basename(label)} (last 10%, not trained on)"
     else:
-        held, held_label = read_text(eval_text)
+        held, held_label = not_test(eval_text)
     state_dir = Path(state_dir) if state_dir is not None else Path(str(out) + ".qat-state")
     teacher, tok = load(model_src)
     student, _ = load(init) if init else load(model_src)

@@ -52,7 +52,8 @@ def perplexity(path: str | os.PathLike, wins: torch.Tensor, threads: int | None 
             nll += float(F.cross_entropy(logits, target, reduction="sum"))
             count += target.numel()
     finally:
-        llm.close() if hasattr(llm, "close") else None
+        if hasattr(llm, "close"):
+            llm.close()
     return {"ppl": math.exp(nll / count), "predicted": count, "windows": int(wins.shape[0]), "seqlen": seqlen}
 
 

@@ -94,14 +94,9 @@ def compare(models: dict[str, nn.Module], ids: torch.Tensor, new_tokens: int = 1
 
 def llama_cpp_speed(gguf: str, ids: torch.Tensor, new_tokens: int = 128, runs: int = 3, threads: int | None = None) -> dict:
     """The same prompt (token ids) through llama-cpp-python: prefill and decode tokens/s."""
-    try:
-        from llama_cpp import Llama
-    except ImportError as e:
-        from ..errors import LowbitError
+    from .llama_cpp import open_model
 
-        raise LowbitError("--llama-cpp needs llama-cpp-python (pip install llama-cpp-python)") from e
-    llm = Llama(model_path=str(gguf), n_ctx=max(1024, ids.shape[1] + new_tokens + 8), verbose=False,
-                n_threads=threads or torch.get_num_threads(), logits_all=False)
+    llm = open_model(gguf, n_ctx=max(1024, ids.shape[1] + new_tokens + 8), threads=threads)
     toks = ids[0].tolist()
     res = []
     for r in range(runs + 1):
