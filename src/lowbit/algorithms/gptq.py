@@ -39,6 +39,13 @@ class Hessian:
         self.H.addmm_(x.T, x)
 
 
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + percdamp·mean(diag H)·I)⁻¹: the rows GPTQ propagates errors with.
+    H is modified in place (dampened)."""
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0])
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
 def _group_params(W: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(scale, zero) of every column slice as [out, 1] each: per-row params of that slice."""
     return compute_qparams(W, Scheme(scheme.bits, scheme.symmetric, "channel", None, scheme.scale_dtype))
@@ -87,8 +94,7 @@ def gptq_quantize(
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
     W = W[:, perm]
     H = H[perm][:, perm]
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Hinv = inverse_hessian_factor(H, percdamp)
 
     group_of = ((perm // g) if scheme.granularity == "group" else torch.zeros(cols, dtype=torch.long)).tolist()
     starts = [(not static) and p % g == 0 for p in perm.tolist()]  # a new group begins at this column

@@ -87,17 +87,23 @@ class GGMLType:
         return cols % cls.block_size == 0
 
     @classmethod
-    def quantize(cls, x: torch.Tensor | np.ndarray, qw: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
+    def _inputs(cls, x, qw):
+        """float32 [rows, cols] rows, the importance as [cols] (or None), and the rows per chunk."""
         x = torch.as_tensor(x, dtype=torch.float32)
         if x.dim() == 1:
             x = x[None]
-        rows, cols = x.shape
+        cols = x.shape[1]
         if not cls.fits(cols):
             raise ValueError(f"{cls.name}: row length {cols} is not a multiple of {cls.block_size}")
         if qw is not None:
             qw = torch.as_tensor(qw, dtype=torch.float32).reshape(cols)
+        return x, qw, max(1, cls.chunk_rows * 4096 // max(cols, 1))
+
+    @classmethod
+    def quantize(cls, x: torch.Tensor | np.ndarray, qw: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
+        x, qw, step = cls._inputs(x, qw)
+        rows, cols = x.shape
         out = np.empty((rows, cls.row_bytes(cols)), dtype=np.uint8)
-        step = max(1, cls.chunk_rows * 4096 // max(cols, 1))
         for r in range(0, rows, step):
             chunk = x[r : r + step].contiguous()
             out[r : r + step] = cls._quantize(chunk, qw).reshape(chunk.shape[0], -1).numpy()
@@ -132,13 +138,8 @@ class GGMLType:
         after it."""
         from .gptq import gptq_on_grid
 
-        x = torch.as_tensor(x, dtype=torch.float32)
+        x, qw, step = cls._inputs(x, qw)
         rows, cols = x.shape
-        if not cls.fits(cols):
-            raise ValueError(f"{cls.name}: row length {cols} is not a multiple of {cls.block_size}")
-        if qw is not None:
-            qw = torch.as_tensor(qw, dtype=torch.float32).reshape(cols)
-        step = max(1, cls.chunk_rows * 4096 // max(cols, 1))
         fits = [cls._fit(x[r: r + step].contiguous(), qw) for r in range(0, rows, step)]
         P = {k: torch.cat([f[0][k] for f in fits]) for k in fits[0][0]}
         L0 = torch.cat([f[1].reshape(-1, cls.block_size) for f in fits])

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ...algorithms.gptq import inverse_hessian_factor
+
 
 @torch.no_grad()
 def gptq_on_grid(W: torch.Tensor, H: torch.Tensor, a: torch.Tensor, c: torch.Tensor, lo: int, hi: int,
@@ -21,8 +23,7 @@ def gptq_on_grid(W: torch.Tensor, H: torch.Tensor, a: torch.Tensor, c: torch.Ten
     H = H.detach().float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Hinv = inverse_hessian_factor(H, percdamp)
     live = a != 0
     a_safe = torch.where(live, a, torch.ones_like(a))
     L = L0.clone().float()
