@@ -169,3 +169,25 @@ def test_bench_compare(cli, tiny_dir, tmp_path):
     assert b["model_bytes"] < a["model_bytes"] and res["peak_rss_bytes"] > 0
     code, stdout, err = cli("bench", tiny_dir, "--prompt-tokens", "0")
     assert code == 2 and "--prompt-tokens" in err
+
+
+def test_override_quantizes_the_head_too(cli, tiny_dir, tmp_path):
+    from lowbit import api
+    from lowbit.nn.decoder import LeanDecoder
+    from lowbit.nn.qlinear import QuantEmbedding, QuantLinear
+
+    out = tmp_path / "g4"
+    code, _, err = cli("quantize", tiny_dir, out, "--method", "gptq", "--bits", "4", "--group-size", "32",
+                       "--nsamples", "4", "--calib-seqlen", "32", "--override", "lm_head|embed_tokens=8/-1",
+                       "--override", r"layers\.1\.mlp\.down_proj=3/32/asym")
+    assert code == 0, err
+    assert "lm_head" in err and "rounded to nearest" in err
+    m, _ = api.load(out)
+    assert isinstance(m.lm_head, QuantLinear) and m.lm_head.scheme.bits == 8 and m.lm_head.scheme.granularity == "channel"
+    assert isinstance(m.model.embed_tokens, QuantEmbedding)
+    down = m.model.layers[1].mlp.down_proj
+    assert down.scheme.bits == 3 and not down.scheme.symmetric
+    assert m.model.layers[0].mlp.down_proj.scheme.bits == 4
+    assert LeanDecoder(m, max_len=8).head.kind == "w8"
+    code, _, err = cli("quantize", tiny_dir, tmp_path / "bad", "--override", "lm_head=8/x")
+    assert code == 2 and "BITS[/GROUP]" in err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -50,10 +51,24 @@ def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: t
     """
     if getattr(model, "lowbit_quant", None) and model.lowbit_quant.get("modules"):
         raise LowbitError("model is already quantized")
+    from .models.arch import get_module, select_modules, set_module
+
     handler = get_method(config.method)
     torch.manual_seed(config.seed)
+    selected = select_modules(model, config.include, config.exclude, tuple(config.overrides))
     with torch.no_grad():
         modules = handler(model, config, QuantContext(config, tokenizer, calib_ids))
+        # Selected layers a calibrated method does not reach (outside the decoder blocks: lm_head,
+        # embeddings) are rounded to nearest with their scheme, as GPTQ/AWQ implementations do.
+        rest = [n for n in selected if n not in modules and isinstance(get_module(model, n), (nn.Linear, nn.Embedding))]
+        if rest:
+            from .algorithms.rtn import quantize_module
+
+            for n in rest:
+                modules[n] = config.scheme_for(n)
+                set_module(model, n, quantize_module(get_module(model, n), modules[n]))
+            print(f"lowbit: {config.method}: {', '.join(rest)} outside the decoder blocks: rounded to nearest (rtn)",
+                  file=sys.stderr)
     if not modules:
         raise LowbitError("no layer matched: nothing was quantized (check --include/--exclude)")
     cfg = getattr(model, "config", None)

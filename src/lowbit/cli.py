@@ -34,6 +34,9 @@ def quantize(
     sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (z = 0) or asymmetric (zero point) grid."),
     include: List[str] = typer.Option([], help="Regex of layers to quantize (repeatable; default: decoder linears)."),
     exclude: List[str] = typer.Option([], help="Regex of layers to keep in float (repeatable)."),
+    override: List[str] = typer.Option([], help="PATTERN=BITS[/GROUP][/sym|asym]: another scheme for the layers "
+                                                "matching PATTERN, which are quantized too (e.g. 'lm_head=8/-1'; "
+                                                "outside the decoder blocks: rounded to nearest). Repeatable."),
     seed: int = typer.Option(0, help="Random seed (calibration windows), recorded in the checkpoint."),
     calib: Optional[Path] = typer.Option(None, help="Calibration text (default: WikiText-2 valid; never the test text)."),
     nsamples: int = typer.Option(128, help="Calibration windows."),
@@ -87,8 +90,14 @@ def quantize(
     scheme = Scheme.from_cli(bits, group_size, sym)
     if per_tensor:
         scheme = Scheme(bits=bits, symmetric=sym, granularity="tensor", group_size=None)
-    config = QuantConfig(method=method, scheme=scheme,
-                         include=tuple(include), exclude=tuple(exclude), seed=seed, options=options)
+    overrides = {}
+    for o in override:
+        pat, eq, spec = o.rpartition("=")
+        if not eq or not pat:
+            raise LowbitError(f"--override {o!r}: expected PATTERN=BITS[/GROUP][/sym|asym]")
+        overrides[pat] = Scheme.parse(spec)
+    config = QuantConfig(method=method, scheme=scheme, include=tuple(include), exclude=tuple(exclude),
+                         overrides=overrides, seed=seed, options=options)
     get_method(method)  # unknown method: refuse before loading anything
     if calib is not None:
         from .eval.text import read_text
@@ -147,6 +156,8 @@ def generate(
     temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass (with --temperature > 0)."),
     seed: int = typer.Option(0, help="Sampling seed."),
+    runtime: str = typer.Option("auto", help="lean (static cache, fused kernels; LLaMA family), transformers, "
+                                             "or auto (lean where it applies)."),
 ) -> None:
     """Generate text from MODEL, streamed as it is produced."""
     from . import api
@@ -158,7 +169,7 @@ def generate(
         sys.stdout.flush()
 
     api.generate(m, tok, prompt, max_new_tokens=max_new_tokens, chat=chat, temperature=temperature,
-                 top_p=top_p, seed=seed, on_text=emit)
+                 top_p=top_p, seed=seed, on_text=emit, runtime=runtime)
     sys.stdout.write("\n")
 
 
@@ -225,6 +236,14 @@ def qat(
     clip: float = typer.Option(1.0, help="Gradient clipping (global norm)."),
     save_every: int = typer.Option(50, help="Save the training state every K steps (for --resume)."),
     resume: bool = typer.Option(False, help="Continue from the state saved next to OUT (OUT.qat-state)."),
+    block_epochs: int = typer.Option(0, help="Block-wise phase first (EfficientQAT's Block-AP): epochs over "
+                                              "--block-samples windows per decoder block; 0 = none."),
+    block_lr: float = typer.Option(1e-3, help="Block-wise phase: peak learning rate of the weights."),
+    block_scale_lr: Optional[float] = typer.Option(None, help="Block-wise phase: learning rate of scales/zero points "
+                                                              "[default: --block-lr]."),
+    block_samples: int = typer.Option(64, help="Block-wise phase: training windows (from the training text)."),
+    block_seqlen: int = typer.Option(512, help="Block-wise phase: tokens per window."),
+    block_batch: int = typer.Option(2, help="Block-wise phase: windows per step."),
     eval_tokens: int = typer.Option(16384, help="Held-out tokens scored before and after."),
     include: List[str] = typer.Option([], help="Regex of layers to train quantized (default: decoder linears)."),
     exclude: List[str] = typer.Option([], help="Regex of layers to keep in float."),
@@ -232,19 +251,24 @@ def qat(
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:
     """Quantization-aware training (STE fake quantization), then a packed checkpoint."""
-    from .algorithms.qat import TrainConfig, run
+    from .algorithms.qat import BlockConfig, TrainConfig, run
     from .core.config import QuantConfig
     from .core.scheme import Scheme
 
-    if steps < 1 or batch < 1 or seqlen < 2 or not lr > 0:
-        raise LowbitError("need --steps >= 1, --batch >= 1, --seqlen >= 2 and --lr > 0")
+    if steps < 0 or batch < 1 or seqlen < 2 or not lr > 0 or (steps == 0 and block_epochs < 1):
+        raise LowbitError("need --steps >= 0 (>= 1 without --block-epochs), --batch >= 1, --seqlen >= 2 and --lr > 0")
+    if block_epochs < 0 or block_samples < 1 or block_seqlen < 2 or block_batch < 1 or not block_lr > 0:
+        raise LowbitError("need --block-epochs >= 0, --block-samples >= 1, --block-seqlen >= 2, --block-batch >= 1 "
+                          "and --block-lr > 0")
     config = QuantConfig(method="qat", scheme=Scheme.from_cli(bits, group_size, sym), include=tuple(include),
                          exclude=tuple(exclude), seed=seed)
     tcfg = TrainConfig(steps=steps, lr=lr, scale_lr=scale_lr, batch=batch, seqlen=seqlen, clip=clip,
                        distill=distill, seed=seed, save_every=save_every)
     res = run(model, out, config, tcfg, init=init, train_text=str(train_text) if train_text else None,
               eval_text=str(eval_text) if eval_text else None, learn_scale=learn_scales, learn_zero=learn_zeros,
-              resume=resume, eval_tokens=eval_tokens, overwrite=force)
+              resume=resume, eval_tokens=eval_tokens, overwrite=force,
+              block=BlockConfig(epochs=block_epochs, lr=block_lr, scale_lr=block_scale_lr, batch=block_batch,
+                                nsamples=block_samples, seqlen=block_seqlen, seed=seed))
     print(json.dumps(res))
 
 
@@ -257,6 +281,7 @@ def bench(
     new_tokens: int = typer.Option(128, help="Greedy tokens to decode (batch 1, KV cache)."),
     runs: int = typer.Option(3, help="Measured runs per model (after one warm-up); the median is reported."),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)."),
+    runtime: str = typer.Option("auto", help="lean, transformers, or auto (lean where it applies)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last stdout line."),
 ) -> None:
     """Prefill and decode tokens/s, time to first token, memory: MODEL (and --compare models, with ratios)."""
@@ -279,7 +304,7 @@ def bench(
     if tok is None:
         raise LowbitError(f"{model}: no tokenizer to build the prompt")
     ids = speed.prompt_ids(tok, prompt_tokens)
-    rows = speed.compare(models, ids, new_tokens=new_tokens, runs=runs)
+    rows = speed.compare(models, ids, new_tokens=new_tokens, runs=runs, runtime=runtime)
     if llama_cpp is not None:
         rows.append(speed.llama_cpp_speed(str(llama_cpp), ids, new_tokens=new_tokens, runs=runs,
                                           threads=torch.get_num_threads()))

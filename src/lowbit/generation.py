@@ -1,4 +1,12 @@
-"""Text generation with a KV cache (transformers' generate), streaming to a callback."""
+"""Text generation with a KV cache, streaming to a callback.
+
+Two runtimes, the same choices of the next token:
+    lean          nn/decoder.py: static cache, fused kernels (LLaMA-family models; the default where it applies)
+    transformers  model.generate with transformers' cache (every other model)
+Greedy (temperature 0) takes the argmax; sampling divides the logits by the temperature, keeps
+the smallest set of tokens whose probability reaches top_p, and draws from a generator seeded
+with `seed`. Generation stops at the tokenizer's EOS token or after max_new_tokens.
+"""
 from __future__ import annotations
 
 from typing import Callable
@@ -7,6 +15,8 @@ import torch
 from torch import nn
 
 from .errors import LowbitError
+
+RUNTIMES = ("auto", "lean", "transformers")
 
 
 def build_prompt(tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
@@ -21,6 +31,53 @@ def build_prompt(tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
+def pick_runtime(model: nn.Module, runtime: str = "auto") -> str:
+    from .nn.decoder import unsupported_reason
+
+    if runtime not in RUNTIMES:
+        raise LowbitError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "transformers":
+        return runtime
+    why = unsupported_reason(model)
+    if why and runtime == "lean":
+        raise LowbitError(f"lean runtime: {why}")
+    return "transformers" if why else "lean"
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    """logits [vocab] -> the next token id."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        p, idx = probs.sort(descending=True)
+        keep = p.cumsum(0) - p < top_p  # the smallest prefix whose mass reaches top_p (at least one token)
+        probs = torch.zeros_like(probs).scatter_(0, idx[keep], p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def generate_ids(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, eos: set[int] = frozenset(),
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                 on_token: Callable[[int], None] | None = None, decoder=None) -> list[int]:
+    """New token ids after the prompt ids [1, M] on the lean runtime (or the given LeanDecoder)."""
+    from .nn.decoder import LeanDecoder
+
+    dec = decoder or LeanDecoder(model, max_len=ids.shape[-1] + max_new_tokens)
+    dec.reset()
+    gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
+    logits = dec.forward(ids.reshape(-1))[-1]
+    out: list[int] = []
+    for i in range(max_new_tokens):
+        t = next_token(logits, temperature, top_p, gen)
+        out.append(t)
+        if on_token is not None:
+            on_token(t)
+        if t in eos or i == max_new_tokens - 1:
+            break
+        logits = dec.forward(torch.tensor([t]))[-1]
+    return out
+
+
 @torch.inference_mode()
 def generate(
     model: nn.Module,
@@ -32,12 +89,15 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     on_text: Callable[[str], None] | None = None,
+    runtime: str = "auto",
 ) -> str:
     """Greedy (temperature 0) or sampled continuation; `on_text` receives text as it is produced."""
     from transformers import TextStreamer
 
     if max_new_tokens < 1:
         raise LowbitError(f"max new tokens must be at least 1, got {max_new_tokens}")
+    if not 0.0 < top_p <= 1.0:
+        raise LowbitError(f"top-p must be in (0, 1], got {top_p}")
     ids = build_prompt(tokenizer, prompt, chat)
     streamer = None
     if on_text is not None:
@@ -46,6 +106,16 @@ def generate(
                 on_text(text)
 
         streamer = _Stream(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if pick_runtime(model, runtime) == "lean":
+        eos = tokenizer.eos_token_id
+        eos = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+        if streamer is not None:
+            streamer.put(ids)  # the prompt (skipped)
+        new = generate_ids(model, ids, max_new_tokens, eos=eos, temperature=temperature, top_p=top_p, seed=seed,
+                           on_token=None if streamer is None else lambda t: streamer.put(torch.tensor([t])))
+        if streamer is not None:
+            streamer.end()
+        return tokenizer.decode(new, skip_special_tokens=True)
     kwargs = dict(max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     if temperature > 0:
         torch.manual_seed(seed)

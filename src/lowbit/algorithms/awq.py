@@ -180,7 +180,7 @@ def awq_block(model: nn.Module, config: QuantConfig, selected: set[str], n_token
 
 def _run(model: nn.Module, config: QuantConfig, ctx, use_gptq: bool) -> dict[str, Scheme]:
     ids = ctx.calib_ids()
-    selected = set(select_modules(model, config.include, config.exclude))
+    selected = set(select_modules(model, config.include, config.exclude, tuple(config.overrides)))
     proc = awq_block(model, config, selected, ids.numel(), use_gptq)
     return layer_sequential(model, ids, proc, desc="awq+gptq" if use_gptq else "awq")
 

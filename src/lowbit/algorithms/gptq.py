@@ -194,5 +194,5 @@ def _sequential_groups(linears: dict[str, nn.Module]) -> list[list[str]]:
 def gptq(model: nn.Module, config: QuantConfig, ctx) -> dict[str, Scheme]:
     from ..models.arch import select_modules
 
-    selected = set(select_modules(model, config.include, config.exclude))
+    selected = set(select_modules(model, config.include, config.exclude, tuple(config.overrides)))
     return layer_sequential(model, ctx.calib_ids(), gptq_block(model, config, selected), desc="gptq")

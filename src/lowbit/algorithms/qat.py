@@ -36,6 +36,9 @@ from ..models.arch import get_module, select_modules, set_module
 from ..nn.qlinear import QuantLinear
 
 
+MIN_SCALE = 1e-5  # learned scales stay above this: still > 0 once stored as fp16 (its subnormals end at 6e-8)
+
+
 class _FixedGridSTE(torch.autograd.Function):
     """ŵ = s·(clamp(round(w/s) + z) − z) for fixed s, z; ∂ŵ/∂w = 1 inside the range, 0 where clamped."""
 
@@ -86,7 +89,7 @@ class FakeQuantLinear(nn.Module):
 
     def _scale(self) -> torch.Tensor:
         """The scale as stored (fp16), with a straight-through gradient for the rounding."""
-        s = self.scale.clamp(min=1e-8)
+        s = self.scale.clamp(min=MIN_SCALE)
         return s + (s.to(self.scheme.torch_scale_dtype).float() - s).detach()
 
     def _zero(self) -> torch.Tensor | None:
@@ -111,7 +114,7 @@ class FakeQuantLinear(nn.Module):
                 q = q - z
             return ungrouped(q * s, rows, cols)
         with torch.no_grad():  # fixed grid: one fused op in each direction
-            s = self.scale.clamp(min=1e-8).to(self.scheme.torch_scale_dtype).float().unsqueeze(-1)
+            s = self.scale.clamp(min=MIN_SCALE).to(self.scheme.torch_scale_dtype).float().unsqueeze(-1)
             z = None if self.zero is None else torch.round(self.zero).clamp(0, self.scheme.qmax).unsqueeze(-1)
         return ungrouped(_FixedGridSTE.apply(wg, s, z, self.scheme.qmin, self.scheme.qmax), rows, cols)
 
@@ -120,7 +123,7 @@ class FakeQuantLinear(nn.Module):
 
     @torch.no_grad()
     def qtensor(self) -> QTensor:
-        scale = self.scale.clamp(min=1e-8).to(self.scheme.torch_scale_dtype)
+        scale = self.scale.clamp(min=MIN_SCALE).to(self.scheme.torch_scale_dtype)
         zero = None
         if self.zero is not None:
             zero = torch.round(self.zero).clamp(0, self.scheme.qmax).to(torch.int16)
@@ -147,7 +150,7 @@ def prepare(model: nn.Module, config: QuantConfig, learn_scale: bool = False, le
     for p in model.parameters():
         p.requires_grad_(False)
     done: dict[str, Scheme] = {}
-    names = select_modules(model, config.include, config.exclude)
+    names = select_modules(model, config.include, config.exclude, tuple(config.overrides))
     if not names:
         quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
         names = quantized
@@ -341,6 +344,170 @@ def train(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, cfg:
     return history
 
 
+# ----------------------------------------------------------------------------- block-wise phase
+
+
+@dataclass
+class BlockConfig:
+    """Block-wise training (Block-AP of EfficientQAT, Chen et al. 2024, after OmniQuant): each decoder
+    block's fake-quant weights and scales learn to reproduce the float block's output, one block at a time."""
+    epochs: int = 0  # 0: no block-wise phase
+    lr: float = 1e-4
+    scale_lr: float | None = None  # default: lr
+    batch: int = 2  # windows per step
+    nsamples: int = 64  # training windows
+    seqlen: int = 512
+    seed: int = 0
+
+    def steps_per_block(self) -> int:
+        return self.epochs * math.ceil(self.nsamples / self.batch)
+
+
+def _block_state(path: Path) -> tuple[int, dict]:
+    meta_f = path / "blocks.json"
+    if not meta_f.is_file():
+        return 0, {}
+    meta = json.loads(meta_f.read_text())
+    return int(meta["done"]), meta
+
+
+def _save_block_state(path: Path, student: nn.Module, done: int, meta: dict, history: list[dict]) -> None:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().contiguous() for n, p in student.named_parameters()
+               if n.endswith((".weight", ".scale", ".zero")) and _is_fake_param(student, n)}
+    tmp = path / "blocks.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path / "blocks.safetensors")
+    tmpj = path / "blocks.json.tmp"
+    tmpj.write_text(json.dumps({**meta, "done": done, "history": history}))
+    os.replace(tmpj, path / "blocks.json")
+
+
+def _is_fake_param(model: nn.Module, name: str) -> bool:
+    return isinstance(get_module(model, name.rsplit(".", 1)[0]), FakeQuantLinear)
+
+
+def train_blockwise(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, bcfg: BlockConfig,
+                    state_dir: Path | None = None, resume: bool = False, progress: bool = True,
+                    log=None) -> list[dict]:
+    """For block i (in order): inputs = the outputs of the already-trained quantized blocks 0..i-1,
+    target = the float block i on the float model's own inputs (so errors of earlier blocks are
+    compensated, not copied); loss = MSE; AdamW with warm-up + cosine over the block's steps on the
+    block's trainable tensors (fake-quant weights, and scales/zero points when learned).
+    `student` has been through `prepare`; `ids` is the training text's token ids.
+    Memory: two models plus three sets of nsamples x seqlen x hidden activations.
+    With `state_dir` the trained tensors are saved after every block and `resume` continues after
+    the last finished block (its inputs are recomputed through the saved blocks)."""
+    from tqdm.auto import tqdm
+
+    from ..calibration.sequential import capture_block_inputs, run_block
+    from ..models.arch import find_blocks
+
+    if bcfg.epochs < 1:
+        return []
+    if ids.numel() <= bcfg.seqlen + 1:
+        raise LowbitError(f"training text: {ids.numel()} tokens, too short for windows of {bcfg.seqlen}")
+    g = torch.Generator().manual_seed(bcfg.seed)
+    starts = torch.randint(0, ids.numel() - bcfg.seqlen, (bcfg.nsamples,), generator=g)
+    windows = torch.stack([ids[s: s + bcfg.seqlen] for s in starts.tolist()])  # [N, L]
+    s_blocks, t_blocks = find_blocks(student), find_blocks(teacher)
+    if len(s_blocks) != len(t_blocks):
+        raise LowbitError(f"student has {len(s_blocks)} blocks, the float model {len(t_blocks)}")
+    meta = {"block_config": asdict(bcfg)}
+    first, history = 0, []
+    if resume and state_dir is not None:
+        first, saved = _block_state(state_dir)
+        if first and saved.get("block_config") != asdict(bcfg):
+            raise LowbitError(f"{state_dir}: block-wise phase saved with other options {saved.get('block_config')}")
+        if first:
+            from safetensors.torch import load_file
+            tensors = load_file(str(state_dir / "blocks.safetensors"))
+            params = dict(student.named_parameters())
+            with torch.no_grad():
+                for n, t in tensors.items():
+                    if n not in params:
+                        raise LowbitError(f"{state_dir}: saved tensor {n} is not in this model")
+                    params[n].copy_(t)
+            history = saved.get("history", [])
+            if first >= len(s_blocks):
+                return history
+    q_in, kw = capture_block_inputs(student, s_blocks[0][1], windows)
+    f_in, _ = capture_block_inputs(teacher, t_blocks[0][1], windows)
+    bar = tqdm(total=len(s_blocks), initial=first, desc="qat blocks", unit="block", file=sys.stderr,
+               disable=not progress)
+    t_start = time.perf_counter()
+    try:
+        for i, ((name, sb), (_, tb)) in enumerate(zip(s_blocks, t_blocks)):
+            target = run_block(tb, f_in, kw)
+            if i >= first:
+                rec = _train_one_block(name, sb, q_in, target, kw, bcfg, i)
+                rec["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+                history.append(rec)
+                if log is not None:
+                    log(rec)
+                bar.set_postfix(mse=f"{rec['mse_after']:.3g}", was=f"{rec['mse_before']:.3g}")
+                bar.update(1)
+                if state_dir is not None:
+                    _save_block_state(state_dir, student, i + 1, meta, history)
+            with torch.no_grad():
+                sb.eval()
+                q_in = run_block(sb, q_in, kw)
+            f_in = target
+    finally:
+        bar.close()
+        student.eval()
+    return history
+
+
+def _train_one_block(name: str, block: nn.Module, q_in: list[torch.Tensor], target: list[torch.Tensor], kw: dict,
+                     bcfg: BlockConfig, index: int) -> dict:
+    params = {n: p for n, p in block.named_parameters() if p.requires_grad}
+    if not params:
+        raise LowbitError(f"{name}: nothing to train in this block (no fake-quant layers)")
+    tcfg = TrainConfig(steps=bcfg.steps_per_block(), lr=bcfg.lr, scale_lr=bcfg.scale_lr)
+    weights = [p for n, p in params.items() if not n.endswith((".scale", ".zero"))]
+    qparams = [p for n, p in params.items() if n.endswith((".scale", ".zero"))]
+    groups = [{"params": weights, "lr": bcfg.lr, "base_lr": bcfg.lr}]
+    if qparams:
+        slr = bcfg.scale_lr if bcfg.scale_lr is not None else bcfg.lr
+        groups.append({"params": qparams, "lr": slr, "base_lr": slr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    x_all, y_all = torch.cat(q_in), torch.cat(target)  # [N, L, hidden]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = block(x, **kw)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def mse() -> float:
+        with torch.no_grad():
+            return sum(F.mse_loss(forward(x_all[j: j + 8]), y_all[j: j + 8], reduction="sum").item()
+                       for j in range(0, len(x_all), 8)) / y_all.numel()
+
+    block.eval()
+    before = mse()
+    block.train()
+    g = torch.Generator().manual_seed(bcfg.seed * 1_000_003 + index)
+    step, losses = 0, []
+    for _ in range(bcfg.epochs):
+        order = torch.randperm(len(x_all), generator=g)
+        for j in range(0, len(order), bcfg.batch):
+            idx = order[j: j + bcfg.batch]
+            f = tcfg.lr_factor(step)
+            for grp in opt.param_groups:
+                grp["lr"] = grp["base_lr"] * f
+            loss = F.mse_loss(forward(x_all[idx]), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+    block.eval()
+    return {"block": name, "steps": step, "mse_before": before, "mse_after": mse(),
+            "train_loss_last": sum(losses[-5:]) / len(losses[-5:])}
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -354,8 +521,11 @@ def split_text(text: str, held_out: float = 0.1) -> tuple[str, str]:
 def run(model_src: str, out: str | os.PathLike, config: QuantConfig, tcfg: TrainConfig, init: str | None = None,
         train_text: str | None = None, eval_text: str | None = None, learn_scale: bool = False,
         learn_zero: bool = False, state_dir: str | os.PathLike | None = None, resume: bool = False,
-        eval_tokens: int | None = 16384, overwrite: bool = False, progress: bool = True) -> dict:
+        eval_tokens: int | None = 16384, overwrite: bool = False, progress: bool = True,
+        block: BlockConfig | None = None) -> dict:
     """Train MODEL (or the PTQ checkpoint ``init``) with fake quantization, convert, save to ``out``.
+    With ``block.epochs`` > 0 a block-wise phase (``train_blockwise``) runs first, then the
+    end-to-end steps of ``tcfg`` (none when tcfg.steps == 0).
 
     Training text: ``train_text`` (default WikiText-2 valid, minus its last 10% which is then the
     held-out text); never the test text. Returns the training log and held-out perplexities."""
@@ -391,20 +561,30 @@ def run(model_src: str, out: str | os.PathLike, config: QuantConfig, tcfg: Train
     state_dir.mkdir(parents=True, exist_ok=True)
     logf = open(log_path, "a")
     t0 = time.time()
+    block = block or BlockConfig()
     try:
+        blocks = train_blockwise(student, teacher, ids, block, state_dir=state_dir, resume=resume, progress=progress,
+                                 log=lambda r: (logf.write(json.dumps(r) + "\n"), logf.flush()))
+        block_seconds = time.time() - t0
+        if blocks and not (state_dir / STATE_META).is_file():
+            resume = False  # interrupted before the end-to-end phase began: it starts from step 0
         hist = train(student, teacher if tcfg.distill else None, ids, tcfg, state_dir=state_dir, resume=resume,
                      progress=progress, log=lambda r: (logf.write(json.dumps(r) + "\n"), logf.flush()))
     finally:
         logf.close()
     seconds = time.time() - t0
+    block_tokens = block.epochs * block.nsamples * block.seqlen if blocks else 0
     after = evaluate(student, tok, text=held, limit_tokens=eval_tokens, progress=progress)["ppl"]
     config.options.update({"init": init, "train_text": os.path.basename(label), "train": asdict(tcfg),
                            "learn_scale": learn_scale, "learn_zero": learn_zero,
-                           "tokens_seen": tcfg.steps * tcfg.batch * tcfg.seqlen})
+                           "tokens_seen": tcfg.steps * tcfg.batch * tcfg.seqlen,
+                           "block": asdict(block) if blocks else None})
     if config.scheme is None or (init and len(schemes) == 1):
         config.scheme = next(iter(modules.values()))
     convert(student, config)
     save_checkpoint(student, tok, out, overwrite=overwrite)
     return {"out": str(out), "schemes": schemes, "steps": tcfg.steps, "tokens_seen": tcfg.steps * tcfg.batch * tcfg.seqlen,
+            "block_epochs": block.epochs if blocks else 0, "block_tokens_per_block": block_tokens,
+            "block_seconds": round(block_seconds, 1), "block_mse": [(b["mse_before"], b["mse_after"]) for b in blocks],
             "train_seconds": round(seconds, 1), "heldout_text": held_label, "heldout_ppl_before": before,
             "heldout_ppl_after": after, "final_loss": hist[-1]["loss"] if hist else None, "state_dir": str(state_dir)}

@@ -23,7 +23,7 @@ def quantize_module(mod: nn.Module, scheme: Scheme) -> nn.Module:
 def replace_linears(model: nn.Module, config: QuantConfig, make, desc: str) -> dict[str, Scheme]:
     """Replace every selected Linear by make(linear, scheme), no data needed; returns {name: scheme}."""
     done: dict[str, Scheme] = {}
-    for name in tqdm(select_modules(model, config.include, config.exclude), desc=desc, unit="layer", leave=False):
+    for name in tqdm(select_modules(model, config.include, config.exclude, tuple(config.overrides)), desc=desc, unit="layer", leave=False):
         lin = get_module(model, name)
         if not isinstance(lin, nn.Linear):
             raise LowbitError(f"{desc} quantizes Linear layers only: {name} is {type(lin).__name__}")
@@ -35,7 +35,7 @@ def replace_linears(model: nn.Module, config: QuantConfig, make, desc: str) -> d
 
 @register_method("rtn")
 def rtn(model: nn.Module, config: QuantConfig, ctx=None) -> dict[str, Scheme]:
-    names = select_modules(model, config.include, config.exclude)
+    names = select_modules(model, config.include, config.exclude, tuple(config.overrides))
     done: dict[str, Scheme] = {}
     for name in tqdm(names, desc="rtn", unit="layer", leave=False):
         scheme = config.scheme_for(name)

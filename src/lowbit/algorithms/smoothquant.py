@@ -83,7 +83,7 @@ def act_from_options(o: dict) -> ActQuant:
 
 def _calibrated(model: nn.Module, config: QuantConfig, ctx, make, alpha: float | None, desc: str) -> dict[str, Scheme]:
     """Layer-sequential: per-channel max |x| of every selected linear's input, smoothing, then `make`."""
-    selected = set(select_modules(model, config.include, config.exclude))
+    selected = set(select_modules(model, config.include, config.exclude, tuple(config.overrides)))
     ids = ctx.calib_ids()
 
     def process(block_name: str, block: nn.Module, inputs, kw) -> dict[str, Scheme]:

@@ -82,6 +82,22 @@ class Scheme:
             raise LowbitError(f"group size must be -1 (per-channel) or a positive integer, got {group_size}")
         return cls(bits=bits, symmetric=symmetric, granularity="group", group_size=group_size)
 
+    @classmethod
+    def parse(cls, spec: str) -> "Scheme":
+        """'BITS[/GROUP][/sym|asym]' as on the command line: '8/-1' (per channel, symmetric), '4/32/asym'."""
+        parts = spec.strip().split("/")
+        sym = True
+        if parts and parts[-1] in ("sym", "asym"):
+            sym = parts.pop() == "sym"
+        try:
+            bits = int(parts[0])
+            group = int(parts[1]) if len(parts) > 1 else -1
+        except (ValueError, IndexError):
+            raise LowbitError(f"bad scheme {spec!r}: expected BITS[/GROUP][/sym|asym], e.g. 8/-1 or 4/32/asym") from None
+        if len(parts) > 2:
+            raise LowbitError(f"bad scheme {spec!r}: expected BITS[/GROUP][/sym|asym]")
+        return cls.from_cli(bits, group, sym)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

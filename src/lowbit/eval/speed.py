@@ -38,8 +38,20 @@ def prompt_ids(tokenizer, n: int, text: str | None = None) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def run_once(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> dict:
-    """One prefill + greedy decode; seconds of each phase."""
+def run_once(model: nn.Module, ids: torch.Tensor, new_tokens: int, decoder=None) -> dict:
+    """One prefill + greedy decode; seconds of each phase. With `decoder` (a LeanDecoder of the
+    model) on the lean runtime, else through transformers' forward and cache."""
+    if decoder is not None:
+        decoder.reset()
+        t0 = time.perf_counter()
+        logits = decoder.forward(ids[0])
+        t_prefill = time.perf_counter() - t0
+        nxt = logits[-1].argmax().reshape(1)
+        t_first = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for _ in range(new_tokens):
+            nxt = decoder.forward(nxt)[-1].argmax().reshape(1)
+        return {"prefill_s": t_prefill, "ttft_s": t_first, "decode_s": time.perf_counter() - t1}
     from transformers import DynamicCache
 
     cache = DynamicCache()
@@ -57,16 +69,23 @@ def run_once(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> dict:
 
 
 def compare(models: dict[str, nn.Module], ids: torch.Tensor, new_tokens: int = 128, runs: int = 3,
-            progress: bool = True) -> list[dict]:
-    """Measure every model `runs` times (after a warm-up), alternating between them."""
+            progress: bool = True, runtime: str = "auto", runtimes: dict[str, str] | None = None) -> list[dict]:
+    """Measure every model `runs` times (after a warm-up), alternating between them; `runtimes`
+    overrides `runtime` for the models it names."""
+    from ..generation import pick_runtime
+    from ..nn.decoder import LeanDecoder
+
+    used = {n: pick_runtime(m, (runtimes or {}).get(n, runtime)) for n, m in models.items()}
+    decoders = {n: LeanDecoder(m, max_len=ids.shape[1] + new_tokens + 1) if used[n] == "lean" else None
+                for n, m in models.items()}
     times: dict[str, list[dict]] = {n: [] for n in models}
     for r in range(runs + 1):
         for name, m in models.items():
-            res = run_once(m, ids, new_tokens)
+            res = run_once(m, ids, new_tokens, decoders[name])
             if r:
                 times[name].append(res)
             if progress:
-                print(f"lowbit: bench {name}: run {r}/{runs}{' (warm-up)' if r == 0 else ''} "
+                print(f"lowbit: bench {name} ({used[name]}): run {r}/{runs}{' (warm-up)' if r == 0 else ''} "
                       f"prefill {res['prefill_s']:.3f}s decode {res['decode_s']:.2f}s", file=sys.stderr)
     rows = []
     n_prompt = ids.shape[1]
@@ -75,6 +94,7 @@ def compare(models: dict[str, nn.Module], ids: torch.Tensor, new_tokens: int = 1
         st = weight_stats(m)
         rows.append({
             "model": name,
+            "runtime": used[name],
             "prefill_tok_s": n_prompt / med["prefill_s"],
             "ttft_s": med["ttft_s"],
             "decode_tok_s": new_tokens / med["decode_s"] if new_tokens else None,

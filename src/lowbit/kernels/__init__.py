@@ -2,6 +2,7 @@
 
     QuantLinear, 4-bit, groups the kernel can tile, -> int4.py  (torch's CPU int4 matmul, packed once,
       at most int4.MAX_ROWS rows of x (decoding)           bf16 activations)
+    QuantLinear, 8-bit per-channel symmetric        -> w8.py (torch's CPU int8 weight matmul, fp32 activations)
     QuantLinear, anything else                      -> reference.py (dequantize, float matmul)
     W8A8Linear / Int8OutlierLinear                  -> int8.py (their own forward)
 A module that a fast path refuses falls back to the reference, logged once per
@@ -24,13 +25,17 @@ def _log_once(msg: str) -> None:
 
 
 def choose_kernel(module) -> tuple[str, object]:
-    """('int4', group) or ('reference', None) for a QuantLinear; cached on the module."""
+    """('int4', group), ('w8', None) or ('reference', None) for a QuantLinear; cached on the module."""
     choice = module._kcache.get("kernel")
     if choice is not None:
         return choice
     choice = ("reference", None)
     if os.environ.get("LOWBIT_KERNELS", "") != "reference":
-        if module.scheme.bits == 4:
+        from .w8 import applies as w8_applies
+
+        if w8_applies(module):
+            choice = ("w8", None)
+        elif module.scheme.bits == 4:
             from .int4 import kernel_group
 
             G = kernel_group(module)
@@ -51,6 +56,10 @@ def qlinear_forward(module, x):
 
         if x.numel() // x.shape[-1] <= MAX_ROWS:
             return int4_forward(module, x, arg)
+    elif kind == "w8":
+        from .w8 import w8_forward
+
+        return w8_forward(module, x)
     return reference_forward(module, x)
 
 

@@ -46,14 +46,16 @@ def kernel_group(module) -> int | None:
     return None
 
 
-def pack_int4(module, G: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed weight, scale-and-zero [K/G, N, 2] in `dtype`)."""
-    s = module.scheme
-    K = module.in_features
-    u = module.codes().sub(s.qmin).to(torch.int32)  # [N, K] in 0..15
+def pack_int4(modules, G: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed weight, scale-and-zero [K/G, N, 2] in `dtype`) of one module, or of several that share
+    the input and the scheme, stacked along the output rows (one fused matmul: q|k|v, gate|up)."""
+    modules = modules if isinstance(modules, (list, tuple)) else [modules]
+    s = modules[0].scheme
+    K = modules[0].in_features
+    u = torch.cat([m.codes() for m in modules]).sub(s.qmin).to(torch.int32)  # [N, K] in 0..15
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
-    scales = module.scales.float()  # [N, n_groups]
-    zu = module.zero_points().float() if not s.symmetric else torch.full_like(scales, 8.0)
+    scales = torch.cat([m.scales for m in modules]).float()  # [N, n_groups]
+    zu = torch.cat([m.zero_points() for m in modules]).float() if not s.symmetric else torch.full_like(scales, 8.0)
     zero = scales * (8.0 - zu)
     rep = s.group_len(K) // G
     # a lowbit group -> rep kernel groups; the short last group needs fewer: cut to K / G
@@ -61,6 +63,11 @@ def pack_int4(module, G: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     ze = zero.repeat_interleave(rep, dim=1)[:, : K // G]
     sz = torch.stack([sc.T, ze.T], dim=-1).contiguous().to(dtype)  # [K/G, N, 2]
     return packed, sz
+
+
+def int4_mm(x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, G: int) -> torch.Tensor:
+    """x2 [M, K] (any float dtype) times a packed weight -> [M, N] in x2's dtype (bf16 inside)."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, G, sz).to(x2.dtype)
 
 
 def int4_forward(module, x: torch.Tensor, G: int) -> torch.Tensor:

@@ -26,12 +26,31 @@ class ScaleMapping:
 
 
 @dataclass(frozen=True)
+class DecoderLayout:
+    """Where the parts of a pre-norm decoder with rotary attention and a gated MLP (the LLaMA family)
+    live, for the lean runtime (nn/decoder.py). Model-level names are full, block-level ones relative."""
+
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    head: str = "lm_head"
+    rotary: str = "model.rotary_emb"
+    attn_norm: str = "input_layernorm"
+    qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    o: str = "self_attn.o_proj"
+    mlp_norm: str = "post_attention_layernorm"
+    gate_up: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    down: str = "mlp.down_proj"
+    act: str = "mlp.act_fn"
+
+
+@dataclass(frozen=True)
 class Arch:
     blocks: str  # regex for a decoder block's full module name
     linears: tuple[str, ...] = ()  # regexes of linears within a block (relative names); empty = all
     embeddings: tuple[str, ...] = ()  # full names of input embeddings
     head: tuple[str, ...] = ()  # full names of the output projection
     mappings: tuple[ScaleMapping, ...] = ()  # where activation scales fold (AWQ, SmoothQuant)
+    decoder: DecoderLayout | None = None  # set where the lean runtime can run the model
 
 
 _LLAMA_LIKE = Arch(
@@ -45,16 +64,17 @@ _LLAMA_LIKE = Arch(
         ScaleMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         ScaleMapping("mlp.up_proj", ("mlp.down_proj",)),
     ),
+    decoder=DecoderLayout(),
 )
 
 ARCHITECTURES: dict[str, Arch] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
+    "qwen3": dataclasses.replace(_LLAMA_LIKE, decoder=None),  # q/k norms: not in the lean runtime
     # Gemma's RMSNorm multiplies by (1 + weight): scales cannot be folded by dividing the weight.
-    "gemma": dataclasses.replace(_LLAMA_LIKE, mappings=()),
-    "gemma2": dataclasses.replace(_LLAMA_LIKE, mappings=()),
+    "gemma": dataclasses.replace(_LLAMA_LIKE, mappings=(), decoder=None),
+    "gemma2": dataclasses.replace(_LLAMA_LIKE, mappings=(), decoder=None),
     "phi3": Arch(blocks=r"^model\.layers\.\d+$", linears=(r"self_attn\.(qkv|o)_proj$", r"mlp\.(gate_up|down)_proj$"),
                  embeddings=("model.embed_tokens",), head=("lm_head",)),
     "gpt2": Arch(blocks=r"^transformer\.h\.\d+$", embeddings=("transformer.wte",), head=("lm_head",)),
@@ -81,6 +101,11 @@ def scale_mappings(model: nn.Module, block: nn.Module) -> list[tuple[nn.Module, 
 def _model_type(model: nn.Module) -> str | None:
     cfg = getattr(model, "config", None)
     return getattr(cfg, "model_type", None)
+
+
+def decoder_layout(model: nn.Module) -> DecoderLayout | None:
+    arch = ARCHITECTURES.get(_model_type(model) or "")
+    return arch.decoder if arch else None
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -114,18 +139,25 @@ def block_linears(model: nn.Module, block_name: str, block: nn.Module) -> list[t
     return out
 
 
-def select_modules(model: nn.Module, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> list[str]:
+def select_modules(model: nn.Module, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+                   extra: tuple[str, ...] = ()) -> list[str]:
     """Names of modules to quantize.
 
-    Default: every Linear of the decoder blocks. With `include`, every Linear or
-    Embedding whose name matches one of the patterns (so lm_head or the
-    embeddings only when asked). `exclude` removes matches from either set.
+    Default: every Linear of the decoder blocks, plus every Linear or Embedding
+    matching a pattern of `extra` (the patterns of per-layer scheme overrides, so
+    `lm_head=8/-1` adds the head). With `include`, every Linear or Embedding whose
+    name matches one of the patterns (so lm_head or the embeddings only when
+    asked). `exclude` removes matches from either set.
     """
+    def matching(patterns):
+        return [n for n, m in model.named_modules()
+                if isinstance(m, (nn.Linear, nn.Embedding)) and any(re.search(p, n) for p in patterns)]
+
     if include:
-        names = [n for n, m in model.named_modules()
-                 if isinstance(m, (nn.Linear, nn.Embedding)) and any(re.search(p, n) for p in include)]
+        names = matching(include)
     else:
         names = [n for bn, b in find_blocks(model) for n, _ in block_linears(model, bn, b)]
+        names += [n for n in matching(extra) if n not in set(names)] if extra else []
     names = [n for n in names if not any(re.search(p, n) for p in exclude)]
     return names
 

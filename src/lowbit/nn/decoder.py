@@ -1,0 +1,214 @@
+"""A lean runtime for LLaMA-family decoders: a static KV cache and one fused matmul per input.
+
+transformers' forward spends most of a decoded token, at this model size, outside the matmuls
+(module calls, cache objects, masks). This runtime reads a loaded model (float or lowbit-quantized,
+parts found by name: models.arch.DecoderLayout) and runs the same math with as few ops as it can:
+
+    x = embed(ids)                                                   [M, hidden]
+    per block:
+        h = attn_norm(x);  q|k|v = h @ [Wq; Wk; Wv]ᵀ                  one matmul (fused rows)
+        rope(q, k) at positions p..p+M-1 (the model's own cos/sin table)
+        K[:, p:p+M], V[:, p:p+M] = k, v                              static cache [kv_heads, max_len, head_dim]
+        x += o(softmax(q Kᵀ · scale + causal) V)
+        h = mlp_norm(x);  g|u = h @ [Wg; Wu]ᵀ;  x += down(act(g) · u)  one matmul for gate|up
+    logits = head(final_norm(x))
+
+Fused projections keep the model's kernels: 4-bit layers are packed once, side by side, for torch's
+int4 matmul (at most kernels.int4.MAX_ROWS rows per call: decoding), 8-bit per-channel layers for the
+int8 weight matmul; float layers and everything else call their own modules (no weight is copied).
+The model's modules (norms, activation, rotary embedding) are reused, so their numerics are the
+model's; the equivalence test compares logits and greedy tokens with transformers'.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LowbitError
+from ..models.arch import decoder_layout, find_blocks, get_module
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why the lean runtime cannot run this model, or None."""
+    layout = decoder_layout(model)
+    if layout is None:
+        return f"model type {getattr(getattr(model, 'config', None), 'model_type', None)!r} has no lean decoder layout"
+    cfg = model.config
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and \
+            getattr(cfg, "layer_types", None) and any(t != "full_attention" for t in cfg.layer_types):
+        return "sliding-window attention layers"
+    try:
+        for name in (layout.embed, layout.final_norm, layout.head, layout.rotary):
+            get_module(model, name)
+        _, b = find_blocks(model)[0]
+        for name in (layout.attn_norm, *layout.qkv, layout.o, layout.mlp_norm, *layout.gate_up, layout.down, layout.act):
+            b.get_submodule(name)
+    except (AttributeError, LowbitError) as e:
+        return f"missing part: {e}"
+    return None
+
+
+class FusedLinear:
+    """y = x [W_1; W_2; ...]ᵀ (+ b) for linears that read the same input, as one call where a kernel allows."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        from ..kernels import choose_kernel
+        from ..nn.qlinear import QuantLinear
+
+        self.modules = modules
+        self.kind = "parts"
+        self.bias = None
+        if all(type(m) is QuantLinear for m in modules) and len({(m.scheme, m.in_features) for m in modules}) == 1:
+            kinds = {choose_kernel(m) for m in modules}
+            if len(kinds) == 1:
+                kind, arg = kinds.pop()
+                if kind == "int4":
+                    from ..kernels.int4 import pack_int4
+
+                    self.kind, self.group = "int4", arg
+                    self.packed, self.sz = pack_int4(modules, arg, torch.bfloat16)
+                elif kind == "w8":
+                    from ..kernels.w8 import pack_int8
+
+                    self.kind = "w8"
+                    self.w, self.scale = pack_int8(modules)
+                if self.kind != "parts" and any(m.bias is not None for m in modules):
+                    self.bias = torch.cat([m.bias.float() if m.bias is not None else torch.zeros(m.out_features)
+                                           for m in modules])
+        elif all(type(m) is nn.Linear for m in modules):
+            self.kind = "float"
+
+    def nbytes(self) -> int:
+        """Bytes of weight data one call reads (the fused copy where there is one, else the modules')."""
+        if self.kind == "int4":
+            t = [self.packed, self.sz]
+        elif self.kind == "w8":
+            t = [self.w, self.scale]
+        else:
+            t = [b for m in self.modules for b in (*m.parameters(), *m.buffers())]
+        t += [self.bias] if self.bias is not None else []
+        return sum(x.numel() * x.element_size() for x in t)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [M, K] -> [M, sum N]
+        if self.kind == "int4":
+            from ..kernels.int4 import MAX_ROWS, int4_mm
+
+            if x.shape[0] <= MAX_ROWS:
+                y = int4_mm(x, self.packed, self.sz, self.group)
+                return y if self.bias is None else y + self.bias.to(y.dtype)
+        elif self.kind == "w8":
+            from ..kernels.w8 import int8_mm
+
+            y = int8_mm(x, self.w, self.scale).to(x.dtype)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        elif self.kind == "float":
+            if len(self.modules) == 1:
+                m = self.modules[0]
+                return F.linear(x, m.weight, m.bias)
+            return torch.cat([F.linear(x, m.weight, m.bias) for m in self.modules], -1)
+        if len(self.modules) == 1:
+            return self.modules[0](x)
+        return torch.cat([m(x) for m in self.modules], -1)
+
+
+class _Block:
+    def __init__(self, block: nn.Module, layout) -> None:
+        attn = block.get_submodule(layout.qkv[0].rsplit(".", 1)[0])
+        self.attn_norm = block.get_submodule(layout.attn_norm)
+        self.mlp_norm = block.get_submodule(layout.mlp_norm)
+        self.qkv = FusedLinear([block.get_submodule(n) for n in layout.qkv])
+        self.o = FusedLinear([block.get_submodule(layout.o)])
+        self.gate_up = FusedLinear([block.get_submodule(n) for n in layout.gate_up])
+        self.down = FusedLinear([block.get_submodule(layout.down)])
+        self.act = block.get_submodule(layout.act)
+        self.scaling = getattr(attn, "scaling", None)
+
+
+class LeanDecoder:
+    """Prefill + decode of one sequence (batch 1) with a static KV cache of `max_len` positions.
+
+        dec = LeanDecoder(model)
+        logits = dec.forward(prompt_ids)        # [M, vocab]: positions 0..M-1
+        logits = dec.forward(next_id)           # [1, vocab]: position M, and so on
+        dec.reset()                             # a new sequence
+    """
+
+    def __init__(self, model: nn.Module, max_len: int = 2048) -> None:
+        why = unsupported_reason(model)
+        if why:
+            raise LowbitError(f"lean runtime: {why}")
+        layout = decoder_layout(model)
+        cfg = model.config
+        self.model = model
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.embed = get_module(model, layout.embed)
+        self.final_norm = get_module(model, layout.final_norm)
+        self.head = FusedLinear([get_module(model, layout.head)])
+        self.blocks = [_Block(b, layout) for _, b in find_blocks(model)]
+        self.scaling = self.blocks[0].scaling or self.head_dim ** -0.5
+        self.max_len = max_len
+        self.dtype = self.final_norm.weight.dtype  # activations and cache: the model's float dtype
+        with torch.no_grad():  # the model's own rotary table (rope scaling variants included)
+            rot = get_module(model, layout.rotary)
+            pos = torch.arange(max_len).unsqueeze(0)
+            cos, sin = rot(torch.zeros(1, dtype=torch.float32), pos)
+        self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [max_len, head_dim]
+        shape = (len(self.blocks), self.n_kv, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype)
+        self.pos = 0
+
+    def decode_bytes(self, length: int) -> int:
+        """Bytes a decoded token reads at a context of `length` positions: every projection's weights,
+        the norms, and the K/V cache (the memory-bandwidth bound of decoding is bandwidth / this)."""
+        n = self.head.nbytes()
+        n += sum(x.nbytes() for b in self.blocks for x in (b.qkv, b.o, b.gate_up, b.down))
+        n += sum(p.numel() * p.element_size() for b in self.blocks for m in (b.attn_norm, b.mlp_norm)
+                 for p in m.parameters())
+        n += 2 * len(self.blocks) * self.n_kv * length * self.head_dim * self.k_cache.element_size()
+        return n
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x [M, heads, head_dim]; cos/sin [M, 1, head_dim]; rotate_half as in LLaMA
+        half = x.shape[-1] // 2
+        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rot * sin
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [M] (or [1, M]) at the next M positions -> float32 logits [M, vocab]."""
+        ids = ids.reshape(-1)
+        M, p = ids.numel(), self.pos
+        if p + M > self.max_len:
+            raise LowbitError(f"lean runtime: {p + M} positions exceed the cache of {self.max_len}")
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        x = self.embed(ids).to(self.dtype)  # [M, hidden]
+        cos = self.cos[p: p + M].unsqueeze(1)
+        sin = self.sin[p: p + M].unsqueeze(1)
+        T = p + M
+        mask = None
+        if M > 1 and p > 0:  # a chunk after a cached prefix: causal with an offset
+            mask = torch.arange(T).unsqueeze(0) <= (p + torch.arange(M)).unsqueeze(1)
+        for i, b in enumerate(self.blocks):
+            h = b.attn_norm(x)
+            qkv = b.qkv(h)
+            q = self._rope(qkv[:, : nh * hd].view(M, nh, hd), cos, sin)
+            k = self._rope(qkv[:, nh * hd: (nh + nkv) * hd].view(M, nkv, hd), cos, sin)
+            v = qkv[:, (nh + nkv) * hd:].view(M, nkv, hd)
+            self.k_cache[i, :, p:T] = k.transpose(0, 1)
+            self.v_cache[i, :, p:T] = v.transpose(0, 1)
+            a = F.scaled_dot_product_attention(
+                q.transpose(0, 1).unsqueeze(0), self.k_cache[i, :, :T].unsqueeze(0), self.v_cache[i, :, :T].unsqueeze(0),
+                attn_mask=mask, is_causal=M > 1 and p == 0, scale=self.scaling, enable_gqa=nh != nkv)
+            x = x + b.o(a[0].transpose(0, 1).reshape(M, nh * hd))
+            gu = b.gate_up(b.mlp_norm(x))
+            n = gu.shape[-1] // 2
+            x = x + b.down(b.act(gu[:, :n]) * gu[:, n:])
+        self.pos = T
+        return self.head(self.final_norm(x)).float()
