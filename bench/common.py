@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -14,7 +13,9 @@ def folder_bytes(path: str | os.PathLike) -> int:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    from lowbit.eval.speed import peak_rss_bytes as peak
+
+    return peak()
 
 
 class Timer:

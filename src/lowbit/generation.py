@@ -65,7 +65,7 @@ def generate_ids(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, eos: 
     dec = decoder or LeanDecoder(model, max_len=ids.shape[-1] + max_new_tokens)
     dec.reset()
     gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
-    logits = dec.forward(ids.reshape(-1))[-1]
+    logits = dec.forward(ids.reshape(-1), all_logits=False)[-1]
     out: list[int] = []
     for i in range(max_new_tokens):
         t = next_token(logits, temperature, top_p, gen)

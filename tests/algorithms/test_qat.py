@@ -171,3 +171,68 @@ def test_cli_qat_end_to_end(cli, tiny_dir, tmp_path, text_file):
     code, _, err = cli("qat", str(tiny_dir), str(tmp_path / "q2"), "--train-text",
                        str(__import__("lowbit").eval.text.TEST_TEXT), "--steps", "1")
     assert code == 2 and "test text" in err and not (tmp_path / "q2").exists()
+
+
+def _blockwise_student(model, scheme=W2A):
+    s = copy.deepcopy(model)
+    prepare(s, QuantConfig(method="qat", scheme=scheme), learn_scale=True)
+    return s
+
+
+def test_blockwise_phase_lowers_every_blocks_error(tiny):
+    from lowbit.algorithms.qat import BlockConfig, train_blockwise
+
+    model, tok = tiny
+    student = _blockwise_student(model)
+    hist = train_blockwise(student, model, _ids(tok), BlockConfig(epochs=4, lr=3e-3, scale_lr=3e-4, nsamples=8,
+                                                                  seqlen=32), progress=False)
+    assert [h["block"] for h in hist] == ["model.layers.0", "model.layers.1"]
+    assert all(h["mse_after"] < h["mse_before"] for h in hist), hist
+    assert all(not p.requires_grad or isinstance(m, FakeQuantLinear)
+               for m in student.modules() for p in m.parameters(recurse=False))  # norms, embeddings: frozen
+
+
+def test_blockwise_resume_continues_exactly(tiny, tmp_path, monkeypatch):
+    import lowbit.algorithms.qat as qat
+
+    model, tok = tiny
+    cfg = qat.BlockConfig(epochs=2, lr=3e-3, nsamples=4, seqlen=32)
+    a = _blockwise_student(model)
+    qat.train_blockwise(a, model, _ids(tok), cfg, progress=False)
+
+    real = qat._train_one_block
+    calls = {"n": 0}
+
+    def interrupted(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # during the second block
+        return real(*args, **kw)
+
+    b = _blockwise_student(model)
+    monkeypatch.setattr(qat, "_train_one_block", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        qat.train_blockwise(b, model, _ids(tok), cfg, state_dir=tmp_path, progress=False)
+    monkeypatch.setattr(qat, "_train_one_block", real)
+    c = _blockwise_student(model)  # a fresh process
+    hist = qat.train_blockwise(c, model, _ids(tok), cfg, state_dir=tmp_path, resume=True, progress=False)
+    assert len(hist) == 2
+    for (n, p), (_, q) in zip(a.named_parameters(), c.named_parameters()):
+        assert torch.equal(p, q), n
+    with pytest.raises(Exception, match="other options"):
+        qat.train_blockwise(_blockwise_student(model), model, _ids(tok), qat.BlockConfig(epochs=3, nsamples=4, seqlen=32),
+                            state_dir=tmp_path, resume=True, progress=False)
+
+
+def test_cli_blockwise_only(cli, tiny_dir, tmp_path, text_file):
+    import json
+
+    out = tmp_path / "bq"
+    code, stdout, err = cli("qat", str(tiny_dir), str(out), "--bits", "2", "--group-size", "32", "--asym",
+                            "--train-text", str(text_file), "--steps", "0", "--block-epochs", "1",
+                            "--block-samples", "4", "--block-seqlen", "32", "--learn-scales", "--eval-tokens", "256")
+    assert code == 0, err
+    res = json.loads(stdout.strip().splitlines()[-1])
+    assert res["steps"] == 0 and res["block_epochs"] == 1 and len(res["block_mse"]) == 2
+    code, _, err = cli("qat", str(tiny_dir), str(tmp_path / "b2"), "--steps", "0")
+    assert code == 2 and "--block-epochs" in err

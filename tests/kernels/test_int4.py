@@ -77,3 +77,33 @@ def test_cache_is_rebuilt_after_load(tmp_path):
     b(x)  # packs b's weight
     b.load_state_dict(a.state_dict())
     assert torch.equal(b(x), a(x))
+
+
+@needs_kernel
+@pytest.mark.parametrize("scheme,G", [
+    (Scheme(8, True, "channel"), 64),         # 576 columns per channel: kernel groups of 64
+    (Scheme(8, False, "group", 128), 64),
+    (Scheme(8, True, "group", 32), 32),
+])
+@pytest.mark.parametrize("M", [1, 9])
+def test_8bit_as_two_int4_halves_equals_reference(scheme, G, M):
+    torch.manual_seed(M)
+    q = QuantLinear.from_linear(nn.Linear(576, 48, bias=True), scheme)
+    assert choose_kernel(q) == ("int8x2", G)
+    x = torch.randn(2, M, 576)
+    y, ref = q(x), reference_forward(q, x)
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    assert (y - ref).abs().max() <= INT4_RTOL * ref.abs().max()
+
+
+@needs_kernel
+def test_8bit_halves_recombine_the_codes_exactly():
+    # integer weights and a power-of-two scale: every bf16 product is exact, so the two passes sum to the reference
+    from lowbit.kernels.int4 import int8x2_mm, pack_int8_as_int4x2
+
+    q = QuantLinear.from_linear(nn.Linear(64, 16, bias=False), Scheme(8, False, "group", 64))
+    with torch.no_grad():
+        q.scales.fill_(0.125)
+    x = torch.randint(-4, 5, (2, 64)).float()
+    y = int8x2_mm(x, *pack_int8_as_int4x2(q, 64, torch.bfloat16), 64)
+    assert torch.equal(y, x @ q.dequantize_weight().T)

@@ -5,7 +5,7 @@ from torch import nn
 
 from lowbit.core.scheme import Scheme
 from lowbit.kernels import choose_kernel, reference_forward
-from lowbit.kernels.w8 import int8_mm, pack_int8
+from lowbit.kernels.w8 import int8_mm, pack_int8, w8_forward
 from lowbit.nn.qlinear import QuantLinear
 
 # Same products, another summation order (fp32): relative to the output's scale.
@@ -16,14 +16,13 @@ needs_kernel = pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int8pack_
 
 
 @needs_kernel
-@pytest.mark.parametrize("M", [1, 5, 64])
+@pytest.mark.parametrize("M", [1, 5, 16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_w8_equals_reference(M, bias):
     torch.manual_seed(M)
     q = QuantLinear.from_linear(nn.Linear(576, 96, bias=bias), Scheme(8, True, "channel"))
-    assert choose_kernel(q) == ("w8", None)
     x = torch.randn(2, M, 576)
-    y, ref = q(x), reference_forward(q, x)
+    y, ref = w8_forward(q, x), reference_forward(q, x)
     assert y.shape == ref.shape == (2, M, 96) and y.dtype == torch.float32
     assert (y - ref).abs().max() <= W8_RTOL * ref.abs().max()
 
@@ -39,5 +38,18 @@ def test_fused_rows_equal_separate_layers():
 
 @pytest.mark.parametrize("scheme", [Scheme(8, False, "channel"), Scheme(8, True, "group", 32)])
 def test_other_8bit_schemes_take_the_reference(scheme):
-    q = QuantLinear.from_linear(nn.Linear(64, 16), scheme)
+    q = QuantLinear.from_linear(nn.Linear(72, 16), scheme)  # 72 columns: the int4 kernel cannot tile them either
     assert choose_kernel(q) == ("reference", None)
+
+
+def test_the_kernel_serves_per_channel_rows_the_int4_kernel_cannot_tile():
+    q = QuantLinear.from_linear(nn.Linear(72, 16), Scheme(8, True, "channel"))  # 72 columns: no int4 group
+    assert choose_kernel(q) == ("w8", None)
+    x = torch.randn(3, 72)
+    assert (q(x) - reference_forward(q, x)).abs().max() <= W8_RTOL * reference_forward(q, x).abs().max()
+
+
+def test_many_rows_take_the_reference_path():
+    q = QuantLinear.from_linear(nn.Linear(72, 16), Scheme(8, True, "channel"))
+    x = torch.randn(2, 40, 72)  # prefill-sized: the kernel is far slower than the reference here
+    assert torch.equal(q(x), reference_forward(q, x))

@@ -21,6 +21,15 @@ from .size import weight_stats
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux: VmHWM, which an exec resets (getrusage's ru_maxrss
+    keeps the peak of the process that forked it, so a child started from a big parent reports the parent's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -44,7 +53,7 @@ def run_once(model: nn.Module, ids: torch.Tensor, new_tokens: int, decoder=None)
     if decoder is not None:
         decoder.reset()
         t0 = time.perf_counter()
-        logits = decoder.forward(ids[0])
+        logits = decoder.forward(ids[0], all_logits=False)
         t_prefill = time.perf_counter() - t0
         nxt = logits[-1].argmax().reshape(1)
         t_first = time.perf_counter() - t0

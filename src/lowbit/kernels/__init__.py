@@ -2,7 +2,10 @@
 
     QuantLinear, 4-bit, groups the kernel can tile, -> int4.py  (torch's CPU int4 matmul, packed once,
       at most int4.MAX_ROWS rows of x (decoding)           bf16 activations)
-    QuantLinear, 8-bit per-channel symmetric        -> w8.py (torch's CPU int8 weight matmul, fp32 activations)
+    QuantLinear, 8-bit, groups the int4 kernel tiles, -> int4.py (the same kernel on two 4-bit halves of
+      at most int4.MAX_ROWS rows of x                      the codes, c = 16·hi + lo: twice the rows)
+    QuantLinear, 8-bit per-channel symmetric,       -> w8.py (torch's CPU int8 weight matmul, fp32 activations)
+      at most w8.MAX_ROWS rows of x
     QuantLinear, anything else                      -> reference.py (dequantize, float matmul)
     W8A8Linear / Int8OutlierLinear                  -> int8.py (their own forward)
 A module that a fast path refuses falls back to the reference, logged once per
@@ -25,20 +28,21 @@ def _log_once(msg: str) -> None:
 
 
 def choose_kernel(module) -> tuple[str, object]:
-    """('int4', group), ('w8', None) or ('reference', None) for a QuantLinear; cached on the module."""
+    """('int4', group), ('int8x2', group), ('w8', None) or ('reference', None) for a QuantLinear; cached."""
     choice = module._kcache.get("kernel")
     if choice is not None:
         return choice
     choice = ("reference", None)
     if os.environ.get("LOWBIT_KERNELS", "") != "reference":
+        from .int4 import kernel_group
         from .w8 import applies as w8_applies
 
-        if w8_applies(module):
+        G = kernel_group(module)
+        if module.scheme.bits == 8 and G is not None:
+            choice = ("int8x2", G)
+        elif w8_applies(module):
             choice = ("w8", None)
         elif module.scheme.bits == 4:
-            from .int4 import kernel_group
-
-            G = kernel_group(module)
             if G is not None:
                 choice = ("int4", G)
             else:
@@ -56,10 +60,16 @@ def qlinear_forward(module, x):
 
         if x.numel() // x.shape[-1] <= MAX_ROWS:
             return int4_forward(module, x, arg)
-    elif kind == "w8":
-        from .w8 import w8_forward
+    elif kind == "int8x2":
+        from .int4 import MAX_ROWS, int8x2_forward
 
-        return w8_forward(module, x)
+        if x.numel() // x.shape[-1] <= MAX_ROWS:
+            return int8x2_forward(module, x, arg)
+    elif kind == "w8":
+        from .w8 import MAX_ROWS, w8_forward
+
+        if x.numel() // x.shape[-1] <= MAX_ROWS:
+            return w8_forward(module, x)
     return reference_forward(module, x)
 
 

@@ -32,9 +32,10 @@ MAX_ROWS = 16  # rows of x up to which the kernel beats dequantize + fp32 matmul
 
 
 def kernel_group(module) -> int | None:
-    """The kernel group size for this module, or None if the kernel cannot run it."""
+    """The kernel group size for this module (4-bit, or 8-bit as two 4-bit halves), or None if the
+    kernel cannot run it."""
     s = module.scheme
-    if s.bits != 4 or s.granularity == "tensor" or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+    if s.bits not in (4, 8) or s.granularity == "tensor" or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return None
     K = module.in_features
     if module.out_features % 16:  # the packer tiles output rows by 16
@@ -63,6 +64,44 @@ def pack_int4(modules, G: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
     ze = zero.repeat_interleave(rep, dim=1)[:, : K // G]
     sz = torch.stack([sc.T, ze.T], dim=-1).contiguous().to(dtype)  # [K/G, N, 2]
     return packed, sz
+
+
+def pack_int8_as_int4x2(modules, G: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit codes c = 16·hi + lo (c = Q - qmin in 0..255) as one int4 weight of twice the rows,
+    [hi rows; lo rows], so that y = y[:, :N] + y[:, N:] is the 8-bit matmul:
+        hi rows: scale 16s, zero 0            -> 16s·hi - 128s
+        lo rows: scale s,   zero s(136 - z_u) -> s·lo + 128s - s·z_u
+    summing to s(c - z_u) = s(Q - z), lowbit's 8-bit weight, read at 4-bit kernel speed."""
+    modules = modules if isinstance(modules, (list, tuple)) else [modules]
+    s = modules[0].scheme
+    K = modules[0].in_features
+    c = torch.cat([m.codes() for m in modules]).sub(s.qmin).to(torch.int32)  # [N, K] in 0..255
+    u = torch.cat([c >> 4, c & 15])  # [2N, K]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
+    scales = torch.cat([m.scales for m in modules]).float()  # [N, n_groups]
+    zu = torch.cat([m.zero_points() for m in modules]).float() if not s.symmetric else torch.full_like(scales, -s.qmin)
+    rep = s.group_len(K) // G
+    sc = torch.cat([16 * scales, scales]).repeat_interleave(rep, dim=1)[:, : K // G]
+    ze = torch.cat([torch.zeros_like(scales), scales * (136.0 - zu)]).repeat_interleave(rep, dim=1)[:, : K // G]
+    return packed, torch.stack([sc.T, ze.T], dim=-1).contiguous().to(dtype)
+
+
+def int8x2_mm(x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, G: int) -> torch.Tensor:
+    """x2 [M, K] times an 8-bit weight packed by pack_int8_as_int4x2 -> [M, N] in x2's dtype."""
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, G, sz)
+    n = y.shape[-1] // 2
+    return (y[:, :n].float() + y[:, n:].float()).to(x2.dtype)
+
+
+def int8x2_forward(module, x: torch.Tensor, G: int) -> torch.Tensor:
+    cached = module._kcache.get("int8x2")
+    if cached is None:
+        cached = module._kcache["int8x2"] = pack_int8_as_int4x2(module, G, torch.bfloat16)
+    lead = x.shape[:-1]
+    y = int8x2_mm(x.reshape(-1, x.shape[-1]), *cached, G)
+    if module.bias is not None:
+        y = y + module.bias.to(y.dtype)
+    return y.reshape(*lead, module.out_features)
 
 
 def int4_mm(x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, G: int) -> torch.Tensor:

@@ -68,6 +68,11 @@ class FusedLinear:
 
                     self.kind, self.group = "int4", arg
                     self.packed, self.sz = pack_int4(modules, arg, torch.bfloat16)
+                elif kind == "int8x2":
+                    from ..kernels.int4 import pack_int8_as_int4x2
+
+                    self.kind, self.group = "int8x2", arg
+                    self.packed, self.sz = pack_int8_as_int4x2(modules, arg, torch.bfloat16)
                 elif kind == "w8":
                     from ..kernels.w8 import pack_int8
 
@@ -81,7 +86,7 @@ class FusedLinear:
 
     def nbytes(self) -> int:
         """Bytes of weight data one call reads (the fused copy where there is one, else the modules')."""
-        if self.kind == "int4":
+        if self.kind in ("int4", "int8x2"):
             t = [self.packed, self.sz]
         elif self.kind == "w8":
             t = [self.w, self.scale]
@@ -96,6 +101,12 @@ class FusedLinear:
 
             if x.shape[0] <= MAX_ROWS:
                 y = int4_mm(x, self.packed, self.sz, self.group)
+                return y if self.bias is None else y + self.bias.to(y.dtype)
+        elif self.kind == "int8x2":
+            from ..kernels.int4 import MAX_ROWS, int8x2_mm
+
+            if x.shape[0] <= MAX_ROWS:
+                y = int8x2_mm(x, self.packed, self.sz, self.group)
                 return y if self.bias is None else y + self.bias.to(y.dtype)
         elif self.kind == "w8":
             from ..kernels.w8 import int8_mm
@@ -112,11 +123,24 @@ class FusedLinear:
         return torch.cat([m(x) for m in self.modules], -1)
 
 
+def _norm(module: nn.Module):
+    """The model's RMSNorm as one fused op (torch's rms_norm: the same formula, x·rsqrt(mean(x²)+eps)·w,
+    in one kernel instead of eight), or the module itself when it is some other norm."""
+    eps = getattr(module, "variance_epsilon", None)
+    w = getattr(module, "weight", None)
+    if type(module).__name__.endswith("RMSNorm") and eps is not None and isinstance(w, torch.Tensor) and w.dim() == 1:
+        shape = (w.shape[0],)
+        return lambda x: F.rms_norm(x, shape, w, eps)
+    return module
+
+
 class _Block:
     def __init__(self, block: nn.Module, layout) -> None:
         attn = block.get_submodule(layout.qkv[0].rsplit(".", 1)[0])
-        self.attn_norm = block.get_submodule(layout.attn_norm)
-        self.mlp_norm = block.get_submodule(layout.mlp_norm)
+        self.attn_norm_module = block.get_submodule(layout.attn_norm)
+        self.mlp_norm_module = block.get_submodule(layout.mlp_norm)
+        self.attn_norm = _norm(self.attn_norm_module)
+        self.mlp_norm = _norm(self.mlp_norm_module)
         self.qkv = FusedLinear([block.get_submodule(n) for n in layout.qkv])
         self.o = FusedLinear([block.get_submodule(layout.o)])
         self.gate_up = FusedLinear([block.get_submodule(n) for n in layout.gate_up])
@@ -145,12 +169,13 @@ class LeanDecoder:
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.embed = get_module(model, layout.embed)
-        self.final_norm = get_module(model, layout.final_norm)
+        self.final_norm_module = get_module(model, layout.final_norm)
+        self.final_norm = _norm(self.final_norm_module)
         self.head = FusedLinear([get_module(model, layout.head)])
         self.blocks = [_Block(b, layout) for _, b in find_blocks(model)]
         self.scaling = self.blocks[0].scaling or self.head_dim ** -0.5
         self.max_len = max_len
-        self.dtype = self.final_norm.weight.dtype  # activations and cache: the model's float dtype
+        self.dtype = self.final_norm_module.weight.dtype  # activations and cache: the model's float dtype
         with torch.no_grad():  # the model's own rotary table (rope scaling variants included)
             rot = get_module(model, layout.rotary)
             pos = torch.arange(max_len).unsqueeze(0)
@@ -166,7 +191,7 @@ class LeanDecoder:
         the norms, and the K/V cache (the memory-bandwidth bound of decoding is bandwidth / this)."""
         n = self.head.nbytes()
         n += sum(x.nbytes() for b in self.blocks for x in (b.qkv, b.o, b.gate_up, b.down))
-        n += sum(p.numel() * p.element_size() for b in self.blocks for m in (b.attn_norm, b.mlp_norm)
+        n += sum(p.numel() * p.element_size() for b in self.blocks for m in (b.attn_norm_module, b.mlp_norm_module)
                  for p in m.parameters())
         n += 2 * len(self.blocks) * self.n_kv * length * self.head_dim * self.k_cache.element_size()
         return n
@@ -181,8 +206,9 @@ class LeanDecoder:
         return x * cos + rot * sin
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [M] (or [1, M]) at the next M positions -> float32 logits [M, vocab]."""
+    def forward(self, ids: torch.Tensor, all_logits: bool = True) -> torch.Tensor:
+        """ids [M] (or [1, M]) at the next M positions -> float32 logits [M, vocab]
+        (only the last position's, [1, vocab], with all_logits=False: what generation needs)."""
         ids = ids.reshape(-1)
         M, p = ids.numel(), self.pos
         if p + M > self.max_len:
@@ -198,8 +224,8 @@ class LeanDecoder:
         for i, b in enumerate(self.blocks):
             h = b.attn_norm(x)
             qkv = b.qkv(h)
-            q = self._rope(qkv[:, : nh * hd].view(M, nh, hd), cos, sin)
-            k = self._rope(qkv[:, nh * hd: (nh + nkv) * hd].view(M, nkv, hd), cos, sin)
+            qk = self._rope(qkv[:, : (nh + nkv) * hd].view(M, nh + nkv, hd), cos, sin)  # q and k heads at once
+            q, k = qk[:, :nh], qk[:, nh:]
             v = qkv[:, (nh + nkv) * hd:].view(M, nkv, hd)
             self.k_cache[i, :, p:T] = k.transpose(0, 1)
             self.v_cache[i, :, p:T] = v.transpose(0, 1)
@@ -211,4 +237,6 @@ class LeanDecoder:
             n = gu.shape[-1] // 2
             x = x + b.down(b.act(gu[:, :n]) * gu[:, n:])
         self.pos = T
+        if not all_logits:
+            x = x[-1:]
         return self.head(self.final_norm(x)).float()
