@@ -2,6 +2,7 @@
 
     python bench/qat_table.py --bits 2 --group-size 64 --asym --init CKPT|rtn [--distill] [--steps 100]
                               [--lr 1e-5] [--seqlen 256] [--batch 4] [--limit-tokens 32768] [--baselines]
+                              [--block-epochs 4 --block-lr 3e-3 --block-scale-lr 3e-4 --block-samples 64]
                               [--out DIR] [--markdown FILE]
 
 Trains with `lowbit.algorithms.qat.run` on WikiText-2 valid (minus its last 10%, the held-out text),
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lowbit  # noqa: E402
 from common import log, report  # noqa: E402
-from lowbit.algorithms.qat import TrainConfig, run  # noqa: E402
+from lowbit.algorithms.qat import BlockConfig, TrainConfig, run  # noqa: E402
 from lowbit.core.config import QuantConfig  # noqa: E402
 from lowbit.core.scheme import Scheme  # noqa: E402
 
@@ -39,6 +40,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--limit-tokens", type=int, default=32768)
     ap.add_argument("--baselines", action="store_true")
+    ap.add_argument("--block-epochs", type=int, default=0, help="block-wise phase first (0: none)")
+    ap.add_argument("--block-lr", type=float, default=1e-3)
+    ap.add_argument("--block-scale-lr", type=float, default=None)
+    ap.add_argument("--block-samples", type=int, default=64)
     ap.add_argument("--out", type=Path, default=Path("bench_out/qat"))
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args()
@@ -65,11 +70,15 @@ def main() -> None:
             score(f"PTQ init ({m.lowbit_quant['config'].method})", m, tok)
             del m
 
-    name = f"QAT from {'RTN' if args.init == 'rtn' else 'PTQ'}{' + distill' if args.distill else ''}"
+    name = (f"QAT{' block-wise' if args.block_epochs else ''} from {'RTN' if args.init == 'rtn' else 'PTQ'}"
+            f"{' + distill' if args.distill else ''}")
     out = args.out / name.replace(" ", "_").replace("+", "")
     tcfg = TrainConfig(steps=args.steps, lr=args.lr, batch=args.batch, seqlen=args.seqlen, distill=args.distill)
+    bcfg = BlockConfig(epochs=args.block_epochs, lr=args.block_lr, scale_lr=args.block_scale_lr,
+                       nsamples=args.block_samples)
     res = run("smollm2-135m", out, QuantConfig(method="qat", scheme=scheme), tcfg,
-              init=None if args.init == "rtn" else args.init, learn_scale=args.learn_scales, overwrite=True)
+              init=None if args.init == "rtn" else args.init, learn_scale=args.learn_scales, overwrite=True,
+              block=bcfg)
     m, tok = lowbit.load(out)
     score(name, m, tok, steps=res["steps"], tokens_seen=res["tokens_seen"], train_seconds=res["train_seconds"],
           heldout_before=res["heldout_ppl_before"], heldout_after=res["heldout_ppl_after"], lr=args.lr)

@@ -463,17 +463,10 @@ def train_blockwise(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, b
 
 def _train_one_block(name: str, block: nn.Module, q_in: list[torch.Tensor], target: list[torch.Tensor], kw: dict,
                      bcfg: BlockConfig, index: int) -> dict:
-    params = {n: p for n, p in block.named_parameters() if p.requires_grad}
-    if not params:
+    if not trainable(block):
         raise LowbitError(f"{name}: nothing to train in this block (no fake-quant layers)")
     tcfg = TrainConfig(steps=bcfg.steps_per_block(), lr=bcfg.lr, scale_lr=bcfg.scale_lr)
-    weights = [p for n, p in params.items() if not n.endswith((".scale", ".zero"))]
-    qparams = [p for n, p in params.items() if n.endswith((".scale", ".zero"))]
-    groups = [{"params": weights, "lr": bcfg.lr, "base_lr": bcfg.lr}]
-    if qparams:
-        slr = bcfg.scale_lr if bcfg.scale_lr is not None else bcfg.lr
-        groups.append({"params": qparams, "lr": slr, "base_lr": slr, "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    opt = make_optimizer(block, tcfg)
     x_all, y_all = torch.cat(q_in), torch.cat(target)  # [N, L, hidden]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
