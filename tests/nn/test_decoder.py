@@ -158,3 +158,17 @@ def test_last_logits_only():
     full = LeanDecoder(model, max_len=16).forward(ids)
     last = LeanDecoder(model, max_len=16).forward(ids, all_logits=False)
     assert last.shape == (1, 320) and close(last, full[-1:], FLOAT_RTOL)  # a matvec sums in another order
+
+
+def test_sliding_window_models_run_within_their_window():
+    from lowbit.errors import LowbitError
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=32, max_position_embeddings=512)
+    model = MistralForCausalLM(cfg).eval()
+    ids = torch.arange(1, 21)
+    assert close(LeanDecoder(model, max_len=32).forward(ids), reference_logits(model, ids), FLOAT_RTOL)
+    with pytest.raises(LowbitError, match="attention window of 32"):
+        LeanDecoder(model, max_len=64)

@@ -34,10 +34,6 @@ def unsupported_reason(model: nn.Module) -> str | None:
     layout = decoder_layout(model)
     if layout is None:
         return f"model type {getattr(getattr(model, 'config', None), 'model_type', None)!r} has no lean decoder layout"
-    cfg = model.config
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and \
-            getattr(cfg, "layer_types", None) and any(t != "full_attention" for t in cfg.layer_types):
-        return "sliding-window attention layers"
     try:
         for name in (layout.embed, layout.final_norm, layout.head, layout.rotary):
             get_module(model, name)
@@ -164,6 +160,9 @@ class LeanDecoder:
             raise LowbitError(f"lean runtime: {why}")
         layout = decoder_layout(model)
         cfg = model.config
+        window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+        if window and max_len > window:  # within the window, sliding-window attention is full attention
+            raise LowbitError(f"lean runtime: {max_len} positions exceed the model's attention window of {window}")
         self.model = model
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
