@@ -107,3 +107,15 @@ def test_8bit_halves_recombine_the_codes_exactly():
     x = torch.randint(-4, 5, (2, 64)).float()
     y = int8x2_mm(x, *pack_int8_as_int4x2(q, 64, torch.bfloat16), 64)
     assert torch.equal(y, x @ q.dequantize_weight().T)
+
+
+@needs_kernel
+def test_packing_in_row_chunks_equals_packing_at_once(monkeypatch):
+    import lowbit.kernels.int4 as int4
+
+    torch.manual_seed(0)
+    q = QuantLinear.from_linear(nn.Linear(64, 80, bias=False), Scheme(8, False, "group", 32))  # 160 packed rows
+    whole = int4.pack_int8_as_int4x2(q, 32, torch.bfloat16)
+    monkeypatch.setattr(int4, "CHUNK_ROWS", 64)  # 64 + 64 + 32-row tail
+    chunked = int4.pack_int8_as_int4x2(q, 32, torch.bfloat16)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])

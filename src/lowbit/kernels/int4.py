@@ -47,14 +47,29 @@ def kernel_group(module) -> int | None:
     return None
 
 
+CHUNK_ROWS = 4096  # rows converted to int32 and packed at a time (a multiple of the packer's 32-row blocks)
+
+
+def _pack_rows(modules, transform=lambda u: [u]) -> torch.Tensor:
+    """The kernel's packed weight of the modules' unsigned codes u = Q - qmin, stacked along the rows.
+    `transform` maps codes to the 4-bit parts that go into the packed rows ([u], or [hi, lo] of 8-bit
+    codes: [all hi rows; all lo rows]). Codes stay uint8 until packing, which converts CHUNK_ROWS
+    rows at a time: no int32 copy of a whole large weight (lm_head: 113 MB as int32)."""
+    from ..core.packing import unpack
+
+    codes = torch.cat([unpack(m.qweight, m.scheme.bits, m.in_features) for m in modules])  # uint8 [N, K]
+    rows = torch.cat(transform(codes))
+    return torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows[a: a + CHUNK_ROWS].to(torch.int32), 1)
+                      for a in range(0, rows.shape[0], CHUNK_ROWS)])
+
+
 def pack_int4(modules, G: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed weight, scale-and-zero [K/G, N, 2] in `dtype`) of one module, or of several that share
     the input and the scheme, stacked along the output rows (one fused matmul: q|k|v, gate|up)."""
     modules = modules if isinstance(modules, (list, tuple)) else [modules]
     s = modules[0].scheme
     K = modules[0].in_features
-    u = torch.cat([m.codes() for m in modules]).sub(s.qmin).to(torch.int32)  # [N, K] in 0..15
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
+    packed = _pack_rows(modules)  # codes u = Q - qmin in 0..15, [N, K] -> packed
     scales = torch.cat([m.scales for m in modules]).float()  # [N, n_groups]
     zu = torch.cat([m.zero_points() for m in modules]).float() if not s.symmetric else torch.full_like(scales, 8.0)
     zero = scales * (8.0 - zu)
@@ -75,9 +90,7 @@ def pack_int8_as_int4x2(modules, G: int, dtype: torch.dtype) -> tuple[torch.Tens
     modules = modules if isinstance(modules, (list, tuple)) else [modules]
     s = modules[0].scheme
     K = modules[0].in_features
-    c = torch.cat([m.codes() for m in modules]).sub(s.qmin).to(torch.int32)  # [N, K] in 0..255
-    u = torch.cat([c >> 4, c & 15])  # [2N, K]
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
+    packed = _pack_rows(modules, lambda c: [c >> 4, c & 15])  # c = Q - qmin in 0..255 -> [hi rows; lo rows]
     scales = torch.cat([m.scales for m in modules]).float()  # [N, n_groups]
     zu = torch.cat([m.zero_points() for m in modules]).float() if not s.symmetric else torch.full_like(scales, -s.qmin)
     rep = s.group_len(K) // G
