@@ -97,7 +97,7 @@ def rss_child(name: str, model: str, paths: dict[str, str], prompt: int, new: in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--work", type=Path, default=Path("bench-work/speed"))
+    ap.add_argument("--work", type=Path, default=Path("bench_out/speed"))
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
