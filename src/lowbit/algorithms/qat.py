@@ -371,22 +371,20 @@ def _block_state(path: Path) -> tuple[int, dict]:
     return int(meta["done"]), meta
 
 
-def _save_block_state(path: Path, student: nn.Module, done: int, meta: dict, history: list[dict]) -> None:
+def _save_block_state(path: Path, index: int, block_name: str, block: nn.Module, meta: dict,
+                      history: list[dict]) -> None:
+    """The trained tensors of block `index` (its own file, written once), then the progress (JSON):
+    each replaced atomically, the JSON last, so a crash never records a block whose tensors are missing."""
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().contiguous() for n, p in student.named_parameters()
-               if n.endswith((".weight", ".scale", ".zero")) and _is_fake_param(student, n)}
-    tmp = path / "blocks.safetensors.tmp"
+    tensors = {f"{block_name}.{n}": p.detach().contiguous() for n, p in block.named_parameters() if p.requires_grad}
+    tmp = path / f"block-{index}.safetensors.tmp"
     save_file(tensors, str(tmp))
-    os.replace(tmp, path / "blocks.safetensors")
+    os.replace(tmp, path / f"block-{index}.safetensors")
     tmpj = path / "blocks.json.tmp"
-    tmpj.write_text(json.dumps({**meta, "done": done, "history": history}))
+    tmpj.write_text(json.dumps({**meta, "done": index + 1, "history": history}))
     os.replace(tmpj, path / "blocks.json")
-
-
-def _is_fake_param(model: nn.Module, name: str) -> bool:
-    return isinstance(get_module(model, name.rsplit(".", 1)[0]), FakeQuantLinear)
 
 
 def train_blockwise(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, bcfg: BlockConfig,
@@ -423,13 +421,13 @@ def train_blockwise(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, b
             raise LowbitError(f"{state_dir}: block-wise phase saved with other options {saved.get('block_config')}")
         if first:
             from safetensors.torch import load_file
-            tensors = load_file(str(state_dir / "blocks.safetensors"))
             params = dict(student.named_parameters())
             with torch.no_grad():
-                for n, t in tensors.items():
-                    if n not in params:
-                        raise LowbitError(f"{state_dir}: saved tensor {n} is not in this model")
-                    params[n].copy_(t)
+                for i in range(first):
+                    for n, t in load_file(str(state_dir / f"block-{i}.safetensors")).items():
+                        if n not in params:
+                            raise LowbitError(f"{state_dir}: saved tensor {n} is not in this model")
+                        params[n].copy_(t)
             history = saved.get("history", [])
             if first >= len(s_blocks):
                 return history
@@ -450,7 +448,7 @@ def train_blockwise(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, b
                 bar.set_postfix(mse=f"{rec['mse_after']:.3g}", was=f"{rec['mse_before']:.3g}")
                 bar.update(1)
                 if state_dir is not None:
-                    _save_block_state(state_dir, student, i + 1, meta, history)
+                    _save_block_state(state_dir, i, name, sb, meta, history)
             with torch.no_grad():
                 sb.eval()
                 q_in = run_block(sb, q_in, kw)
