@@ -11,8 +11,18 @@ from lowbit.nn.decoder import FusedLinear, LeanDecoder, unsupported_reason
 
 # float32, another order of the same operations (fused matmuls, sdpa): relative to the logits' scale
 FLOAT_RTOL = 1e-4
-# int4 kernel: bf16 activations in the fused kernel vs transformers' path through the same kernel per layer
+# int4 kernel: bf16 activations in the fused kernel vs transformers' path through the same kernel per layer;
+# native decode (kernels/decode.c): activations quantized to int8 per 32 columns in every matvec
 INT4_RTOL = 2e-2
+
+
+def native_available():
+    from lowbit.kernels.native import lib
+
+    return lib() is not None
+
+
+NATIVE = [False, pytest.param(True, marks=pytest.mark.skipif(not native_available(), reason="no C compiler"))]
 
 
 def tiny_llama(hidden=128, inter=256, heads=4, kv=2, layers=2, vocab=320, seed=0, **kw):
@@ -34,12 +44,14 @@ def close(a, b, rtol):
     return (a - b).abs().max().item() <= rtol * b.abs().max().item()
 
 
+@pytest.mark.parametrize("native", NATIVE)
 @pytest.mark.parametrize("kw", [{}, {"attention_bias": True, "mlp_bias": True}, {"rope_theta": 500.0}])
-def test_float_prefill_and_decode_equal_transformers(kw):
+def test_float_prefill_and_decode_equal_transformers(kw, native):
     model = tiny_llama(**kw)
     ids = torch.randint(0, 320, (24,), generator=torch.Generator().manual_seed(1))
     ref = reference_logits(model, ids)
-    dec = LeanDecoder(model, max_len=64)
+    dec = LeanDecoder(model, max_len=64, native=native)
+    assert (dec.native is not None) == native
     got = dec.forward(ids[:10])
     assert got.shape == (10, 320) and close(got, ref[:10], FLOAT_RTOL)
     for t in range(10, 16):  # one token at a time
@@ -49,11 +61,13 @@ def test_float_prefill_and_decode_equal_transformers(kw):
     assert close(dec.forward(ids), ref, FLOAT_RTOL)
 
 
-def test_w4_fused_kernel_equals_transformers_decode():
+@pytest.mark.parametrize("native", NATIVE)
+def test_w4_fused_kernel_equals_transformers_decode(native):
     model = tiny_llama()
     api.quantize(model, QuantConfig(scheme=Scheme(4, True, "group", 32)))
-    dec = LeanDecoder(model, max_len=64)
-    assert dec.blocks[0].qkv.kind == "int4" and dec.blocks[0].gate_up.kind == "int4"
+    dec = LeanDecoder(model, max_len=64, native=native)
+    kind = "native" if native else "int4"
+    assert dec.blocks[0].qkv.kind == kind and dec.blocks[0].gate_up.kind == kind and (dec.native is not None) == native
     ids = torch.randint(0, 320, (20,), generator=torch.Generator().manual_seed(2))
     ref = reference_logits(model, ids)  # transformers, reference path (20 rows > int4.MAX_ROWS)
     got = torch.cat([dec.forward(ids[:12])] + [dec.forward(ids[t: t + 1]) for t in range(12, 20)])
@@ -61,8 +75,9 @@ def test_w4_fused_kernel_equals_transformers_decode():
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.parametrize("native", NATIVE)
 @pytest.mark.parametrize("method", ["rtn-w8", "w8a8", "rtn-w3"])
-def test_other_quantized_layers_run_through_their_modules(method):
+def test_other_quantized_layers_run_through_their_modules(method, native):
     model = tiny_llama()
     if method == "rtn-w8":
         api.quantize(model, QuantConfig(scheme=Scheme(8, True, "channel")))
@@ -70,8 +85,8 @@ def test_other_quantized_layers_run_through_their_modules(method):
         api.quantize(model, QuantConfig(method="w8a8", scheme=Scheme(8, True, "channel")))
     else:
         api.quantize(model, QuantConfig(scheme=Scheme(3, False, "group", 32)))
-    dec = LeanDecoder(model, max_len=32)
-    kinds = {"rtn-w8": "int8x2", "w8a8": "parts", "rtn-w3": "parts"}
+    dec = LeanDecoder(model, max_len=32, native=native)
+    kinds = {"rtn-w8": "native" if native else "int8x2", "w8a8": "parts", "rtn-w3": "parts"}
     assert dec.blocks[0].qkv.kind == kinds[method]
     ids = torch.arange(1, 13)
     ref = reference_logits(model, ids)
@@ -86,7 +101,7 @@ def test_fused_int4_rows_equal_the_separate_layers():
 
     torch.manual_seed(0)
     parts = [QuantLinear.from_linear(nn.Linear(128, n, bias=False), Scheme(4, False, "group", 64)) for n in (64, 32)]
-    fused = FusedLinear(parts)
+    fused = FusedLinear(parts, native=False)
     assert fused.kind == "int4"
     x = torch.randn(MAX_ROWS, 128)
     assert torch.equal(fused(x), torch.cat([p(x) for p in parts], -1))

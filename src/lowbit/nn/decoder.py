@@ -48,16 +48,22 @@ def unsupported_reason(model: nn.Module) -> str | None:
 class FusedLinear:
     """y = x [W_1; W_2; ...]ᵀ (+ b) for linears that read the same input, as one call where a kernel allows."""
 
-    def __init__(self, modules: list[nn.Module]) -> None:
+    def __init__(self, modules: list[nn.Module], native: bool = True) -> None:
         from ..kernels import choose_kernel
         from ..nn.qlinear import QuantLinear
 
         self.modules = modules
         self.kind = "parts"
         self.bias = None
+        use_native = native
         if all(type(m) is QuantLinear for m in modules) and len({(m.scheme, m.in_features) for m in modules}) == 1:
+            from ..kernels import native
+
             kinds = {choose_kernel(m) for m in modules}
-            if len(kinds) == 1:
+            if use_native and native.QWeight.applies(modules) and native.lib() is not None:
+                self.kind = "native"  # kernels/decode.c's matvec: decode rows (prefill calls the modules)
+                self.qw = native.QWeight(modules)
+            elif len(kinds) == 1:
                 kind, arg = kinds.pop()
                 if kind == "int4":
                     from ..kernels.int4 import pack_int4
@@ -80,8 +86,46 @@ class FusedLinear:
         elif all(type(m) is nn.Linear for m in modules):
             self.kind = "float"
 
+    @property
+    def bf16_io(self) -> bool:
+        """Whether this projection's kernel takes and returns bfloat16 (the int4 kernel) on decode."""
+        return self.kind in ("int4", "int8x2")
+
+    def decode_fn(self):
+        """A call for one decode row x [1, K] (bf16 for the int4 kinds, else float32), with as few ops as the
+        kind allows; returns [1, N] in the same dtype (native: float32, in a buffer reused by the next call)."""
+        if self.kind == "native":
+            from ..kernels import native
+
+            L, qw = native.lib(), self.qw
+            out = torch.empty(1, qw.N)  # reused: the decode step consumes it before the next call
+
+            def native_fn(x):
+                native.linear_q(L, qw, x, out)
+                return out
+            return native_fn
+        op = torch.ops.aten._weight_int4pack_mm_for_cpu
+        bias = None if self.bias is None else self.bias.to(torch.bfloat16 if self.bf16_io else torch.float32)
+        if self.kind == "int4":
+            packed, G, sz = self.packed, self.group, self.sz
+            if bias is None:
+                return lambda x: op(x, packed, G, sz)
+            return lambda x: op(x, packed, G, sz) + bias
+        if self.kind == "int8x2":
+            packed, G, sz = self.packed, self.group, self.sz
+
+            def int8x2(x):
+                y = op(x, packed, G, sz)
+                n = y.shape[-1] // 2
+                y = (y[:, :n].float() + y[:, n:].float()).to(torch.bfloat16)
+                return y if bias is None else y + bias
+            return int8x2
+        return self
+
     def nbytes(self) -> int:
         """Bytes of weight data one call reads (the fused copy where there is one, else the modules')."""
+        if self.kind == "native":
+            return self.qw.nbytes()
         if self.kind in ("int4", "int8x2"):
             t = [self.packed, self.sz]
         elif self.kind == "w8":
@@ -92,6 +136,12 @@ class FusedLinear:
         return sum(x.numel() * x.element_size() for x in t)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [M, K] -> [M, sum N]
+        if self.kind == "native" and x.shape[0] == 1:
+            from ..kernels import native
+
+            y = torch.empty(1, self.qw.N, dtype=x.dtype)
+            native.linear_q(native.lib(), self.qw, x.contiguous(), y)
+            return y
         if self.kind == "int4":
             from ..kernels.int4 import MAX_ROWS, int4_mm
 
@@ -131,18 +181,28 @@ def _norm(module: nn.Module):
 
 
 class _Block:
-    def __init__(self, block: nn.Module, layout) -> None:
+    def __init__(self, block: nn.Module, layout, native: bool) -> None:
         attn = block.get_submodule(layout.qkv[0].rsplit(".", 1)[0])
         self.attn_norm_module = block.get_submodule(layout.attn_norm)
         self.mlp_norm_module = block.get_submodule(layout.mlp_norm)
         self.attn_norm = _norm(self.attn_norm_module)
         self.mlp_norm = _norm(self.mlp_norm_module)
-        self.qkv = FusedLinear([block.get_submodule(n) for n in layout.qkv])
-        self.o = FusedLinear([block.get_submodule(layout.o)])
-        self.gate_up = FusedLinear([block.get_submodule(n) for n in layout.gate_up])
-        self.down = FusedLinear([block.get_submodule(layout.down)])
+        self.qkv = FusedLinear([block.get_submodule(n) for n in layout.qkv], native)
+        self.o = FusedLinear([block.get_submodule(layout.o)], native)
+        self.gate_up = FusedLinear([block.get_submodule(n) for n in layout.gate_up], native)
+        self.down = FusedLinear([block.get_submodule(layout.down)], native)
         self.act = block.get_submodule(layout.act)
         self.scaling = getattr(attn, "scaling", None)
+
+
+def _rms_weight(module: nn.Module):
+    """(float32 weight, eps) of an RMSNorm module the native ops can run, else None."""
+    eps = getattr(module, "variance_epsilon", None)
+    w = getattr(module, "weight", None)
+    if (type(module).__name__.endswith("RMSNorm") and eps is not None and isinstance(w, torch.Tensor)
+            and w.dim() == 1 and w.dtype == torch.float32 and w.is_contiguous()):
+        return w, float(eps)
+    return None
 
 
 class LeanDecoder:
@@ -154,7 +214,7 @@ class LeanDecoder:
         dec.reset()                             # a new sequence
     """
 
-    def __init__(self, model: nn.Module, max_len: int = 2048) -> None:
+    def __init__(self, model: nn.Module, max_len: int = 2048, native: bool | None = None) -> None:
         why = unsupported_reason(model)
         if why:
             raise LowbitError(f"lean runtime: {why}")
@@ -170,8 +230,17 @@ class LeanDecoder:
         self.embed = get_module(model, layout.embed)
         self.final_norm_module = get_module(model, layout.final_norm)
         self.final_norm = _norm(self.final_norm_module)
-        self.head = FusedLinear([get_module(model, layout.head)])
-        self.blocks = [_Block(b, layout) for _, b in find_blocks(model)]
+        if native is None:  # kernels/decode.c where it builds (LOWBIT_NATIVE=0 turns it off)
+            from ..kernels.native import lib
+
+            native = lib() is not None
+        elif native:
+            from ..kernels.native import lib
+
+            if lib() is None:
+                raise LowbitError("lean runtime: native decode ops requested but kernels/decode.c could not be built")
+        self.head = FusedLinear([get_module(model, layout.head)], native)
+        self.blocks = [_Block(b, layout, native) for _, b in find_blocks(model)]
         self.scaling = self.blocks[0].scaling or self.head_dim ** -0.5
         self.max_len = max_len
         self.dtype = self.final_norm_module.weight.dtype  # activations and cache: the model's float dtype
@@ -184,6 +253,58 @@ class LeanDecoder:
         self.k_cache = torch.zeros(shape, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, dtype=self.dtype)
         self.pos = 0
+        self.native = self._setup_native() if native else None
+
+    def _setup_native(self):
+        """Decode steps through kernels/decode.c (fused norm+residual, rope+cache+attention, silu·mul) where
+        the library builds and the model has the parts it implements; else None (torch ops)."""
+        from ..kernels import native
+
+        act = type(self.blocks[0].act).__name__
+        norms = [_rms_weight(m) for b in self.blocks for m in (b.attn_norm_module, b.mlp_norm_module)]
+        norms.append(_rms_weight(self.final_norm_module))
+        if (self.dtype != torch.float32 or act not in ("SiLU", "SiLUActivation") or None in norms
+                or self.head_dim % 2 or self.head_dim > native.MAX_HEAD_DIM or self.n_heads % self.n_kv):
+            return None
+        L = native.lib()
+        if L is None:
+            return None
+        bf16 = all(x.bf16_io for b in self.blocks for x in (b.qkv, b.o, b.gate_up, b.down))
+        io = torch.bfloat16 if bf16 else torch.float32
+        hidden = self.final_norm_module.weight.shape[0]
+        inter = self.blocks[0].down.modules[0].in_features
+        return {
+            "L": L, "io": io, "norms": norms,
+            "h": torch.empty(1, hidden, dtype=io),  # normed input of the next projection
+            "head_in": torch.empty(1, hidden, dtype=torch.bfloat16 if self.head.bf16_io else torch.float32),
+            "attn": torch.empty(1, self.n_heads * self.head_dim, dtype=io),
+            "mlp": torch.empty(1, inter, dtype=io),
+            "scratch": torch.empty(self.n_heads * (self.max_len + self.head_dim)),
+            "fns": [(b.qkv.decode_fn(), b.o.decode_fn(), b.gate_up.decode_fn(), b.down.decode_fn()) for b in self.blocks],
+            "head": self.head.decode_fn() if self.head.bf16_io else self.head,
+        }
+
+    def _decode_native(self, ids: torch.Tensor) -> torch.Tensor:
+        """One token at position self.pos through the native ops: ids [1] -> float32 logits [1, vocab]."""
+        from ..kernels.native import add_rmsnorm, attn_decode, silu_mul
+
+        nt = self.native
+        L, norms, h, attn, mlp, scratch = nt["L"], nt["norms"], nt["h"], nt["attn"], nt["mlp"], nt["scratch"]
+        p = self.pos
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        x = self.embed(ids).float().reshape(-1).contiguous()  # residual stream [hidden], updated in place
+        cos, sin = self.cos[p], self.sin[p]
+        add_rmsnorm(L, x, None, *norms[0], h)
+        n_blocks = len(self.blocks)
+        for i, (qkv, o, gate_up, down) in enumerate(nt["fns"]):
+            attn_decode(L, qkv(h), cos, sin, self.k_cache[i], self.v_cache[i], p, nh, nkv, hd, self.scaling,
+                        scratch, attn)
+            add_rmsnorm(L, x, o(attn), *norms[2 * i + 1], h)
+            silu_mul(L, gate_up(h), mlp)
+            last = i == n_blocks - 1
+            add_rmsnorm(L, x, down(mlp), *norms[2 * i + 2], nt["head_in"] if last else h)
+        self.pos = p + 1
+        return nt["head"](nt["head_in"]).float()
 
     def decode_bytes(self, length: int) -> int:
         """Bytes a decoded token reads at a context of `length` positions: every projection's weights,
@@ -212,6 +333,8 @@ class LeanDecoder:
         M, p = ids.numel(), self.pos
         if p + M > self.max_len:
             raise LowbitError(f"lean runtime: {p + M} positions exceed the cache of {self.max_len}")
+        if M == 1 and self.native is not None:
+            return self._decode_native(ids)
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         x = self.embed(ids).to(self.dtype)  # [M, hidden]
         cos = self.cos[p: p + M].unsqueeze(1)

@@ -1,0 +1,318 @@
+/* lowbit: fused per-token ops of the lean decoder's decode step (one sequence, one new position).
+ *
+ * Built on first use by kernels/native.py with the system C compiler (cc -O3 -march=native -ffast-math -fopenmp),
+ * loaded with ctypes; every function has a torch reference in kernels/native.py and an equivalence test.
+ * Between the int4 matmuls (bfloat16 in, bfloat16 out) a decoded token otherwise costs ~35 small torch
+ * ops per layer, ~5 us each at this size; here they are four calls per layer:
+ *
+ *   lb_add_rmsnorm   x += y (optional); out = rms_norm(x) * w                   residual + next norm
+ *   lb_attn_decode   rope(q, k) at pos; K/V cache[pos] = k, v; out = softmax(q K^T * scale) V
+ *   lb_silu_mul      out = silu(g) * u for g|u = one vector [2n]
+ *   lb_linear_q4     y = x W^T for 4-bit codes in groups (W = s (c - z)), activations int8 per 32 columns
+ *   lb_linear_q8     the same for 8-bit codes
+ *
+ * Matmul inputs and outputs are bfloat16 (the int4 kernel's) or float32 (float and int8 weights), chosen by
+ * a flag per argument; the residual stream, caches and all math are float32; bf16 rounding is
+ * round-to-nearest-even, as torch's .to(torch.bfloat16).
+ * Shapes: hidden n; q heads nh, kv heads nkv (nh % nkv == 0), head_dim hd (even);
+ * cache [nkv, max_len, hd] float32 for one layer, positions 0..pos valid after the call.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define MAX_HEAD_DIM 512 /* one head's accumulator */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float ld(const void *p, int bf16, size_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void st(void *p, int bf16, size_t i, float v) {
+    if (bf16)
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+int lb_abi_version(void) { return 3; }
+
+/* s[t] = scale * dot(q, K[t]) for t < T; K rows of hd floats. Eight positions at a time with eight
+ * independent accumulators (one per position), reduced together: a plain dot loop per position is one
+ * dependent FMA chain plus a horizontal sum per position, about 5x slower here. */
+static void scores(const float *q, const float *K, int T, int hd, float scale, float *s) {
+    int t = 0;
+#ifdef __AVX2__
+    if (hd % 8 == 0) {
+        for (; t + 8 <= T; t += 8) {
+            __m256 acc[8];
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+            for (int i = 0; i < hd; i += 8) {
+                const __m256 qv = _mm256_loadu_ps(q + i);
+                for (int j = 0; j < 8; j++)
+                    acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + (size_t)(t + j) * hd + i), acc[j]);
+            }
+            /* transpose-reduce: lane j of the result = sum of acc[j]'s eight lanes */
+            __m256 a01 = _mm256_hadd_ps(acc[0], acc[1]), a23 = _mm256_hadd_ps(acc[2], acc[3]);
+            __m256 a45 = _mm256_hadd_ps(acc[4], acc[5]), a67 = _mm256_hadd_ps(acc[6], acc[7]);
+            __m256 a0123 = _mm256_hadd_ps(a01, a23), a4567 = _mm256_hadd_ps(a45, a67);
+            __m256 lo = _mm256_permute2f128_ps(a0123, a4567, 0x20), hi = _mm256_permute2f128_ps(a0123, a4567, 0x31);
+            _mm256_storeu_ps(s + t, _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale)));
+        }
+    }
+#endif
+    for (; t < T; t++) {
+        const float *kt = K + (size_t)t * hd;
+        float d = 0.f;
+        for (int i = 0; i < hd; i++) d += q[i] * kt[i];
+        s[t] = d * scale;
+    }
+}
+
+/* x [n] float32, updated in place when y != NULL: x += y (y [n] bf16 or float32 by y_bf16);
+ * w [n] float32; out [n] (bf16 or float32 by out_bf16) = x * rsqrt(mean(x^2) + eps) * w. */
+void lb_add_rmsnorm(float *x, const void *y, int y_bf16, const float *w, float eps, int n, void *out, int out_bf16) {
+    if (y) {
+        for (int i = 0; i < n; i++) x[i] += ld(y, y_bf16, i);
+    }
+    float ss = 0.f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) st(out, out_bf16, i, x[i] * r * w[i]);
+}
+
+/* gu [2n] = gate | up; out [n] = silu(gate) * up (each bf16 or float32 by its flag). */
+void lb_silu_mul(const void *gu, int in_bf16, int n, void *out, int out_bf16) {
+    for (int i = 0; i < n; i++) {
+        const float g = ld(gu, in_bf16, i), u = ld(gu, in_bf16, (size_t)n + i);
+        st(out, out_bf16, i, g / (1.0f + expf(-g)) * u);
+    }
+}
+
+/* qkv [(nh + 2 nkv) hd] (bf16 or float32 by in_bf16): q heads, k heads, v heads (one token).
+ * cos, sin [hd] float32: the rotary table's row at pos (rotate_half convention: pairs i, i + hd/2).
+ * kc, vc [nkv, max_len, hd] float32: this layer's cache; k, v written at pos.
+ * out [nh hd] (bf16 or float32 by out_bf16): attention output over positions 0..pos, q heads in order (GQA: head h reads kv head
+ * h / (nh / nkv)). scratch: at least nh * (pos + 1) + nh * hd floats. */
+void lb_attn_decode(const void *qkv, int in_bf16, const float *cos, const float *sin, float *kc, float *vc,
+                    int pos, int max_len, int nh, int nkv, int hd, float scale, float *scratch, void *out, int out_bf16) {
+    const int half = hd / 2, group = nh / nkv, T = pos + 1;
+    float *q = scratch + (size_t)nh * T; /* [nh, hd] roped q */
+    for (int h = 0; h < nh + nkv; h++) {
+        const size_t src = (size_t)h * hd;
+        float *dst = h < nh ? q + (size_t)h * hd : kc + ((size_t)(h - nh) * max_len + pos) * hd;
+        for (int i = 0; i < half; i++) {
+            const float a = ld(qkv, in_bf16, src + i), b = ld(qkv, in_bf16, src + i + half);
+            dst[i] = a * cos[i] - b * sin[i];
+            dst[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+    }
+    for (int g = 0; g < nkv; g++) {
+        const size_t src = (size_t)(nh + nkv + g) * hd;
+        float *dst = vc + ((size_t)g * max_len + pos) * hd;
+        for (int i = 0; i < hd; i++) dst[i] = ld(qkv, in_bf16, src + i);
+    }
+#pragma omp parallel for schedule(static)
+    for (int h = 0; h < nh; h++) {
+        const int g = h / group;
+        const float *qh = q + (size_t)h * hd;
+        const float *K = kc + (size_t)g * max_len * hd;
+        const float *V = vc + (size_t)g * max_len * hd;
+        float *s = scratch + (size_t)h * T;
+        scores(qh, K, T, hd, scale, s);
+        float m = -FLT_MAX;
+        for (int t = 0; t < T; t++) m = s[t] > m ? s[t] : m;
+        float sum = 0.f;
+        for (int t = 0; t < T; t++) {
+            s[t] = expf(s[t] - m);
+            sum += s[t];
+        }
+        float acc[MAX_HEAD_DIM];
+        for (int i = 0; i < hd; i++) acc[i] = 0.f;
+        for (int t = 0; t < T; t++) {
+            const float *vt = V + (size_t)t * hd;
+            const float p = s[t];
+            for (int i = 0; i < hd; i++) acc[i] += p * vt[i];
+        }
+        const float inv = 1.0f / sum;
+        for (int i = 0; i < hd; i++) st(out, out_bf16, (size_t)h * hd + i, acc[i] * inv);
+    }
+}
+
+/* ---- weight-quantized matrix-vector products -------------------------------------------------------------
+ * W [N, K] is stored as integer codes c with, per row n and group g of G columns (G % 32 == 0; the last group
+ * may be shorter), w = s[n, g] (c - z[n, g]); sz = s * z is stored instead of z. The activation x [K] is
+ * quantized per block of 32 columns to int8 (xq = round(x / d), d = max|x| / 127: llama.cpp's Q8_0), so
+ *     y[n] = sum_g s[n,g] sum_{b in g} d_b dot(c_b, xq_b)  -  sum_g sz[n,g] A_g,    A_g = sum_{b in g} d_b sum(xq_b)
+ * with exact integer dots per block. Codes: 4-bit, 64 columns in 32 bytes (byte j: column j in the low nibble,
+ * column 32 + j in the high one), K % 64 == 0; 8-bit, signed int8 one per byte, K % 32 == 0.
+ * Rows are split over OpenMP threads. */
+
+/* exact IEEE division and rounding here (no fast-math), so that the reference in torch gets the same codes */
+__attribute__((optimize("no-fast-math"))) static void quantize_act(const void *x, int x_bf16, int K, int8_t *xq, float *d, float *dsum) {
+    for (int b = 0; b < K / 32; b++) {
+        float v[32], amax = 0.f;
+        for (int j = 0; j < 32; j++) {
+            v[j] = ld(x, x_bf16, (size_t)b * 32 + j);
+            const float a = fabsf(v[j]);
+            amax = a > amax ? a : amax;
+        }
+        const float db = amax / 127.f, id = db > 0.f ? 1.f / db : 0.f;
+        int sum = 0;
+        for (int j = 0; j < 32; j++) {
+            const int q = (int)nearbyintf(v[j] * id);
+            xq[b * 32 + j] = (int8_t)q;
+            sum += q;
+        }
+        d[b] = db;
+        dsum[b] = db * (float)sum;
+    }
+}
+
+#ifdef __AVX2__
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+#ifdef __AVX2__
+/* the 32 codes of block b of a row, as bytes (4-bit: 0..15; 8-bit: int8) */
+static inline __attribute__((always_inline)) __m256i block_codes(const uint8_t *wr, int bits, int b) {
+    if (bits == 4) {
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)(wr + (size_t)(b / 2) * 32));
+        return _mm256_and_si256((b & 1) ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0f));
+    }
+    return _mm256_loadu_si256((const __m256i *)(wr + (size_t)b * 32));
+}
+
+/* int32 lanes of dot(c, xv) (pairs summed): 4-bit codes are unsigned (0..15, no saturation); 8-bit codes are
+ * signed: |c| * sign(x, c) = c * x with |c| <= 128, |x| <= 127, so pair sums fit in int16 */
+static inline __attribute__((always_inline)) __m256 block_dot(__m256i c, __m256i xv, int bits) {
+    const __m256i p16 = bits == 4 ? _mm256_maddubs_epi16(c, xv)
+                                  : _mm256_maddubs_epi16(_mm256_sign_epi8(c, c), _mm256_sign_epi8(xv, c));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+#endif
+
+#define ROWS 4 /* rows per step: the activation blocks are loaded once for all of them */
+
+/* out[r] for rows n0 .. n0 + R, R = ROWS or 1 (compile-time constants after inlining, so the accumulators stay
+ * in registers), bits 4 or 8 likewise */
+static inline __attribute__((always_inline)) void rows_q(const uint8_t *w, size_t row_bytes, const int bits,
+        const float *s, const float *sz, int n0, const int R, int nb, int ng, int bpg, const int8_t *xq,
+        const float *d, const float *A, float *out) {
+#ifdef __AVX2__
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    const uint8_t *w0 = w + (size_t)n0 * row_bytes, *w1 = w0 + row_bytes, *w2 = w1 + row_bytes, *w3 = w2 + row_bytes;
+    for (int g = 0; g < ng; g++) {
+        const int b0 = g * bpg, b1 = b0 + bpg < nb ? b0 + bpg : nb;
+        __m256 v0 = _mm256_setzero_ps(), v1 = v0, v2 = v0, v3 = v0;
+        for (int b = b0; b < b1; b++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)b * 32));
+            const __m256 db = _mm256_set1_ps(d[b]);
+            v0 = _mm256_fmadd_ps(block_dot(block_codes(w0, bits, b), xv, bits), db, v0);
+            if (R == ROWS) {
+                v1 = _mm256_fmadd_ps(block_dot(block_codes(w1, bits, b), xv, bits), db, v1);
+                v2 = _mm256_fmadd_ps(block_dot(block_codes(w2, bits, b), xv, bits), db, v2);
+                v3 = _mm256_fmadd_ps(block_dot(block_codes(w3, bits, b), xv, bits), db, v3);
+            }
+        }
+        acc0 = _mm256_fmadd_ps(v0, _mm256_set1_ps(s[(size_t)n0 * ng + g]), acc0);
+        if (R == ROWS) {
+            acc1 = _mm256_fmadd_ps(v1, _mm256_set1_ps(s[(size_t)(n0 + 1) * ng + g]), acc1);
+            acc2 = _mm256_fmadd_ps(v2, _mm256_set1_ps(s[(size_t)(n0 + 2) * ng + g]), acc2);
+            acc3 = _mm256_fmadd_ps(v3, _mm256_set1_ps(s[(size_t)(n0 + 3) * ng + g]), acc3);
+        }
+    }
+    const __m256 accs[4] = {acc0, acc1, acc2, acc3};
+    for (int r = 0; r < R; r++) {
+        float corr = 0.f;
+        for (int g = 0; g < ng; g++) corr += sz[(size_t)(n0 + r) * ng + g] * A[g];
+        out[r] = hsum8(accs[r]) - corr;
+    }
+#else
+    for (int r = 0; r < R; r++) {
+        const uint8_t *wr = w + (size_t)(n0 + r) * row_bytes;
+        float acc = 0.f;
+        for (int g = 0; g < ng; g++) {
+            const int b0 = g * bpg, b1 = b0 + bpg < nb ? b0 + bpg : nb;
+            float vg = 0.f;
+            for (int b = b0; b < b1; b++) {
+                int dot = 0;
+                for (int j = 0; j < 32; j++) {
+                    int c;
+                    if (bits == 4) {
+                        const uint8_t byte = wr[(size_t)(b / 2) * 32 + j];
+                        c = (b & 1) ? byte >> 4 : byte & 15;
+                    } else {
+                        c = (int8_t)wr[(size_t)b * 32 + j];
+                    }
+                    dot += c * xq[b * 32 + j];
+                }
+                vg += d[b] * (float)dot;
+            }
+            acc += s[(size_t)(n0 + r) * ng + g] * vg - sz[(size_t)(n0 + r) * ng + g] * A[g];
+        }
+        out[r] = acc;
+    }
+#endif
+}
+
+static void linear_q(const uint8_t *w, int bits, const float *s, const float *sz, int N, int K, int G,
+                     const void *x, int x_bf16, const float *bias, void *y, int y_bf16) {
+    const int nb = K / 32, ng = (K + G - 1) / G, bpg = G / 32;
+    int8_t xq[K];
+    float d[nb], dsum[nb], A[ng];
+    quantize_act(x, x_bf16, K, xq, d, dsum);
+    for (int g = 0; g < ng; g++) {
+        A[g] = 0.f;
+        for (int b = g * bpg; b < (g + 1) * bpg && b < nb; b++) A[g] += dsum[b];
+    }
+    const size_t row_bytes = bits == 4 ? (size_t)K / 2 : (size_t)K;
+    const int steps = (N + ROWS - 1) / ROWS;
+    /* two threads even for the smallest matrices here: in a decode step every weight comes from memory, and one
+     * core streams ~8 GB/s against ~14 for two (a hot-cache microbenchmark says otherwise) */
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < steps; i++) {
+        const int n0 = i * ROWS, R = N - n0 < ROWS ? N - n0 : ROWS;
+        float out[ROWS];
+        if (bits == 4 && R == ROWS)
+            rows_q(w, row_bytes, 4, s, sz, n0, ROWS, nb, ng, bpg, xq, d, A, out);
+        else if (bits == 4)
+            for (int r = 0; r < R; r++) rows_q(w, row_bytes, 4, s, sz, n0 + r, 1, nb, ng, bpg, xq, d, A, out + r);
+        else /* 8-bit: one row at a time measured ~2x faster than four (register pressure of the sign trick) */
+            for (int r = 0; r < R; r++) rows_q(w, row_bytes, 8, s, sz, n0 + r, 1, nb, ng, bpg, xq, d, A, out + r);
+        for (int r = 0; r < R; r++) st(y, y_bf16, (size_t)n0 + r, bias ? out[r] + bias[n0 + r] : out[r]);
+    }
+}
+
+void lb_linear_q4(const uint8_t *w, const float *s, const float *sz, int N, int K, int G,
+                  const void *x, int x_bf16, const float *bias, void *y, int y_bf16) {
+    linear_q(w, 4, s, sz, N, K, G, x, x_bf16, bias, y, y_bf16);
+}
+
+void lb_linear_q8(const int8_t *w, const float *s, const float *sz, int N, int K, int G,
+                  const void *x, int x_bf16, const float *bias, void *y, int y_bf16) {
+    linear_q((const uint8_t *)w, 8, s, sz, N, K, G, x, x_bf16, bias, y, y_bf16);
+}
