@@ -14,6 +14,8 @@ FLOAT_RTOL = 1e-4
 # int4 kernel: bf16 activations in the fused kernel vs transformers' path through the same kernel per layer;
 # native decode (kernels/decode.c): activations quantized to int8 per 32 columns in every matvec
 INT4_RTOL = 2e-2
+# native decode keeps K/V in float16 (llama.cpp's default cache type): the prefix's keys and values rounded
+KV16_RTOL = 2e-3
 
 
 def native_available():
@@ -52,19 +54,21 @@ def test_float_prefill_and_decode_equal_transformers(kw, native):
     ref = reference_logits(model, ids)
     dec = LeanDecoder(model, max_len=64, native=native)
     assert (dec.native is not None) == native
+    assert dec.k_cache.dtype == (torch.float16 if native else torch.float32)
+    rtol = KV16_RTOL if native else FLOAT_RTOL
     got = dec.forward(ids[:10])
-    assert got.shape == (10, 320) and close(got, ref[:10], FLOAT_RTOL)
+    assert got.shape == (10, 320) and close(got, ref[:10], rtol)
     for t in range(10, 16):  # one token at a time
-        assert close(dec.forward(ids[t: t + 1]), ref[t: t + 1], FLOAT_RTOL)
-    assert close(dec.forward(ids[16:]), ref[16:], FLOAT_RTOL)  # a chunk after a cached prefix
+        assert close(dec.forward(ids[t: t + 1]), ref[t: t + 1], rtol)
+    assert close(dec.forward(ids[16:]), ref[16:], rtol)  # a chunk after a cached prefix
     dec.reset()
-    assert close(dec.forward(ids), ref, FLOAT_RTOL)
+    assert close(dec.forward(ids), ref, rtol)
 
 
 @pytest.mark.parametrize("native", NATIVE)
 def test_w4_fused_kernel_equals_transformers_decode(native):
     model = tiny_llama()
-    api.quantize(model, QuantConfig(scheme=Scheme(4, True, "group", 32)))
+    api.quantize(model, QuantConfig(scheme=Scheme(4, True, "group", 64)))
     dec = LeanDecoder(model, max_len=64, native=native)
     kind = "native" if native else "int4"
     assert dec.blocks[0].qkv.kind == kind and dec.blocks[0].gate_up.kind == kind and (dec.native is not None) == native
@@ -91,7 +95,9 @@ def test_other_quantized_layers_run_through_their_modules(method, native):
     ids = torch.arange(1, 13)
     ref = reference_logits(model, ids)
     got = torch.cat([dec.forward(ids[:4])] + [dec.forward(ids[t: t + 1]) for t in range(4, 12)])
-    assert close(got, ref, {"w8a8": 1e-3, "rtn-w8": INT4_RTOL}.get(method, FLOAT_RTOL))
+    # w8a8 with the native float16 cache: the cache's rounding flips some int8 activation codes (whole steps)
+    w8a8 = INT4_RTOL if native else 1e-3
+    assert close(got, ref, {"w8a8": w8a8, "rtn-w8": INT4_RTOL}.get(method, KV16_RTOL if native else FLOAT_RTOL))
 
 
 def test_fused_int4_rows_equal_the_separate_layers():
@@ -170,8 +176,8 @@ def test_bf16_model_runs_in_bf16():
 def test_last_logits_only():
     model = tiny_llama()
     ids = torch.arange(1, 11)
-    full = LeanDecoder(model, max_len=16).forward(ids)
-    last = LeanDecoder(model, max_len=16).forward(ids, all_logits=False)
+    full = LeanDecoder(model, max_len=16, native=False).forward(ids)
+    last = LeanDecoder(model, max_len=16, native=False).forward(ids, all_logits=False)
     assert last.shape == (1, 320) and close(last, full[-1:], FLOAT_RTOL)  # a matvec sums in another order
 
 
@@ -184,6 +190,6 @@ def test_sliding_window_models_run_within_their_window():
                         num_attention_heads=4, num_key_value_heads=2, sliding_window=32, max_position_embeddings=512)
     model = MistralForCausalLM(cfg).eval()
     ids = torch.arange(1, 21)
-    assert close(LeanDecoder(model, max_len=32).forward(ids), reference_logits(model, ids), FLOAT_RTOL)
+    assert close(LeanDecoder(model, max_len=32, native=False).forward(ids), reference_logits(model, ids), FLOAT_RTOL)
     with pytest.raises(LowbitError, match="attention window of 32"):
         LeanDecoder(model, max_len=64)

@@ -3,8 +3,8 @@
     add_rmsnorm(x, y, w, eps, out)     x += y (or no y); out = rms_norm(x) · w
     attn_decode(qkv, cos, sin, kc, vc, pos, ...)   rope, K/V cache write, one query's attention
     silu_mul(gu, out)                  out = silu(g) · u
-    linear_q(qw, x, out)               out = x Wᵀ (+ b), W 4- or 8-bit codes in groups (QWeight), x int8 per 32
-(inputs and outputs float32 or bfloat16, per tensor; the math in float32; the residual and caches float32).
+    linear_q(qw, x, out)               out = x Wᵀ (+ b), W 4- or 8-bit codes read in place (QWeight), x int8 per 32
+(inputs and outputs float32 or bfloat16, per tensor; the math and the residual in float32; the K/V cache float16).
 
 Each has a torch reference here (`*_reference`, the same math in torch ops) and an equivalence test.
 The library is compiled once per source, compiler and CPU into the lowbit cache (`cc -O3 -march=native
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("decode.c")
-ABI_VERSION = 3
+ABI_VERSION = 5
 MAX_HEAD_DIM = 512  # decode.c's per-head accumulator
 _LIB: list = []  # [ctypes.CDLL or None] once tried
 
@@ -96,10 +96,8 @@ def lib():
             handle.lb_add_rmsnorm.argtypes = [p, p, i, p, f, i, p, i]
             handle.lb_silu_mul.argtypes = [p, i, i, p, i]
             handle.lb_attn_decode.argtypes = [p, i, p, p, p, p, i, i, i, i, i, f, p, p, i]
-            handle.lb_linear_q4.argtypes = [p, p, p, i, i, i, p, i, p, p, i]
-            handle.lb_linear_q8.argtypes = [p, p, p, i, i, i, p, i, p, p, i]
-            for fn in (handle.lb_add_rmsnorm, handle.lb_silu_mul, handle.lb_attn_decode, handle.lb_linear_q4,
-                       handle.lb_linear_q8):
+            handle.lb_linear_q.argtypes = [i, i, p, p, p, p, i, i, p, i, p, p, i]
+            for fn in (handle.lb_add_rmsnorm, handle.lb_silu_mul, handle.lb_attn_decode, handle.lb_linear_q):
                 fn.restype = None
         except OSError as e:
             _log(f"native decode ops unavailable ({e}); the lean decoder uses torch ops")
@@ -112,69 +110,69 @@ def lib():
 # ---- quantized weights for lb_linear_q4 / lb_linear_q8 ----------------------------------------------------
 
 class QWeight:
-    """One or more QuantLinears that read the same input, stacked along the rows, as the C matvec stores them:
-    codes c (4-bit: u, 64 columns in 32 bytes, byte j = column j | column 32 + j << 4; 8-bit: int8 u − 128), and per
-    row and group float32 s and sz = s·z so that w = s (c − z)."""
+    """One or more QuantLinears that read the same input (q|k|v), as lb_linear_q reads them: their packed codes
+    in place (no copy), and per row and group float32 s and sz' (w = s (c − z), c = u for 4-bit, u − 128 for
+    8-bit, sz' = s · z in c's units), stacked along the rows like the biases."""
 
     def __init__(self, modules) -> None:
-        from ..core.packing import unpack
-
         m0 = modules[0]
         sch = m0.scheme
         self.bits, self.K = sch.bits, m0.in_features
         self.G = sch.group_len(self.K)
-        u = torch.cat([unpack(m.qweight, sch.bits, self.K) for m in modules])  # uint8 u = Q - qmin [N, K]
-        self.N = u.shape[0]
+        self.modules = list(modules)
+        self.weights = [m.qweight.contiguous() for m in modules]  # held: lb_linear_q reads their memory
+        self.rows = [m.out_features for m in modules]
+        self.N = sum(self.rows)
         s = torch.cat([m.scales for m in modules]).float()  # [N, n_groups]
         zu = (torch.cat([m.zero_points() for m in modules]).float() if not sch.symmetric
               else torch.full_like(s, float(-sch.qmin)))
-        if self.bits == 4:  # c = u, z = z_u
-            v = u.view(self.N, self.K // 64, 2, 32)
-            self.w = (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(self.N, self.K // 2).contiguous()
-            z = zu
-        else:  # c = u - 128 as int8, z = z_u - 128
-            self.w = (u.to(torch.int16) - 128).to(torch.int8).contiguous()
-            z = zu - 128
+        z = zu if self.bits == 4 else zu - 128
         self.s = s.contiguous()
         self.sz = (s * z).contiguous()
         biases = [m.bias for m in modules]
         self.bias = (None if all(b is None for b in biases) else
                      torch.cat([b.float() if b is not None else torch.zeros(m.out_features)
                                 for b, m in zip(biases, modules)]).contiguous())
+        self._w_ptrs = (ctypes.c_void_p * len(self.weights))(*[w.data_ptr() for w in self.weights])
+        self._rows = (ctypes.c_int * len(self.rows))(*self.rows)
 
     @staticmethod
     def applies(modules) -> bool:
         m0 = modules[0]
         sch = m0.scheme
         K = m0.in_features
-        return (sch.bits in (4, 8) and sch.granularity != "tensor" and sch.group_len(K) % 32 == 0
-                and K % (64 if sch.bits == 4 else 32) == 0
-                and len({(m.scheme, m.in_features) for m in modules}) == 1)
+        step = 64 if sch.bits == 4 else 32  # see decode.c: 4-bit codes are read 64 columns at a time
+        return (sch.bits in (4, 8) and sch.granularity != "tensor" and sch.group_len(K) % step == 0
+                and K % step == 0 and len({(m.scheme, m.in_features) for m in modules}) == 1)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.w, self.s, self.sz, self.bias) if t is not None)
+        """Bytes a matvec reads: the codes (the modules' own) and the float32 scales and biases."""
+        return sum(t.numel() * t.element_size() for t in (*self.weights, self.s, self.sz, self.bias) if t is not None)
 
     def codes(self) -> torch.Tensor:
-        """The codes c as int32 [N, K] (for the reference)."""
-        if self.bits == 8:
-            return self.w.to(torch.int32)
-        v = self.w.view(self.N, self.K // 64, 32)
-        return torch.stack([v & 15, v >> 4], 2).reshape(self.N, self.K).to(torch.int32)
+        """The codes c as int32 [N, K] (u for 4-bit, u − 128 for 8-bit), for the reference."""
+        from ..core.packing import unpack
+
+        u = torch.cat([unpack(w, self.bits, self.K) for w in self.weights]).to(torch.int32)
+        return u if self.bits == 4 else u - 128
 
 
-def quantize_act_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [K] -> (xq int32 [K/32, 32], d [K/32]): int8 per block of 32, d = max|x| / 127."""
-    v = x.float().view(-1, 32)
+def quantize_act_reference(x: torch.Tensor, interleave: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [K] -> (xq int32 [K/32, 32], d [K/32], columns [K/32, 32]): int8 per block of 32, d = max|x| / 127; blocks
+    of 32 consecutive columns, or (interleave, for 4-bit weights) the even and the odd columns of each 64."""
+    K = x.shape[-1]
+    cols = torch.arange(K).view(-1, 32, 2).transpose(1, 2).reshape(-1, 32) if interleave else torch.arange(K).view(-1, 32)
+    v = x.float()[cols]
     d = v.abs().amax(1) / 127
     inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-    return torch.round(v * inv.unsqueeze(1)).to(torch.int32), d
+    return torch.round(v * inv.unsqueeze(1)).to(torch.int32), d, cols
 
 
 def linear_q_reference(qw: QWeight, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """The C matvec's math in torch: exact integer dots per 32-block, then the float combination."""
-    xq, d = quantize_act_reference(x)
+    xq, d, cols = quantize_act_reference(x, qw.bits == 4)
     nb = qw.K // 32
-    c = qw.codes().view(qw.N, nb, 32)
+    c = qw.codes()[:, cols]  # [N, nb, 32], the blocks' columns
     dots = (c * xq.unsqueeze(0)).sum(-1).float() * d  # [N, nb]
     bpg = qw.G // 32
     ng = qw.s.shape[1]
@@ -204,7 +202,7 @@ def silu_mul_reference(gu: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor
 
 
 def attn_decode_reference(qkv, cos, sin, kc, vc, pos, nh, nkv, hd, scale, out_dtype) -> torch.Tensor:
-    """qkv [(nh+2nkv) hd]; cos/sin [hd]; kc/vc [nkv, max_len, hd] float32 (k, v written at pos)."""
+    """qkv [(nh+2nkv) hd]; cos/sin [hd]; kc/vc [nkv, max_len, hd] float16 (k, v written at pos)."""
     x = qkv.float().view(nh + 2 * nkv, hd)
     half = hd // 2
     qk = x[: nh + nkv]
@@ -213,8 +211,8 @@ def attn_decode_reference(qkv, cos, sin, kc, vc, pos, nh, nkv, hd, scale, out_dt
     q, k, v = qk[:nh], qk[nh:], x[nh + nkv:]
     kc[:, pos] = k
     vc[:, pos] = v
-    o = F.scaled_dot_product_attention(q.view(1, nh, 1, hd), kc[:, : pos + 1].unsqueeze(0), vc[:, : pos + 1].unsqueeze(0),
-                                       scale=scale, enable_gqa=nh != nkv)
+    o = F.scaled_dot_product_attention(q.view(1, nh, 1, hd), kc[:, : pos + 1].float().unsqueeze(0),
+                                       vc[:, : pos + 1].float().unsqueeze(0), scale=scale, enable_gqa=nh != nkv)
     return o.reshape(nh * hd).to(out_dtype)
 
 
@@ -241,9 +239,8 @@ def attn_decode(L, qkv, cos, sin, kc, vc, pos: int, nh: int, nkv: int, hd: int, 
 
 def linear_q(L, qw: QWeight, x, out) -> None:
     """out [N] = x [K] Wᵀ (+ bias); x and out bf16 or float32."""
-    fn = L.lb_linear_q4 if qw.bits == 4 else L.lb_linear_q8
-    fn(qw.w.data_ptr(), qw.s.data_ptr(), qw.sz.data_ptr(), qw.N, qw.K, qw.G, x.data_ptr(), _bf(x),
-       None if qw.bias is None else qw.bias.data_ptr(), out.data_ptr(), _bf(out))
+    L.lb_linear_q(qw.bits, len(qw.rows), qw._w_ptrs, qw._rows, qw.s.data_ptr(), qw.sz.data_ptr(), qw.K, qw.G,
+                  x.data_ptr(), _bf(x), None if qw.bias is None else qw.bias.data_ptr(), out.data_ptr(), _bf(out))
 
 
 __all__ = ["lib", "build", "QWeight", "linear_q", "linear_q_reference", "quantize_act_reference", "add_rmsnorm", "silu_mul", "attn_decode", "add_rmsnorm_reference",

@@ -249,11 +249,13 @@ class LeanDecoder:
             pos = torch.arange(max_len).unsqueeze(0)
             cos, sin = rot(torch.zeros(1, dtype=torch.float32), pos)
         self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [max_len, head_dim]
-        shape = (len(self.blocks), self.n_kv, max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype)
         self.pos = 0
         self.native = self._setup_native() if native else None
+        # K/V cache: the model's dtype, or float16 for the native ops (llama.cpp's default cache type)
+        self.cache_dtype = torch.float16 if self.native is not None else self.dtype
+        shape = (len(self.blocks), self.n_kv, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.cache_dtype)
+        self.v_cache = torch.zeros(shape, dtype=self.cache_dtype)
 
     def _setup_native(self):
         """Decode steps through kernels/decode.c (fused norm+residual, rope+cache+attention, silu·mul) where
@@ -279,7 +281,7 @@ class LeanDecoder:
             "head_in": torch.empty(1, hidden, dtype=torch.bfloat16 if self.head.bf16_io else torch.float32),
             "attn": torch.empty(1, self.n_heads * self.head_dim, dtype=io),
             "mlp": torch.empty(1, inter, dtype=io),
-            "scratch": torch.empty(self.n_heads * (self.max_len + self.head_dim)),
+            "scratch": torch.empty(self.n_heads * self.max_len + (self.n_heads + self.n_kv) * self.head_dim),
             "fns": [(b.qkv.decode_fn(), b.o.decode_fn(), b.gate_up.decode_fn(), b.down.decode_fn()) for b in self.blocks],
             "head": self.head.decode_fn() if self.head.bf16_io else self.head,
         }
@@ -351,8 +353,11 @@ class LeanDecoder:
             v = qkv[:, (nh + nkv) * hd:].view(M, nkv, hd)
             self.k_cache[i, :, p:T] = k.transpose(0, 1)
             self.v_cache[i, :, p:T] = v.transpose(0, 1)
+            K, V = self.k_cache[i, :, :T], self.v_cache[i, :, :T]
+            if K.dtype != q.dtype:  # a float16 cache (native decode) read by float32 attention
+                K, V = K.to(q.dtype), V.to(q.dtype)
             a = F.scaled_dot_product_attention(
-                q.transpose(0, 1).unsqueeze(0), self.k_cache[i, :, :T].unsqueeze(0), self.v_cache[i, :, :T].unsqueeze(0),
+                q.transpose(0, 1).unsqueeze(0), K.unsqueeze(0), V.unsqueeze(0),
                 attn_mask=mask, is_causal=M > 1 and p == 0, scale=self.scaling, enable_gqa=nh != nkv)
             x = x + b.o(a[0].transpose(0, 1).reshape(M, nh * hd))
             gu = b.gate_up(b.mlp_norm(x))
