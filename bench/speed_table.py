@@ -13,7 +13,9 @@ lowbit models run on the lean runtime (nn/decoder.py); the float32 model also on
 forward, for reference. Ratios are to the float32 (lean) row of the same run.
 Bandwidth bound: bytes one decoded token reads (weights as the decode path stores them + K/V cache
 at the mean context) against this machine's read bandwidth (sum over a 256 MiB tensor).
-Peak RSS: one fresh process per model that loads it and runs the same prompt + decode.
+Peak RSS: one fresh process per model that loads it and runs the same prompt + decode; lean rows load
+with lowbit.load(..., lean=True) (models/lean.py: no transformers import), the float32 model from a lowbit
+float checkpoint of the same weights (--work/fp32-ckpt), fp32-transformers through transformers.
 """
 from __future__ import annotations
 
@@ -50,7 +52,12 @@ def lowbit_cli(*args: str) -> None:
 
 def prepare(work: Path, model: str, names: list[str]) -> dict[str, str]:
     work.mkdir(parents=True, exist_ok=True)
-    paths = {}
+    paths = {"fp32-ckpt": str(work / "fp32-ckpt")}
+    if not (work / "fp32-ckpt").exists():  # the float model as a lowbit checkpoint (lean loading for the RSS row)
+        import lowbit
+
+        m, tok = lowbit.load(model)
+        lowbit.save(m, tok, work / "fp32-ckpt")
     for n in names:
         p = work / n
         if not p.exists():
@@ -87,7 +94,13 @@ def rss_child(name: str, model: str, paths: dict[str, str], prompt: int, new: in
     from lowbit.eval import speed
     from lowbit.nn.decoder import LeanDecoder
 
-    m = load(name, model, paths)
+    import lowbit
+
+    if name == "fp32-transformers":
+        m = load(name, model, paths)
+    else:
+        m = lowbit.load(paths["fp32-ckpt"] if name in ("fp32", "bf16") else paths[name], lean=True)[0]
+        m = m.to(torch.bfloat16) if name == "bf16" else m
     ids = torch.tensor(json.loads(os.environ["LOWBIT_BENCH_IDS"])).unsqueeze(0)
     dec = None if name == "fp32-transformers" else LeanDecoder(m, max_len=prompt + new + 1)
     speed.run_once(m, ids, new, dec)
@@ -110,7 +123,7 @@ def main() -> None:
 
     names = ["w8", "w8a8-a7", "w4", "w4+head"] + (["w4-gptq+head"] if args.gptq else [])
     if args.rss_of:
-        paths = {n: str(args.work / n) for n in names}
+        paths = {n: str(args.work / n) for n in [*names, "fp32-ckpt"]}
         rss_child(args.rss_of, args.model, paths, args.prompt_tokens, args.new_tokens)
         return
 

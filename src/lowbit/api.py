@@ -41,6 +41,27 @@ class QuantContext:
         return self._ids
 
 
+def _share_tied_codes(model: nn.Module, names: list[str]) -> None:
+    """A tied embedding and head quantized alike (same scheme, rows = vocabulary entries) have equal codes and
+    scales: keep one copy, which the head's module then shares (memory; the checkpoint stores it once)."""
+    from .models.arch import get_module
+    from .nn.qlinear import QuantEmbedding, QuantLinear
+
+    mods = [get_module(model, n) for n in names]
+    embs = [m for m in mods if type(m) is QuantEmbedding]
+    heads = [m for m in mods if type(m) is QuantLinear]
+    for e in embs:
+        for h in heads:
+            if h.scheme != e.scheme or h.bias is not None:
+                continue
+            pairs = [(b, getattr(e, b), getattr(h, b)) for b in ("qweight", "scales", "qzeros")]
+            if all((x is None and y is None) or (x is not None and y is not None and x.shape == y.shape
+                                                  and torch.equal(x, y)) for _, x, y in pairs):
+                for b, x, _ in pairs:
+                    if x is not None:
+                        setattr(h, b, x)
+
+
 def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: torch.Tensor | None = None) -> nn.Module:
     """Quantize `model` in place with `config.method`; returns the model.
 
@@ -80,6 +101,7 @@ def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: t
         tied = set(arch.embeddings + arch.head) if arch else {"lm_head"}
         if tied & set(modules):
             cfg.tie_word_embeddings = False
+            _share_tied_codes(model, [n for n in (arch.embeddings + arch.head if arch else ()) if n in modules])
     model.lowbit_quant = {"config": config, "modules": modules}
     return model
 

@@ -103,3 +103,20 @@ def test_failed_save_into_new_folders_leaves_nothing(tiny, tmp_path, monkeypatch
     with pytest.raises(RuntimeError):
         lowbit.save(model, tok, tmp_path / "a" / "b" / "c")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tied_head_and_embedding_quantized_alike_share_their_codes(tiny, tmp_path):
+    model, tok = tiny
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    lowbit.quantize(model, QuantConfig(scheme=Scheme(4, True, "group", 32),
+                                       overrides={"lm_head|embed_tokens": Scheme(8, True, "channel")}))
+    head, emb = model.lm_head, model.model.embed_tokens
+    assert head.qweight is emb.qweight and head.scales is emb.scales  # one copy in memory
+    x = torch.randint(0, 320, (1, 10))
+    before = model(x).logits
+    lowbit.save(model, tok, tmp_path / "c")
+    conf = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert conf["quantization_config"]["aliases"]["lm_head.qweight"] == "model.embed_tokens.qweight"
+    loaded, _ = lowbit.load(tmp_path / "c")
+    assert loaded.lm_head.qweight.data_ptr() == loaded.model.embed_tokens.qweight.data_ptr()
+    assert torch.equal(loaded(x).logits, before)

@@ -107,10 +107,26 @@ def _bad(folder: Path, why: str) -> LowbitError:
     return LowbitError(f"{folder}: corrupt or incomplete lowbit checkpoint ({why})")
 
 
-def load_checkpoint(folder: str | os.PathLike):
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _build(model_type: str, conf: dict, lean: bool):
+    """The empty model (meta tensors): lowbit's lean skeleton where asked and it applies, else transformers'."""
+    if lean:
+        from ..models.lean import LeanCausalLM, Unsupported, lean_config
 
+        try:
+            return LeanCausalLM(lean_config(model_type, conf))
+        except Unsupported:
+            pass
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **conf)
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_checkpoint(folder: str | os.PathLike, lean: bool = False):
+    """(model, tokenizer) of a lowbit checkpoint. lean=True: LLaMA-family models as models.lean's skeleton
+    (no transformers import; runs only through the lean decoder) and no tokenizer."""
     folder = Path(folder)
     try:
         conf = json.loads((folder / "config.json").read_text())
@@ -125,9 +141,7 @@ def load_checkpoint(folder: str | os.PathLike):
     if _sha256(weights) != qc.get("weights_sha256"):
         raise _bad(folder, f"{WEIGHTS} does not match its checksum: truncated or modified")
     try:
-        config = AutoConfig.for_model(model_type, **conf)
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config)
+        model = _build(model_type, conf, lean)
     except Exception as e:
         raise _bad(folder, f"cannot build {model_type}: {type(e).__name__}: {e}") from None
     modules: dict[str, Scheme] = {}
@@ -170,7 +184,11 @@ def load_checkpoint(folder: str | os.PathLike):
         if t.is_meta:
             raise _bad(folder, f"tensor {n} was not stored")
     model.lowbit_quant = {"config": cfg, "modules": modules}
+    if lean:
+        return model, None
     try:
+        from transformers import AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(str(folder))
     except Exception:
         tok = None

@@ -128,13 +128,15 @@ def _gguf_to_cache(path: Path) -> Path:
     return folder
 
 
-def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """Load any MODEL source -> (model, tokenizer). The model is in eval mode, without gradients."""
+def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32, lean: bool = False):
+    """Load any MODEL source -> (model, tokenizer). The model is in eval mode, without gradients.
+    lean=True (lowbit checkpoints of the LLaMA family): transformers-free skeleton for the lean decoder, no
+    tokenizer (models/lean.py); other sources ignore it."""
     src = resolve(source)
     if src.kind == "lowbit":
         from ..formats.checkpoint import load_checkpoint
 
-        model, tok = load_checkpoint(src.location)
+        model, tok = load_checkpoint(src.location, lean=lean)
     elif src.kind == "gguf":
         model, tok = _load_hf(str(_gguf_to_cache(Path(src.location))), dtype, src.name)
     else:

@@ -65,7 +65,8 @@ class _PackedWeight(nn.Module):
         return unpack(self.qzeros, self.scheme.bits, self.scales.shape[1]).to(torch.int32)
 
     def dequantize_weight(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 [rows, cols] weight (or only the given row indices)."""
+        """float32 [rows, cols] weight (or only the given row indices). One float32 buffer, scaled in place
+        group by group (the reference path runs this per call: no padded or broadcast copies)."""
         s = self.scheme
         nrows, cols = self._shape
         packed, scales, zeros = self.qweight, self.scales, self.qzeros
@@ -74,15 +75,21 @@ class _PackedWeight(nn.Module):
             zeros = zeros[rows] if zeros is not None else None
         elif rows is not None:
             packed = packed[rows]
-        r = packed.shape[0]
-        u = unpack(packed, s.bits, cols)
-        ug = grouped(u, s) if s.granularity != "tensor" else u.reshape(1, 1, -1)
-        if s.symmetric:
-            w = (ug.float() + s.qmin) * scales.float().unsqueeze(-1)
-        else:
-            z = unpack(zeros, s.bits, scales.shape[1]).float()
-            w = (ug.float() - z.unsqueeze(-1)) * scales.float().unsqueeze(-1)
-        return ungrouped(w, r, cols)
+        w = unpack(packed, s.bits, cols).to(torch.float32)  # codes u, [r, cols]
+        sc = scales.float()  # [R, G]
+        z = unpack(zeros, s.bits, scales.shape[1]).float() if not s.symmetric else None
+        if s.granularity == "tensor":
+            w.sub_(z) if z is not None else w.add_(s.qmin)
+            return w.mul_(sc)
+        g = s.group_len(cols)
+        full = cols // g  # whole groups; a shorter last group after them
+        for a, b, k in ((0, full * g, slice(0, full)), (full * g, cols, slice(full, full + 1))):
+            if a == b:
+                continue
+            part = w[:, a:b].unflatten(1, (-1, b - a if k.start == full else g))  # [r, groups, g] view of w
+            part.sub_(z[:, k].unsqueeze(-1)) if z is not None else part.add_(s.qmin)
+            part.mul_(sc[:, k].unsqueeze(-1))
+        return w
 
     def weight_nbytes(self) -> int:
         n = self.qweight.numel() + self.scales.numel() * self.scales.element_size()
