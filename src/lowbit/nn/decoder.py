@@ -13,9 +13,11 @@ parts found by name: models.arch.DecoderLayout) and runs the same math with as f
         h = mlp_norm(x);  g|u = h @ [Wg; Wu]ᵀ;  x += down(act(g) · u)  one matmul for gate|up
     logits = head(final_norm(x))
 
-Fused projections keep the model's kernels: 4-bit layers are packed once, side by side, for torch's
-int4 matmul (at most kernels.int4.MAX_ROWS rows per call: decoding), 8-bit per-channel layers for the
-int8 weight matmul; float layers and everything else call their own modules (no weight is copied).
+One-token steps (decoding) go through kernels/decode.c where it builds (`native`): 4/8-bit weights read in
+place by its int8-activation matvec, fused residual+RMSNorm, rope+cache+attention (float16 cache) and
+silu·up, four C calls per layer. Without it, fused projections keep torch's kernels: 4-bit layers packed
+once, side by side, for torch's int4 matmul (at most kernels.int4.MAX_ROWS rows per call), 8-bit as two
+4-bit halves; float layers and everything else call their own modules. Prefill always runs torch ops.
 The model's modules (norms, activation, rotary embedding) are reused, so their numerics are the
 model's; the equivalence test compares logits and greedy tokens with transformers'.
 """
