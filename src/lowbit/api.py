@@ -41,6 +41,11 @@ class QuantContext:
         return self._ids
 
 
+# methods that run calibration/sequential.layer_sequential over the whole model: with a lazily loaded model
+# they get one float block at a time
+STREAMS_BLOCKS = ("gptq", "awq", "awq+gptq")
+
+
 def _share_tied_codes(model: nn.Module, names: list[str]) -> None:
     """A tied embedding and head quantized alike (same scheme, rows = vocabulary entries) have equal codes and
     scales: keep one copy, which the head's module then shares (memory; the checkpoint stores it once)."""
@@ -77,8 +82,18 @@ def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: t
     handler = get_method(config.method)
     torch.manual_seed(config.seed)
     selected = select_modules(model, config.include, config.exclude, tuple(config.overrides))
+    lazy = getattr(model, "lowbit_lazy", None)  # float weights still on disk (models/lazy.py)
+    if lazy is not None:
+        from .models.arch import find_blocks
+
+        # block-sequential methods read each block when they reach it; the rest needs everything now
+        skip = tuple(n + "." for n, _ in find_blocks(model)) if config.method in STREAMS_BLOCKS else ()
+        lazy.materialize(model, skip=skip)
     with torch.no_grad():
         modules = handler(model, config, QuantContext(config, tokenizer, calib_ids))
+        if lazy is not None:
+            lazy.materialize(model)  # what the method released or never reached
+            del model.lowbit_lazy
         # Selected layers a calibrated method does not reach (outside the decoder blocks: lm_head,
         # embeddings) are rounded to nearest with their scheme, as GPTQ/AWQ implementations do.
         rest = [n for n in selected if n not in modules and isinstance(get_module(model, n), (nn.Linear, nn.Embedding))]

@@ -5,7 +5,8 @@
         process_block(block, inputs)   hooks its linears, gathers statistics, quantizes
         inputs <- block(inputs)         recomputed with the *quantized* weights
 Memory: the model plus one block's activations (inputs and outputs of
-nsamples x seqlen x hidden), nothing more. Architecture-agnostic: blocks come
+nsamples x seqlen x hidden), nothing more; with a lazily loaded model
+(models/lazy.py) only the parts outside the blocks plus the current block. Architecture-agnostic: blocks come
 from models.arch (name patterns, with a fallback).
 """
 from __future__ import annotations
@@ -87,11 +88,16 @@ BlockFn = Callable[[str, nn.Module, list[torch.Tensor], dict], dict[str, Scheme]
 def layer_sequential(model: nn.Module, ids: torch.Tensor, process_block: BlockFn, desc: str = "calibrate") -> dict[str, Scheme]:
     """Drive `process_block` over the decoder blocks in order; returns everything it quantized."""
     blocks = find_blocks(model)
+    lazy = getattr(model, "lowbit_lazy", None)  # a lazily loaded model: read each float block when reached
     t0 = time.time()
     inputs, kw = capture_block_inputs(model, blocks[0][1], ids)
+    if lazy is not None:  # embeddings and head are not needed again until the end: back to disk
+        lazy.release(model, skip=tuple(n + "." for n, _ in blocks))
     done: dict[str, Scheme] = {}
     bar = tqdm(blocks, desc=desc, unit="block", file=sys.stderr, leave=False)
     for name, block in bar:
+        if lazy is not None:
+            lazy.materialize(model, name + ".")
         done.update(process_block(name, block, inputs, kw))
         inputs = run_block(block, inputs, kw)
     print(f"lowbit: {desc}: {len(blocks)} blocks in {time.time() - t0:.1f}s", file=sys.stderr)

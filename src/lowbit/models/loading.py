@@ -128,17 +128,23 @@ def _gguf_to_cache(path: Path) -> Path:
     return folder
 
 
-def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32, lean: bool = False):
+def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32, lean: bool = False, lazy: bool = False):
     """Load any MODEL source -> (model, tokenizer). The model is in eval mode, without gradients.
     lean=True (lowbit checkpoints of the LLaMA family): transformers-free skeleton for the lean decoder, no
-    tokenizer (models/lean.py); other sources ignore it."""
+    tokenizer (models/lean.py). lazy=True (float models in safetensors: GGUF conversions, local folders):
+    weights stay on disk until materialized part by part (models/lazy.py). Other sources ignore them."""
+    from .lazy import can_load_lazily, load_lazy
+
     src = resolve(source)
     if src.kind == "lowbit":
         from ..formats.checkpoint import load_checkpoint
 
         model, tok = load_checkpoint(src.location, lean=lean)
     elif src.kind == "gguf":
-        model, tok = _load_hf(str(_gguf_to_cache(Path(src.location))), dtype, src.name)
+        folder = _gguf_to_cache(Path(src.location))
+        model, tok = load_lazy(folder, dtype, src.name) if lazy else _load_hf(str(folder), dtype, src.name)
+    elif lazy and src.kind == "hf" and can_load_lazily(Path(src.location)):
+        model, tok = load_lazy(Path(src.location), dtype, src.name)
     else:
         model, tok = _load_hf(src.location, dtype, src.name)
     model.eval()

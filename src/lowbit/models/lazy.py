@@ -1,0 +1,112 @@
+"""Float models whose weights stay on disk until the part of the model that needs them is reached.
+
+    model, tok = lowbit.load(source, lazy=True)   # every parameter on the meta device; model.lowbit_lazy set
+    model.lowbit_lazy.materialize(model, "model.layers.3.")   # that block's tensors read from the safetensors
+    model.lowbit_lazy.materialize(model)          # everything still missing
+
+Calibrated methods that go one decoder block at a time (calibration/sequential.py) materialize the parts
+outside the blocks first, then each block just before they quantize it; the float block is dropped when
+its linears are replaced. Peak memory: the embeddings/head plus one block and the calibration activations,
+not the whole float model (SmolLM2 in float32 is 540 MB). Sources: a folder of safetensors (one file or
+a sharded index) — what the GGUF conversion cache and a local Hugging Face folder hold.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import LowbitError
+
+
+class LazyWeights:
+    def __init__(self, folder: Path, dtype: torch.dtype) -> None:
+        self.folder, self.dtype = folder, dtype
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            from safetensors import safe_open
+
+            single = folder / "model.safetensors"
+            with safe_open(str(single), framework="pt") as f:
+                self.files = {k: single for k in f.keys()}
+
+    def materialize(self, model: nn.Module, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+        """Read every meta parameter/buffer whose name starts with `prefix` (and not with any of `skip`);
+        tensors shared between modules (tied embeddings) are read once and shared again."""
+        from safetensors import safe_open
+
+        groups: dict[int, list[tuple[str, nn.Module, str, bool]]] = {}
+        for mname, mod in model.named_modules(remove_duplicate=False):
+            for kind, table in (("p", mod._parameters), ("b", mod._buffers)):
+                for attr, t in table.items():
+                    full = f"{mname}.{attr}" if mname else attr
+                    if t is None or not t.is_meta:
+                        continue
+                    groups.setdefault(id(t), []).append((full, mod, attr, kind == "p"))
+        todo = []
+        for entries in groups.values():
+            if not any(n.startswith(prefix) and not n.startswith(skip) for n, *_ in entries):
+                continue
+            key = next((n for n, *_ in entries if n in self.files), None)
+            if key is None:
+                raise LowbitError(f"{self.folder}: no tensor stored for {entries[0][0]}")
+            todo.append((key, entries))
+        by_file: dict[Path, list] = {}
+        for key, entries in todo:
+            by_file.setdefault(self.files[key], []).append((key, entries))
+        for path, items in by_file.items():
+            with safe_open(str(path), framework="pt") as f:  # the mapping closes again: only copies stay
+                for key, entries in items:
+                    # a copy: a tensor viewing the file's mapping would keep the whole mapping, and every page
+                    # any block ever touched, resident for as long as one such tensor (the embeddings) lives
+                    t = f.get_tensor(key)
+                    t = t.to(self.dtype, copy=True) if t.is_floating_point() else t.clone()
+                    p = nn.Parameter(t, requires_grad=False)  # one object for every module sharing it
+                    for _, mod, attr, is_param in entries:
+                        if is_param:
+                            mod._parameters[attr] = p
+                        else:
+                            mod._buffers[attr] = t
+
+
+    def release(self, model: nn.Module, skip: tuple[str, ...] = ()) -> None:
+        """Put the float tensors stored in the file back on the meta device (all but names starting with `skip`),
+        to be read again by the next materialize: the embeddings while the blocks are quantized."""
+        for mname, mod in model.named_modules(remove_duplicate=False):
+            for attr, t in list(mod._parameters.items()):
+                full = f"{mname}.{attr}" if mname else attr
+                if t is not None and not t.is_meta and full in self.files and not full.startswith(skip):
+                    mod._parameters[attr] = nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"),
+                                                         requires_grad=False)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()  # a tied head follows its embedding onto meta
+
+
+def load_lazy(folder: Path, dtype: torch.dtype, label: str):
+    """(model with meta weights and .lowbit_lazy, tokenizer) of a folder of safetensors."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.tie_weights()  # from_config leaves tied parameters separate on meta; the file stores one of them
+        lazy = LazyWeights(folder, dtype)
+    except Exception as e:  # transformers raises many types; the user gets one line
+        raise LowbitError(f"{label}: cannot load model lazily ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    model.lowbit_lazy = lazy
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except Exception:
+        tok = None
+    return model, tok
+
+
+def can_load_lazily(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (
+        (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file())
