@@ -80,6 +80,20 @@ def test_w4_fused_kernel_equals_transformers_decode(native):
 
 
 @pytest.mark.parametrize("native", NATIVE)
+def test_mixed_kernels_in_one_block(native):
+    # attention at g64 (native matvec where available), MLP at g32 (torch's int4 kernel: the native one needs
+    # groups of 64): the decode step runs float32 rows through both
+    model = tiny_llama()
+    api.quantize(model, QuantConfig(scheme=Scheme(4, True, "group", 64), overrides={"mlp": Scheme(4, True, "group", 32)}))
+    dec = LeanDecoder(model, max_len=32, native=native)
+    assert dec.blocks[0].gate_up.kind == "int4" and dec.blocks[0].qkv.kind == ("native" if native else "int4")
+    ids = torch.arange(1, 13)
+    ref = reference_logits(model, ids)
+    got = torch.cat([dec.forward(ids[:4])] + [dec.forward(ids[t: t + 1]) for t in range(4, 12)])
+    assert close(got, ref, INT4_RTOL) and torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("native", NATIVE)
 @pytest.mark.parametrize("method", ["rtn-w8", "w8a8", "rtn-w3"])
 def test_other_quantized_layers_run_through_their_modules(method, native):
     model = tiny_llama()

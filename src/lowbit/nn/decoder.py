@@ -110,17 +110,22 @@ class FusedLinear:
         bias = None if self.bias is None else self.bias.to(torch.bfloat16 if self.bf16_io else torch.float32)
         if self.kind == "int4":
             packed, G, sz = self.packed, self.group, self.sz
-            if bias is None:
-                return lambda x: op(x, packed, G, sz)
-            return lambda x: op(x, packed, G, sz) + bias
+
+            def int4(x):  # bf16 rows (all-int4 blocks); float32 rows where other projections set the dtype
+                if x.dtype == torch.bfloat16:
+                    y = op(x, packed, G, sz)
+                else:
+                    y = op(x.to(torch.bfloat16), packed, G, sz).to(x.dtype)
+                return y if bias is None else y + bias.to(y.dtype)
+            return int4
         if self.kind == "int8x2":
             packed, G, sz = self.packed, self.group, self.sz
 
             def int8x2(x):
-                y = op(x, packed, G, sz)
+                y = op(x.to(torch.bfloat16), packed, G, sz)
                 n = y.shape[-1] // 2
-                y = (y[:, :n].float() + y[:, n:].float()).to(torch.bfloat16)
-                return y if bias is None else y + bias
+                y = (y[:, :n].float() + y[:, n:].float()).to(x.dtype)
+                return y if bias is None else y + bias.to(y.dtype)
             return int8x2
         return self
 
