@@ -176,15 +176,24 @@ class FusedLinear:
         return torch.cat([m(x) for m in self.modules], -1)
 
 
-def _norm(module: nn.Module):
-    """The model's RMSNorm as one fused op (torch's rms_norm: the same formula, x·rsqrt(mean(x²)+eps)·w,
-    in one kernel instead of eight), or the module itself when it is some other norm."""
+def _rms_params(module: nn.Module):
+    """(weight, eps) of an RMSNorm module (x·rsqrt(mean(x²)+eps)·w), or None for any other norm."""
     eps = getattr(module, "variance_epsilon", None)
     w = getattr(module, "weight", None)
     if type(module).__name__.endswith("RMSNorm") and eps is not None and isinstance(w, torch.Tensor) and w.dim() == 1:
-        shape = (w.shape[0],)
-        return lambda x: F.rms_norm(x, shape, w, eps)
-    return module
+        return w, float(eps)
+    return None
+
+
+def _norm(module: nn.Module):
+    """The model's RMSNorm as one fused op (torch's rms_norm: the same formula in one kernel instead of
+    eight), or the module itself when it is some other norm."""
+    rms = _rms_params(module)
+    if rms is None:
+        return module
+    w, eps = rms
+    shape = (w.shape[0],)
+    return lambda x: F.rms_norm(x, shape, w, eps)
 
 
 class _Block:
@@ -204,12 +213,8 @@ class _Block:
 
 def _rms_weight(module: nn.Module):
     """(float32 weight, eps) of an RMSNorm module the native ops can run, else None."""
-    eps = getattr(module, "variance_epsilon", None)
-    w = getattr(module, "weight", None)
-    if (type(module).__name__.endswith("RMSNorm") and eps is not None and isinstance(w, torch.Tensor)
-            and w.dim() == 1 and w.dtype == torch.float32 and w.is_contiguous()):
-        return w, float(eps)
-    return None
+    rms = _rms_params(module)
+    return rms if rms is not None and rms[0].dtype == torch.float32 and rms[0].is_contiguous() else None
 
 
 class LeanDecoder:
@@ -237,15 +242,12 @@ class LeanDecoder:
         self.embed = get_module(model, layout.embed)
         self.final_norm_module = get_module(model, layout.final_norm)
         self.final_norm = _norm(self.final_norm_module)
+        from ..kernels.native import lib
+
         if native is None:  # kernels/decode.c where it builds (LOWBIT_NATIVE=0 turns it off)
-            from ..kernels.native import lib
-
             native = lib() is not None
-        elif native:
-            from ..kernels.native import lib
-
-            if lib() is None:
-                raise LowbitError("lean runtime: native decode ops requested but kernels/decode.c could not be built")
+        elif native and lib() is None:
+            raise LowbitError("lean runtime: native decode ops requested but kernels/decode.c could not be built")
         self.head = FusedLinear([get_module(model, layout.head)], native)
         self.blocks = [_Block(b, layout, native) for _, b in find_blocks(model)]
         self.scaling = self.blocks[0].scaling or self.head_dim ** -0.5
@@ -263,6 +265,8 @@ class LeanDecoder:
         shape = (len(self.blocks), self.n_kv, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.cache_dtype)
         self.v_cache = torch.zeros(shape, dtype=self.cache_dtype)
+        if self.native is not None:  # per-layer cache views, made once (not two select ops per layer per token)
+            self.native["kv"] = list(zip(self.k_cache.unbind(0), self.v_cache.unbind(0)))
 
     def _setup_native(self):
         """Decode steps through kernels/decode.c (fused norm+residual, rope+cache+attention, silu·mul) where
@@ -305,9 +309,8 @@ class LeanDecoder:
         cos, sin = self.cos[p], self.sin[p]
         add_rmsnorm(L, x, None, *norms[0], h)
         n_blocks = len(self.blocks)
-        for i, (qkv, o, gate_up, down) in enumerate(nt["fns"]):
-            attn_decode(L, qkv(h), cos, sin, self.k_cache[i], self.v_cache[i], p, nh, nkv, hd, self.scaling,
-                        scratch, attn)
+        for i, ((qkv, o, gate_up, down), (kc, vc)) in enumerate(zip(nt["fns"], nt["kv"])):
+            attn_decode(L, qkv(h), cos, sin, kc, vc, p, nh, nkv, hd, self.scaling, scratch, attn)
             add_rmsnorm(L, x, o(attn), *norms[2 * i + 1], h)
             silu_mul(L, gate_up(h), mlp)
             last = i == n_blocks - 1
