@@ -91,3 +91,66 @@ def test_calibration_windows_are_seeded(tiny, text_file):
     c, _ = calibration_ids(tok, text_file, nsamples=4, seqlen=16, seed=4)
     assert a.shape == (4, 16) and torch.equal(a, b) and not torch.equal(a, c)
     assert info["nsamples"] == 4 and info["seed"] == 3
+
+
+def test_block_statistics_pass_shares_and_stops_early(tiny, calib):
+    """observe_inputs stops each batch after the last listed module's input and every linear still sees every
+    batch; linears reading one tensor (q, k, v) share its xᵀx and get the same H as separate accumulation."""
+    from lowbit.algorithms.gptq import Hessians
+    from lowbit.calibration.sequential import capture_block_inputs, observe_inputs
+    from lowbit.models.arch import block_linears, find_blocks
+
+    model, _ = tiny
+    name, block = find_blocks(model)[0]
+    linears = dict(block_linears(model, name, block))
+    inputs, kw = capture_block_inputs(model, block, calib)
+    shared, separate, calls = Hessians(linears), {n: Hessian(m.in_features) for n, m in linears.items()}, []
+    ran = []
+    handle = block.mlp.down_proj.register_forward_hook(lambda *a: ran.append(1))
+
+    def observe(n, x):
+        calls.append(n)
+        shared.observe(n, x)
+        separate[n].add(x)
+
+    try:
+        observe_inputs(block, linears, inputs, kw, observe, batch=2)
+    finally:
+        handle.remove()
+    batches = (len(inputs) + 1) // 2
+    assert sorted(calls) == sorted(list(linears) * batches)
+    assert len(ran) == 1  # down_proj's matmul ran on the first batch only (learning the order)
+    for n in linears:
+        torch.testing.assert_close(shared[n].H, separate[n].H, rtol=1e-5, atol=1e-6)
+    q, k = (n for n in linears if n.endswith(("q_proj", "k_proj")))
+    assert torch.equal(shared[q].H, shared[k].H)
+
+
+def test_transposed_sweep_matches_the_textbook_loop():
+    """gptq_quantize sweeps W's transpose for speed; the textbook loop on W (written out here) gives the same
+    codes: the per-column arithmetic is the same (the lazy block update's sums may round differently, so a
+    rare near-tie may differ)."""
+    X = _correlated_inputs(1024, 96)
+    H = 2 * X.T @ X / X.shape[0]
+    W = torch.randn(40, 96)
+    scheme = Scheme(4, True, "group", 32)
+    qt, _ = gptq_quantize(W, H, scheme, blocksize=32)
+    # textbook GPTQ (Frantar et al., Algorithm 1) with groups fitted when the sweep reaches them
+    from lowbit.algorithms.gptq import _group_params, inverse_hessian_factor
+    from lowbit.core.quant import compute_qparams  # noqa: F401
+
+    Wr = W.clone()
+    Hinv = inverse_hessian_factor(H.clone(), 0.01)
+    Q = torch.zeros_like(Wr, dtype=torch.int32)
+    for i1 in range(0, 96, 32):
+        W1, Err1 = Wr[:, i1:i1 + 32].clone(), torch.zeros(40, 32)
+        Hinv1 = Hinv[i1:i1 + 32, i1:i1 + 32]
+        s, _ = _group_params(W1, scheme)
+        for i in range(32):
+            q = torch.round(W1[:, i] / s[:, 0].float()).clamp(scheme.qmin, scheme.qmax)
+            Q[:, i1 + i] = q.int()
+            err = (W1[:, i] - q * s[:, 0].float()) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        Wr[:, i1 + 32:] -= Err1 @ Hinv[i1:i1 + 32, i1 + 32:]
+    assert (qt.codes.int() != Q).float().mean() < 0.002

@@ -25,7 +25,7 @@ from ..core.registry import register_method
 from ..core.scheme import Scheme
 from ..models.arch import block_linears, scale_mappings, select_modules, set_module
 from ..nn.qlinear import QuantLinear
-from .gptq import Hessian, gptq_options, gptq_quantize
+from .gptq import Hessians, gptq_options, gptq_quantize
 
 
 def rtn_dequant(W: torch.Tensor, scheme: Scheme) -> torch.Tensor:
@@ -160,8 +160,8 @@ def awq_block(model: nn.Module, config: QuantConfig, selected: set[str], n_token
         # 2. clipping search, then quantization
         hess = {}
         if use_gptq:
-            hess = {n: Hessian(m.in_features) for n, m in linears.items()}
-            observe_inputs(block, linears, inputs, kw, lambda n, x: hess[n].add(x))
+            hess = Hessians(linears)
+            observe_inputs(block, linears, inputs, kw, hess.observe)
         done = {}
         for n, lin in linears.items():
             scheme = config.scheme_for(n)

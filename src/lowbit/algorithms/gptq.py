@@ -30,13 +30,34 @@ class Hessian:
         self.H = torch.zeros(n, n, dtype=torch.float32)
         self.count = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
+    def add(self, x: torch.Tensor, xtx: torch.Tensor | None = None) -> None:
+        """Add the tokens of x ([..., in]); xtx = xᵀx of those tokens when already computed."""
+        x = x.reshape(-1, x.shape[-1])
         m = x.shape[0]
+        if xtx is None:
+            x = x.float()
+            xtx = x.T @ x
         self.H *= self.count / (self.count + m)
         self.count += m
-        x = x * math.sqrt(2 / self.count)
-        self.H.addmm_(x.T, x)
+        self.H.add_(xtx, alpha=2 / self.count)
+
+
+class Hessians:
+    """One running H per observed linear; linears that read the same input tensor in a forward pass (q, k, v
+    read the normed hidden states; gate and up too) compute xᵀx once and add it to each of theirs."""
+
+    def __init__(self, linears: dict[str, nn.Module]) -> None:
+        self.h = {n: Hessian(m.in_features) for n, m in linears.items()}
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        if self._last is None or self._last[0] is not x:
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            self._last = (x, x2.T @ x2)
+        self.h[name].add(x, self._last[1])
+
+    def __getitem__(self, name: str) -> Hessian:
+        return self.h[name]
 
 
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -98,15 +119,17 @@ def gptq_quantize(
 
     group_of = ((perm // g) if scheme.granularity == "group" else torch.zeros(cols, dtype=torch.long)).tolist()
     starts = [(not static) and p % g == 0 for p in perm.tolist()]  # a new group begins at this column
-    Q = torch.zeros(rows, cols, dtype=torch.int32)
-    losses = torch.zeros(rows, cols)
+    # The sweep works on the transpose, one contiguous row per weight column: the per-column updates
+    # then touch contiguous memory (same arithmetic, same order as on W; ~5x faster on CPU).
+    WT = W.T.contiguous()  # [in, out]
+    QT = torch.zeros(cols, rows, dtype=torch.int32)
+    lossT = torch.zeros(cols, rows)
     qmin, qmax = scheme.qmin, scheme.qmax
-    sf = scale.float()
-    zf = zero.float() if zero is not None else None
+    sT = scale.float().T.contiguous()  # [groups, out]
+    zT = zero.float().T.contiguous() if zero is not None else None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1 = WT[i1:i2]  # [b, out], a view: updated in place
         Hinv1 = Hinv[i1:i2, i1:i2]
         d_all = torch.diag(Hinv1).tolist()
         for i in range(i2 - i1):
@@ -114,27 +137,28 @@ def gptq_quantize(
             k = group_of[col]
             if starts[col]:  # entering a new group: fit it on the updated weights
                 # the group's columns: the rest of this lazy block (updated), then beyond it
-                cols_here = W1[:, i: i + g]
-                s, z = _group_params(torch.cat([cols_here, W[:, i2: i2 + g - cols_here.shape[1]]], 1), scheme)
+                s, z = _group_params(WT[col: col + g].T, scheme)
                 scale[:, k:k + 1] = s
-                sf[:, k] = s[:, 0].float()
+                sT[k] = s[:, 0].float()
                 if zero is not None:
                     zero[:, k:k + 1] = z
-                    zf[:, k] = z[:, 0].float()
-            w = W1[:, i]
-            s = sf[:, k]
-            if zf is not None:
-                q = torch.round(w / s).add_(zf[:, k]).clamp_(qmin, qmax)
-                dq = (q - zf[:, k]).mul_(s)
+                    zT[k] = z[:, 0].float()
+            w = W1[i]
+            s = sT[k]
+            if zT is not None:
+                q = torch.round(w / s).add_(zT[k]).clamp_(qmin, qmax)
+                dq = (q - zT[k]).mul_(s)
             else:
                 q = torch.round(w / s).clamp_(qmin, qmax)
                 dq = q * s
-            Q[:, col] = q.to(torch.int32)
-            err = (w - dq).div_(d_all[i])
-            losses[:, col] = err
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-            Err1[:, i] = err
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+            QT[col] = q
+            err = lossT[col]
+            torch.sub(w, dq, out=err).div_(d_all[i])
+            if i + 1 < i2 - i1:
+                W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)
+        # lazy batch update of every later column with this block's errors: W[:, i2:] -= Err1 Hinv[i1:i2, i2:]
+        WT[i2:].addmm_(Hinv[i1:i2, i2:].T, lossT[i1:i2], alpha=-1)
+    Q, losses = QT.T, lossT
     loss = float(losses.pow(2).sum() / 2)  # Σ (w - q)² / d² / 2
 
     inv = torch.argsort(perm)
@@ -161,8 +185,8 @@ def gptq_block(model: nn.Module, config: QuantConfig, selected: set[str]):
         groups = _sequential_groups(linears) if opts["true_sequential"] else [list(linears)]
         done = {}
         for names in groups:
-            hess = {n: Hessian(linears[n].in_features) for n in names}
-            observe_inputs(block, {n: linears[n] for n in names}, inputs, kw, lambda n, x: hess[n].add(x))
+            hess = Hessians({n: linears[n] for n in names})
+            observe_inputs(block, {n: linears[n] for n in names}, inputs, kw, hess.observe)
             for n in names:
                 scheme = config.scheme_for(n)
                 qt, loss = gptq_quantize(linears[n].weight, hess[n].H, scheme, blocksize=opts["blocksize"],

@@ -71,12 +71,30 @@ def run_block(block: nn.Module, inputs: list[torch.Tensor], kw: dict, batch: int
 
 @torch.no_grad()
 def observe_inputs(block: nn.Module, modules: dict[str, nn.Module], inputs: list[torch.Tensor], kw: dict,
-                   observe: Callable[[str, torch.Tensor], None]) -> list[torch.Tensor]:
-    """Run the block once, calling observe(name, x) with each listed module's input; returns the outputs."""
-    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: observe(n, inp[0].detach()))
-               for n, m in modules.items()]
+                   observe: Callable[[str, torch.Tensor], None], batch: int = BATCH) -> None:
+    """Run the block over every sample, calling observe(name, x) with each listed module's input.
+
+    Only the inputs are wanted, so each call stops right after the last listed module's input has
+    been observed (the order is learnt on the first call): GPTQ's statistics pass then skips
+    down_proj's matmul and the residual add."""
+    order: list[str] = []
+    learning = [True]
+
+    def pre(mod, args, n):
+        observe(n, args[0])  # no_grad: the tensor itself (linears that share it are recognised by identity)
+        if learning[0]:
+            order.append(n)
+        elif n == order[-1]:
+            raise _Stop
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: pre(mod, args, n)) for n, m in modules.items()]
     try:
-        return run_block(block, inputs, kw)
+        for i in range(0, len(inputs), batch):
+            try:
+                block(torch.cat(inputs[i: i + batch]), **kw)
+            except _Stop:
+                pass
+            learning[0] = False
     finally:
         for h in handles:
             h.remove()

@@ -1,0 +1,56 @@
+"""llm-compressor, run inside its own venv by bench/peers/run.py.
+
+    python peer_llmcompressor.py quantize MODEL_DIR OUT TOKENS.safetensors --bits 4 --group-size 64 [--asym] [--batch 8]
+    python peer_llmcompressor.py eval OUT TOKENS.safetensors
+GPTQModifier with its defaults otherwise (dampening 0.01, actorder "static"); lm_head left float."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ppl import peak_rss_line, perplexity  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cmd", choices=["quantize", "eval"])
+    ap.add_argument("paths", nargs="+")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--asym", action="store_true")
+    ap.add_argument("--batch", type=int, default=8)
+    a = ap.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    if a.cmd == "quantize":
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        from datasets import Dataset
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.quantization import GPTQModifier
+
+        model_dir, out, tokens = a.paths
+        calib = load_file(tokens)["calib"]
+        ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+        weights = QuantizationArgs(num_bits=a.bits, type="int", symmetric=not a.asym, strategy="group",
+                                   group_size=a.group_size)
+        recipe = GPTQModifier(config_groups={"g": QuantizationScheme(targets=["Linear"], weights=weights)},
+                              ignore=["lm_head"])
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=calib.shape[0],
+                max_seq_length=calib.shape[1], batch_size=a.batch, shuffle_calibration_samples=False)
+        model.save_pretrained(out, save_compressed=True)
+    else:
+        out, tokens = a.paths
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        print(json.dumps({"ppl": perplexity(model, load_file(tokens)["eval"])}))
+    print(peak_rss_line(), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

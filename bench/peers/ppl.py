@@ -1,0 +1,27 @@
+"""Perplexity exactly as lowbit.evaluate computes it, in plain torch, so that every peer's model is scored by
+the same code on the same token windows (this file is imported inside the peers' own venvs)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.inference_mode()
+def perplexity(model, windows: torch.Tensor) -> float:
+    """windows: [n, seqlen] token ids; every next-token prediction inside a window is scored."""
+    nll, count = 0.0, 0
+    for w in windows:
+        x = w.unsqueeze(0)
+        target = x[:, 1:].reshape(-1)
+        logp = F.log_softmax(model(x).logits[:, :-1].float().flatten(0, 1), dim=-1)
+        nll += float(F.nll_loss(logp, target, reduction="sum"))
+        count += target.numel()
+    return math.exp(nll / count)
+
+
+def peak_rss_line() -> str:
+    import resource
+
+    return f"PEAK_RSS_KIB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}"
