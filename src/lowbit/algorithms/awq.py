@@ -143,7 +143,14 @@ def awq_block(model: nn.Module, config: QuantConfig, selected: set[str], n_token
     def process(block_name: str, block: nn.Module, inputs, kw) -> dict[str, Scheme]:
         linears = {n: m for n, m in block_linears(model, block_name, block) if n in selected}
         stats = {n: InputStats(m.in_features, stride) for n, m in linears.items()}
-        observe_inputs(block, linears, inputs, kw, lambda n, x: stats[n].add(x))
+        hess = Hessians(linears) if use_gptq else None  # GPTQ's H from the same pass (rescaled below)
+
+        def observe(n: str, x: torch.Tensor) -> None:
+            stats[n].add(x)
+            if hess is not None:
+                hess.observe(n, x)
+
+        observe_inputs(block, linears, inputs, kw, observe)
         # 1. activation-aware scales, folded into the op that feeds each group of linears
         for prev, rel_names in scale_mappings(model, block):
             names = [f"{block_name}.{r}" for r in rel_names]
@@ -153,15 +160,13 @@ def awq_block(model: nn.Module, config: QuantConfig, selected: set[str], n_token
             lins = [linears[n] for n in names]
             s, alpha, loss = search_scale(st.x, st.mean_abs, lins, [config.scheme_for(n) for n in names], opts["awq_grid"])
             apply_scale(prev, lins, s)
-            for n in names:  # their inputs are now x / s
+            for n in names:  # their inputs are now x / s, so H = 2/n Σ x xᵀ becomes H / (s sᵀ)
                 stats[n].samples = [t / s for t in stats[n].samples]
+                if hess is not None:
+                    hess[n].H.div_(torch.outer(s, s).to(hess[n].H.dtype))
             tqdm.write(f"lowbit: awq {block_name}: {'+'.join(r.rsplit('.', 1)[-1] for r in rel_names)} "
                        f"alpha {alpha:.2f} loss {loss:.4g}", file=sys.stderr)
         # 2. clipping search, then quantization
-        hess = {}
-        if use_gptq:
-            hess = Hessians(linears)
-            observe_inputs(block, linears, inputs, kw, hess.observe)
         done = {}
         for n, lin in linears.items():
             scheme = config.scheme_for(n)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..core.scheme import Scheme
 from ..models.arch import find_blocks
+from ..nn.qlinear import dequantized_weights
 
 
 class _Stop(Exception):
@@ -117,6 +118,7 @@ def layer_sequential(model: nn.Module, ids: torch.Tensor, process_block: BlockFn
         if lazy is not None:
             lazy.materialize(model, name + ".")
         done.update(process_block(name, block, inputs, kw))
-        inputs = run_block(block, inputs, kw)
+        with dequantized_weights(block):  # the quantized block's outputs: dequantize its weights once, not per batch
+            inputs = run_block(block, inputs, kw)
     print(f"lowbit: {desc}: {len(blocks)} blocks in {time.time() - t0:.1f}s", file=sys.stderr)
     return done

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 
 def qlinear_forward(module, x: torch.Tensor) -> torch.Tensor:
-    w = module.dequantize_weight().to(x.dtype)
+    w = getattr(module, "_dequantized", None)  # set by nn.qlinear.dequantized_weights() for repeated calls
+    w = (module.dequantize_weight() if w is None else w).to(x.dtype)
     bias = module.bias.to(x.dtype) if module.bias is not None else None
     return F.linear(x, w, bias)

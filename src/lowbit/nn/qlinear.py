@@ -9,6 +9,8 @@ which equals the textbook s * (Q - z).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -170,3 +172,18 @@ class QuantEmbedding(_PackedWeight):
 
 
 QUANT_MODULES = (QuantLinear, QuantEmbedding)
+
+
+@contextlib.contextmanager
+def dequantized_weights(root: nn.Module):
+    """Within the block, every QuantLinear under `root` computes with its weight dequantized once (the
+    reference path otherwise dequantizes on every call): for passes that run many batches through one block,
+    such as the calibration pipeline's. The same float32 weights, so the same outputs."""
+    mods = [m for m in root.modules() if isinstance(m, QuantLinear)]
+    try:
+        for m in mods:
+            m._dequantized = m.dequantize_weight()
+        yield root
+    finally:
+        for m in mods:
+            m.__dict__.pop("_dequantized", None)
