@@ -50,8 +50,8 @@ def quantize_child(model: str, out: Path, args: list[str]) -> dict:
 
 
 # The CLI, reporting its own peak RSS (Linux: KiB) when it exits.
-_CHILD = ("import atexit, resource, sys; atexit.register(lambda: print('PEAK_RSS_KIB', "
-          "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
+_CHILD = ("import atexit, sys; atexit.register(lambda: print('PEAK_RSS_KIB', next(int(l.split()[1]) for l in "
+          "open('/proc/self/status') if l.startswith('VmHWM:')), file=sys.stderr)); "
           "sys.argv = ['lowbit', *sys.argv[1:]]; from lowbit.cli import main; main()")
 
 

@@ -17,6 +17,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ppl import peak_rss_line, perplexity  # noqa: E402
 
 
+@torch.no_grad()
+def dequantize_once(model) -> None:
+    """Replace every GPTQ linear by a float32 nn.Linear holding its dequantized weight (GPTQModel's own
+    dequantize_weight): the same numbers, without re-dequantizing on every call."""
+    for name, m in list(model.model.named_modules()):
+        if not hasattr(m, "dequantize_weight") or not hasattr(m, "qweight"):
+            continue
+        w = m.dequantize_weight().float().T.contiguous()  # GPTQModel's layout is [in, out]
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None)
+        lin.weight.copy_(w)
+        if m.bias is not None:
+            lin.bias.copy_(m.bias.float())
+        parent, _, child = name.rpartition(".")
+        setattr(model.model.get_submodule(parent) if parent else model.model, child, lin)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("cmd", choices=["quantize", "eval"])
@@ -46,12 +62,18 @@ def main() -> None:
         calib = load_file(tokens)["calib"]
         data = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in calib]
         cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, sym=not a.asym)
-        model = GPTQModel.load(model_dir, cfg, device="cpu")
+        # float32, as lowbit and llm-compressor compute: on CPU GPTQModel defaults to bfloat16, which runs ~40x
+        # slower than float32 on a CPU without bf16 instructions (this one: AVX2)
+        model = GPTQModel.load(model_dir, cfg, device="cpu", dtype=torch.float32)
         model.quantize(data, batch_size=a.batch)
         model.save(out)
     else:
         out, tokens = a.paths
-        model = GPTQModel.load(out, device="cpu", backend=BACKEND.TORCH)
+        # its CPU kernel takes float16/bfloat16 only: float16 (its scales' own type), dequantized once, then the
+        # whole model in float32 like the others
+        model = GPTQModel.load(out, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
+        dequantize_once(model)
+        model.model.float()
         print(json.dumps({"ppl": perplexity(model, load_file(tokens)["eval"])}))
     print(peak_rss_line(), file=sys.stderr)
 

@@ -22,6 +22,8 @@ def perplexity(model, windows: torch.Tensor) -> float:
 
 
 def peak_rss_line() -> str:
-    import resource
-
-    return f"PEAK_RSS_KIB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}"
+    """This process's peak RSS in KiB: VmHWM, which exec resets (getrusage's ru_maxrss keeps the high-water mark
+    of the process that spawned it, so a child of a big parent would report the parent's peak)."""
+    with open("/proc/self/status") as f:
+        kib = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+    return f"PEAK_RSS_KIB {kib}"

@@ -39,8 +39,8 @@ PEERS = {
     "gptqmodel": {"package": "gptqmodel", "script": "peer_gptqmodel.py", "group": 128},
     "llmcompressor": {"package": "llmcompressor", "script": "peer_llmcompressor.py", "group": 64},
 }
-_CHILD = ("import atexit, resource, sys; atexit.register(lambda: print('PEAK_RSS_KIB', "
-          "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
+_CHILD = ("import atexit, sys; atexit.register(lambda: print('PEAK_RSS_KIB', next(int(l.split()[1]) for l in "
+          "open('/proc/self/status') if l.startswith('VmHWM:')), file=sys.stderr)); "
           "sys.argv = ['lowbit', *sys.argv[1:]]; from lowbit.cli import main; main()")
 
 
@@ -68,6 +68,11 @@ def timed(cmd: list[str], log_path: Path) -> dict:
         raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}; see {log_path}")
     peak = [l for l in log_path.read_text().splitlines() if l.startswith("PEAK_RSS_KIB ")]
     return {"wall_s": wall, "peak_rss_bytes": int(peak[-1].split()[1]) * 1024 if peak else None, "stdout": r.stdout}
+
+
+def last_json(stdout: str) -> dict:
+    """The JSON line a peer script prints last (the peers print banners on stdout too)."""
+    return json.loads([l for l in stdout.splitlines() if l.startswith("{")][-1])
 
 
 def versions(py: Path, peer: str) -> str:
@@ -126,7 +131,7 @@ def main() -> None:
         q = timed([str(py), script, "quantize", str(hf), str(out), str(tokens), "--bits", "4", "--group-size", str(g)],
                   work / f"{p}-quantize.log")
         e = timed([str(py), script, "eval", str(out), str(tokens)], work / f"{p}-eval.log")
-        peer_row = {"tool": p, "versions": versions(py, p), "setting": setting, "ppl": json.loads(e["stdout"])["ppl"],
+        peer_row = {"tool": p, "versions": versions(py, p), "setting": setting, "ppl": last_json(e["stdout"])["ppl"],
                     "wall_s": q["wall_s"], "peak_rss_bytes": q["peak_rss_bytes"]}
         rows.append(peer_row)
         emit(peer_row)
