@@ -5,7 +5,6 @@
 Its defaults otherwise (damp 0.05, act_group_aware, true_sequential)."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ppl import peak_rss_line, perplexity  # noqa: E402
+from ppl import peak_rss_line, peer_args, perplexity  # noqa: E402
 
 
 @torch.no_grad()
@@ -34,14 +33,7 @@ def dequantize_once(model) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["quantize", "eval"])
-    ap.add_argument("paths", nargs="+")
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--asym", action="store_true")
-    ap.add_argument("--batch", type=int, default=8)
-    a = ap.parse_args()
+    a = peer_args(default_group=128)
     import gptqmodel
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 

@@ -5,7 +5,6 @@
 GPTQModifier with its defaults otherwise (dampening 0.01, actorder "static"); lm_head left float."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -14,18 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ppl import peak_rss_line, perplexity  # noqa: E402
+from ppl import peak_rss_line, peer_args, perplexity  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["quantize", "eval"])
-    ap.add_argument("paths", nargs="+")
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--asym", action="store_true")
-    ap.add_argument("--batch", type=int, default=8)
-    a = ap.parse_args()
+    a = peer_args(default_group=64)
     from transformers import AutoModelForCausalLM
 
     if a.cmd == "quantize":

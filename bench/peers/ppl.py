@@ -1,7 +1,9 @@
-"""Perplexity exactly as lowbit.evaluate computes it, in plain torch, so that every peer's model is scored by
-the same code on the same token windows (this file is imported inside the peers' own venvs)."""
+"""What the peer scripts share. Perplexity exactly as lowbit.evaluate computes it, re-stated in plain torch
+because this file runs inside the peers' own venvs, where lowbit is not installed: every peer's model (and
+lowbit's, in run.py) is scored by this same code on the same token windows."""
 from __future__ import annotations
 
+import argparse
 import math
 
 import torch
@@ -27,3 +29,15 @@ def peak_rss_line() -> str:
     with open("/proc/self/status") as f:
         kib = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
     return f"PEAK_RSS_KIB {kib}"
+
+
+def peer_args(default_group: int) -> argparse.Namespace:
+    """The command line every peer script takes: `quantize MODEL_DIR OUT TOKENS` or `eval OUT TOKENS`."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cmd", choices=["quantize", "eval"])
+    ap.add_argument("paths", nargs="+")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=default_group)
+    ap.add_argument("--asym", action="store_true")
+    ap.add_argument("--batch", type=int, default=8)
+    return ap.parse_args()
