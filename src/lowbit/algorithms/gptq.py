@@ -7,7 +7,6 @@ method runs it inside the layer-sequential calibration pipeline.
 """
 from __future__ import annotations
 
-import math
 import sys
 
 import torch

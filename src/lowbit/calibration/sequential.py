@@ -78,24 +78,23 @@ def observe_inputs(block: nn.Module, modules: dict[str, nn.Module], inputs: list
     Only the inputs are wanted, so each call stops right after the last listed module's input has
     been observed (the order is learnt on the first call): GPTQ's statistics pass then skips
     down_proj's matmul and the residual add."""
-    order: list[str] = []
-    learning = [True]
+    per_call = [0, None]  # observations so far in this call; how many a whole call makes (after the first)
 
     def pre(mod, args, n):
         observe(n, args[0])  # no_grad: the tensor itself (linears that share it are recognised by identity)
-        if learning[0]:
-            order.append(n)
-        elif n == order[-1]:
+        per_call[0] += 1
+        if per_call[0] == per_call[1]:
             raise _Stop
 
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: pre(mod, args, n)) for n, m in modules.items()]
     try:
         for i in range(0, len(inputs), batch):
+            per_call[0] = 0
             try:
                 block(torch.cat(inputs[i: i + batch]), **kw)
             except _Stop:
                 pass
-            learning[0] = False
+            per_call[1] = per_call[1] or per_call[0]
     finally:
         for h in handles:
             h.remove()
