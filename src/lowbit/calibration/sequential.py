@@ -59,12 +59,18 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Te
 BATCH = 8  # samples per block call: bigger matmuls run ~1.5x faster per token on CPU than one at a time
 
 
+def _batches(inputs: list[torch.Tensor], batch: int):
+    """The samples ([1, seqlen, hidden] each) joined `batch` at a time: one block call each."""
+    for i in range(0, len(inputs), batch):
+        yield torch.cat(inputs[i: i + batch])
+
+
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: list[torch.Tensor], kw: dict, batch: int = BATCH) -> list[torch.Tensor]:
     """The block on every sample ([1, seqlen, hidden] each), `batch` samples per call (the kwargs broadcast)."""
     outs = []
-    for i in range(0, len(inputs), batch):
-        o = block(torch.cat(inputs[i: i + batch]), **kw)
+    for x in _batches(inputs, batch):
+        o = block(x, **kw)
         o = o[0] if isinstance(o, (tuple, list)) else o
         outs.extend(o.split(1))
     return outs
@@ -75,9 +81,8 @@ def observe_inputs(block: nn.Module, modules: dict[str, nn.Module], inputs: list
                    observe: Callable[[str, torch.Tensor], None], batch: int = BATCH) -> None:
     """Run the block over every sample, calling observe(name, x) with each listed module's input.
 
-    Only the inputs are wanted, so each call stops right after the last listed module's input has
-    been observed (the order is learnt on the first call): GPTQ's statistics pass then skips
-    down_proj's matmul and the residual add."""
+    Only the inputs are wanted, so each call stops as soon as it has made as many observations as the
+    first (whole) call made: GPTQ's statistics pass then skips down_proj's matmul and the residual add."""
     per_call = [0, None]  # observations so far in this call; how many a whole call makes (after the first)
 
     def pre(mod, args, n):
@@ -88,10 +93,10 @@ def observe_inputs(block: nn.Module, modules: dict[str, nn.Module], inputs: list
 
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: pre(mod, args, n)) for n, m in modules.items()]
     try:
-        for i in range(0, len(inputs), batch):
+        for x in _batches(inputs, batch):
             per_call[0] = 0
             try:
-                block(torch.cat(inputs[i: i + batch]), **kw)
+                block(x, **kw)
             except _Stop:
                 pass
             per_call[1] = per_call[1] or per_call[0]
