@@ -154,3 +154,33 @@ def test_transposed_sweep_matches_the_textbook_loop():
             Err1[:, i] = err
         Wr[:, i1 + 32:] -= Err1 @ Hinv[i1:i1 + 32, i1 + 32:]
     assert (qt.codes.int() != Q).float().mean() < 0.002
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_stacked_sweep_equals_one_sweep_per_linear(act_order, symmetric):
+    """Linears that read one input (q, k, v) share H; gptq_linears sweeps them stacked by rows. Rows never
+    interact, so codes, params and losses equal one gptq_quantize per linear."""
+    from lowbit.algorithms.gptq import Hessians, gptq_linears, gptq_options
+    from lowbit.core.config import QuantConfig
+
+    torch.manual_seed(0)
+    scheme = Scheme(3, symmetric, "group", 24)
+    linears = {n: torch.nn.Linear(72, out, bias=False) for n, out in (("q", 40), ("k", 16), ("v", 16))}
+    linears["o"] = torch.nn.Linear(72, 8, bias=False)
+    hess = Hessians(linears)
+    for _ in range(2):
+        x = torch.randn(64, 72) * torch.linspace(0.1, 3, 72)
+        for n in ("q", "k", "v"):
+            hess.observe(n, x)
+        hess.observe("o", x.clone())  # another tensor: its own H, not stacked with the others
+    assert hess.shared(list(linears)) == [["q", "k", "v"], ["o"]]
+    config = QuantConfig(method="gptq", scheme=scheme, options={"act_order": act_order})
+    got = gptq_linears(linears, hess, config, gptq_options(config))
+    for n, lin in linears.items():
+        want, loss = gptq_quantize(lin.weight, hess[n].H, scheme, act_order=act_order)
+        qt, got_loss = got[n]
+        assert torch.equal(qt.codes, want.codes) and torch.equal(qt.scale, want.scale)
+        assert (qt.zero is None) == (want.zero is None) and (qt.zero is None or torch.equal(qt.zero, want.zero))
+        assert qt.shape == want.shape
+        assert got_loss == pytest.approx(loss, rel=1e-5)

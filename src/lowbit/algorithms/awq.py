@@ -25,7 +25,7 @@ from ..core.registry import register_method
 from ..core.scheme import Scheme
 from ..models.arch import block_linears, scale_mappings, select_modules, set_module
 from ..nn.qlinear import QuantLinear
-from .gptq import Hessians, gptq_options, gptq_quantize
+from .gptq import Hessians, gptq_linears, gptq_options
 
 
 def rtn_dequant(W: torch.Tensor, scheme: Scheme) -> torch.Tensor:
@@ -167,16 +167,14 @@ def awq_block(model: nn.Module, config: QuantConfig, selected: set[str], n_token
             tqdm.write(f"lowbit: awq {block_name}: {'+'.join(r.rsplit('.', 1)[-1] for r in rel_names)} "
                        f"alpha {alpha:.2f} loss {loss:.4g}", file=sys.stderr)
         # 2. clipping search, then quantization
+        for n, lin in linears.items():
+            if opts["awq_clip"] and not n.endswith(("q_proj", "k_proj")):  # as the reference: q/k are not clipped
+                lin.weight.copy_(search_clip(stats[n].x, lin.weight, config.scheme_for(n)))
+        qts = gptq_linears(linears, hess, config, gopts) if use_gptq else {}
         done = {}
         for n, lin in linears.items():
             scheme = config.scheme_for(n)
-            if opts["awq_clip"] and not n.endswith(("q_proj", "k_proj")):  # as the reference: q/k are not clipped
-                lin.weight.copy_(search_clip(stats[n].x, lin.weight, scheme))
-            qt = None
-            if use_gptq:
-                qt, _ = gptq_quantize(lin.weight, hess[n].H, scheme, blocksize=gopts["blocksize"],
-                                      percdamp=gopts["percdamp"], act_order=gopts["act_order"])
-            set_module(model, n, QuantLinear.from_linear(lin, scheme, qt=qt))
+            set_module(model, n, QuantLinear.from_linear(lin, scheme, qt=qts[n][0] if n in qts else None))
             done[n] = scheme
         return done
 

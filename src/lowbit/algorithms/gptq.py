@@ -47,13 +47,30 @@ class Hessians:
 
     def __init__(self, linears: dict[str, nn.Module]) -> None:
         self.h = {n: Hessian(m.in_features) for n, m in linears.items()}
+        self.sources: dict[str, list[int]] = {n: [] for n in linears}  # serial numbers of the inputs each saw
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._serial = 0
 
     def observe(self, name: str, x: torch.Tensor) -> None:
         if self._last is None or self._last[0] is not x:
             x2 = x.reshape(-1, x.shape[-1]).float()
             self._last = (x, x2.T @ x2)
+            self._serial += 1
         self.h[name].add(x, self._last[1])
+        self.sources[name].append(self._serial)
+
+    def shared(self, names: list[str]) -> list[list[str]]:
+        """`names` grouped by identical H: linears that saw the very same input tensors, in order (and whose H
+        nothing has changed since: checked)."""
+        groups: list[list[str]] = []
+        for n in names:
+            for g in groups:
+                if self.sources[g[0]] == self.sources[n] and torch.equal(self.h[g[0]].H, self.h[n].H):
+                    g.append(n)
+                    break
+            else:
+                groups.append([n])
+        return groups
 
     def __getitem__(self, name: str) -> Hessian:
         return self.h[name]
@@ -81,6 +98,16 @@ def gptq_quantize(
     act_order: bool = False,
 ) -> tuple[QTensor, float]:
     """GPTQ one weight. W: [out, in] float, H: [in, in]. Returns (codes + params, loss Σ (w-q)²/d²/2).
+    (The sweep itself: `gptq_rows`.)"""
+    qt, row_loss = gptq_rows(W, H, scheme, blocksize, percdamp, act_order)
+    return qt, float(row_loss.sum())
+
+
+@torch.no_grad()
+def gptq_rows(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, blocksize: int = 128, percdamp: float = 0.01,
+              act_order: bool = False) -> tuple[QTensor, torch.Tensor]:
+    """`gptq_quantize` with the loss of every output row ([out]). Rows never interact in GPTQ (H acts on
+    columns; group params are per row), so weights that share H can be swept as one stacked matrix.
 
     Groups are contiguous in the natural column order (last one may be shorter).
     Without act-order a group's params are fitted when the sweep reaches it, on
@@ -157,8 +184,8 @@ def gptq_quantize(
                 W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)
         # lazy batch update of every later column with this block's errors: W[:, i2:] -= Err1 Hinv[i1:i2, i2:]
         WT[i2:].addmm_(Hinv[i1:i2, i2:].T, lossT[i1:i2], alpha=-1)
-    Q, losses = QT.T, lossT
-    loss = float(losses.pow(2).sum() / 2)  # Σ (w - q)² / d² / 2
+    Q = QT.T
+    row_loss = lossT.pow(2).sum(dim=0) / 2  # Σ (w - q)² / d² / 2 per row
 
     inv = torch.argsort(perm)
     Q = Q[:, inv]
@@ -166,7 +193,41 @@ def gptq_quantize(
     qt = QTensor(codes=Q.to(code_dtype), scale=scale if scheme.granularity != "tensor" else scale[:1],
                  zero=(zero if scheme.granularity != "tensor" else zero[:1]) if zero is not None else None,
                  scheme=scheme, shape=torch.Size((rows, cols)))
-    return qt, loss
+    return qt, row_loss
+
+
+def _split_rows(qt: QTensor, sizes: list[int]) -> list[QTensor]:
+    """A row-stacked QTensor (per-row params) back into its parts."""
+    out, r = [], 0
+    for n in sizes:
+        out.append(QTensor(codes=qt.codes[r:r + n].contiguous(), scale=qt.scale[r:r + n].contiguous(),
+                           zero=qt.zero[r:r + n].contiguous() if qt.zero is not None else None,
+                           scheme=qt.scheme, shape=torch.Size((n, qt.shape[1]))))
+        r += n
+    return out
+
+
+def gptq_linears(linears: dict[str, nn.Module], hess: Hessians, config: QuantConfig, opts: dict
+                 ) -> dict[str, tuple[QTensor, float]]:
+    """GPTQ each linear with its H; linears with the same H and scheme (q/k/v, gate/up) in one stacked sweep:
+    the same codes as one sweep each, one Cholesky and one column loop instead of several."""
+    out = {}
+    for same_h in hess.shared(list(linears)):
+        by_scheme: dict[Scheme, list[str]] = {}
+        for n in same_h:
+            scheme = config.scheme_for(n)
+            key = scheme if scheme.granularity != "tensor" else (scheme, n)  # a tensor scale spans one weight
+            by_scheme.setdefault(key, []).append(n)
+        for names in by_scheme.values():
+            scheme = config.scheme_for(names[0])
+            W = torch.cat([linears[n].weight.detach() for n in names]) if len(names) > 1 else linears[names[0]].weight
+            qt, row_loss = gptq_rows(W, hess[names[0]].H, scheme, opts["blocksize"], opts["percdamp"],
+                                     opts["act_order"])
+            sizes = [linears[n].out_features for n in names]
+            parts = _split_rows(qt, sizes) if len(names) > 1 else [qt]
+            for n, part, loss in zip(names, parts, row_loss.split(sizes)):
+                out[n] = (part, float(loss.sum()))
+    return out
 
 
 def gptq_options(config: QuantConfig) -> dict:
@@ -184,12 +245,13 @@ def gptq_block(model: nn.Module, config: QuantConfig, selected: set[str]):
         groups = _sequential_groups(linears) if opts["true_sequential"] else [list(linears)]
         done = {}
         for names in groups:
-            hess = Hessians({n: linears[n] for n in names})
-            observe_inputs(block, {n: linears[n] for n in names}, inputs, kw, hess.observe)
+            group = {n: linears[n] for n in names}
+            hess = Hessians(group)
+            observe_inputs(block, group, inputs, kw, hess.observe)
+            results = gptq_linears(group, hess, config, opts)
             for n in names:
                 scheme = config.scheme_for(n)
-                qt, loss = gptq_quantize(linears[n].weight, hess[n].H, scheme, blocksize=opts["blocksize"],
-                                         percdamp=opts["percdamp"], act_order=opts["act_order"])
+                qt, loss = results[n]
                 q = QuantLinear.from_linear(linears[n], scheme, qt=qt)
                 q.calib_loss = loss
                 set_module(model, n, q)
