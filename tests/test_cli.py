@@ -48,6 +48,8 @@ def test_per_channel_flag(cli, tiny_dir, tmp_path):
     ["--method", "w8a8", "--act", "static", "--smooth", "0.5", "--nsamples", "4", "--calib-seqlen", "32"],
     ["--method", "w8a8", "--act", "tensor", "--per-tensor"],
     ["--method", "llm-int8", "--threshold", "4"],
+    ["--method", "w8a8", "--act-asym"],
+    ["--method", "llm-int8", "--act-asym"],
 ])
 def test_int8_methods(cli, tiny_dir, tmp_path, text_file, args):
     out = tmp_path / "q"
@@ -56,6 +58,7 @@ def test_int8_methods(cli, tiny_dir, tmp_path, text_file, args):
     conf = json.loads((out / "config.json").read_text())["quantization_config"]
     assert conf["method"] == args[1] and conf["scheme"]["bits"] == 8
     assert {e["kind"] for e in conf["layers"].values()} == {args[1]}
+    assert {e["act"]["symmetric"] for e in conf["layers"].values()} == {"--act-asym" not in args}
     code, stdout, err = cli("eval", out, "--text", text_file, "--seqlen", "64", "--limit-tokens", "256", "--json")
     assert code == 0, err
     assert json.loads(stdout.splitlines()[-1])["bpw"] > 8.0
@@ -76,6 +79,7 @@ BAD_QUANTIZE = {
     "w8a8 bad act": (["{tiny}", "--method", "w8a8", "--act", "magic"], "--act must be one of"),
     "w8a8 act bits 6": (["{tiny}", "--method", "w8a8", "--act-bits", "6"], "--act-bits"),
     "w8a8 smooth 2": (["{tiny}", "--method", "w8a8", "--smooth", "2"], "--smooth"),
+    "asym static act": (["{tiny}", "--method", "w8a8", "--act", "static", "--act-asym"], "--act-asym"),
     "llm-int8 threshold 0": (["{tiny}", "--method", "llm-int8", "--threshold", "0"], "--threshold"),
 }
 

@@ -48,6 +48,8 @@ def quantize(
                                             "calibrated) or tensor (per tensor at run time: naive)."),
     act_bits: int = typer.Option(8, help="w8a8/llm-int8 activation bits: 8, or 7 (exact on the fast int8 "
                                          "kernel of CPUs without VNNI)."),
+    act_asym: bool = typer.Option(False, help="w8a8/llm-int8: asymmetric dynamic activations (a zero point per "
+                                              "token) instead of symmetric ones."),
     smooth: Optional[float] = typer.Option(None, help="w8a8: SmoothQuant migration strength alpha in [0, 1]."),
     threshold: float = typer.Option(6.0, help="llm-int8: |x| at which an input column is an outlier."),
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
@@ -69,6 +71,10 @@ def quantize(
         if act_bits not in (7, 8):
             raise LowbitError(f"--act-bits must be 7 or 8, got {act_bits}")
         options["act_bits"] = act_bits
+        if act_asym:
+            if act == "static":
+                raise LowbitError("--act-asym needs dynamic activations (--act dynamic or tensor)")
+            options["act_symmetric"] = False
         if method == "w8a8":
             from .algorithms.smoothquant import ACT_MODES
 

@@ -53,9 +53,28 @@ def test_8bit_activations_are_exact_on_every_path(K_in):
     x = torch.randn(9, K_in) * 3
     x[:, 4] = -50.0  # codes at both ends of the range
     x[0, 5] = 80.0
-    u, sx = K.quantize_act(x, m.act)
+    u, sx, zp = K.quantize_act(x, m.act)
+    assert zp == 128
     fast = K.int8_linear_scaled(m, u, 128)
     ref = K.int8_gemm_reference(u, 128, m.weight_codes_int8()).float() * m.weight_scale()
+    assert torch.equal(fast, ref)
+
+
+@pytest.mark.skipif(not K.onednn_exact(7), reason="oneDNN int8 GEMM not available")
+@pytest.mark.parametrize("bits", [7, 8])
+@pytest.mark.parametrize("K_in", [96, 1536])
+def test_asymmetric_activations_are_exact_on_every_path(bits, K_in):
+    """Per-row zero points (asymmetric activations): the fast path's integer sums minus zp * Σ Qw equal the
+    reference path's bit for bit."""
+    torch.manual_seed(K_in + bits)
+    m = W8A8Linear.from_linear(nn.Linear(K_in, 64, bias=False), act=ActQuant("token", bits=bits, symmetric=False))
+    x = torch.randn(9, K_in) * 3
+    x[:, 4] = 50.0  # one-signed outlier: zero points far from the middle
+    x[0, 5] = -80.0
+    u, sx, zp = K.quantize_act(x, m.act)
+    assert zp.shape == (9, 1) and zp.min() >= 0 and zp.max() <= (1 << bits) - 1
+    fast = K.int8_linear_scaled(m, u, zp)
+    ref = K.int8_gemm_reference(u, zp, m.weight_codes_int8()).float() * m.weight_scale()
     assert torch.equal(fast, ref)
 
 
@@ -66,10 +85,12 @@ def test_probe_says_where_the_fast_path_is_exact():
 
 
 @pytest.mark.parametrize("bits", [7, 8])
-@pytest.mark.parametrize("act", [ActQuant("token"), ActQuant("tensor"), ActQuant("tensor", static=True)])
+@pytest.mark.parametrize("act", [ActQuant("token"), ActQuant("tensor"), ActQuant("tensor", static=True),
+                                 ActQuant("token", symmetric=False), ActQuant("tensor", symmetric=False)],
+                         ids=lambda a: a.describe())
 @pytest.mark.parametrize("scheme", [W8_CHANNEL, W8_TENSOR])
 def test_w8a8_forward_equals_plain_float_statement(bits, act, scheme):
-    act = ActQuant(act.granularity, act.static, bits)
+    act = ActQuant(act.granularity, act.static, bits, act.symmetric)
     lin = _linear()
     x = torch.randn(3, 11, 96)
     m = W8A8Linear.from_linear(lin, scheme, act=act, input_amax=float(x.abs().max()) if act.static else None)
@@ -79,24 +100,37 @@ def test_w8a8_forward_equals_plain_float_statement(bits, act, scheme):
     assert (y - lin(x)).abs().max() < 0.05 * lin(x).abs().max()
 
 
-@given(st.integers(1, 40), st.floats(0.01, 100.0), st.sampled_from([7, 8]))
-@settings(max_examples=40, deadline=None)
-def test_activation_grid_error_bound(m, mag, bits):
-    """|x - x̂| <= s/2 on the per-token textbook grid, codes in range."""
+@given(st.integers(1, 40), st.floats(0.01, 100.0), st.sampled_from([7, 8]), st.booleans(), st.floats(-3.0, 3.0))
+@settings(max_examples=60, deadline=None)
+def test_activation_grid_error_bound(m, mag, bits, symmetric, shift):
+    """|x - x̂| <= s/2 on the per-token textbook grid (symmetric or asymmetric), codes in range, 0 exact."""
     g = torch.Generator().manual_seed(m)
-    x = torch.randn(m, 33, generator=g) * mag
-    act = ActQuant("token", bits=bits)
-    u, s = K.quantize_act(x, act)
-    q = u.float() + act.qmin
-    assert q.min() >= act.qmin and q.max() <= act.qmax
+    x = (torch.randn(m, 33, generator=g) + shift) * mag
+    x[:, 0] = 0.0
+    act = ActQuant("token", bits=bits, symmetric=symmetric)
+    u, s, zp = K.quantize_act(x, act)
+    assert int(u.max()) <= (1 << bits) - 1
+    q = u.float() - zp
+    x_hat = q * s
+    assert (x_hat[:, 0] == 0).all()
     # the check itself rounds in float32: allow a few ulps of |x| beyond s/2
-    assert ((q * s - x).abs() <= s / 2 + 4 * torch.finfo(torch.float32).eps * x.abs()).all()
+    assert ((x_hat - x).abs() <= s / 2 + 4 * torch.finfo(torch.float32).eps * x.abs().amax(-1, keepdim=True)).all()
+    if not symmetric:  # the asymmetric step is never coarser than the symmetric one
+        _, s_sym, _ = K.quantize_act(x, ActQuant("token", bits=bits))
+        assert (s <= s_sym * (1 + 1e-6)).all()
+
+
+def test_asymmetric_static_activations_are_refused():
+    from lowbit import LowbitError
+
+    with pytest.raises(LowbitError, match="dynamic only"):
+        ActQuant("tensor", static=True, symmetric=False)
 
 
 def test_static_scale_clips_outside_the_calibrated_range():
     lin = _linear(bias=False)
     m = W8A8Linear.from_linear(lin, act=ActQuant("tensor", static=True), input_amax=1.0)
-    u, s = K.quantize_act(torch.full((1, 96), 50.0), m.act, m.input_scale)
+    u, s, _ = K.quantize_act(torch.full((1, 96), 50.0), m.act, m.input_scale)
     assert float(s) == pytest.approx(2 / 255) and int(u.max()) == 255  # clamped to qmax
 
 
@@ -113,8 +147,8 @@ def test_llm_int8_routes_outlier_columns_through_float():
     w = m.dequantize_weight()
     reg = x2.clone()
     reg[:, [7, 50]] = 0
-    u, s = K.quantize_act(reg, m.act)
-    want = ((u.float() + m.act.qmin) * s) @ w.T + x2[:, [7, 50]] @ w[:, [7, 50]].T
+    u, s, zp = K.quantize_act(reg, m.act)
+    want = ((u.float() - zp) * s) @ w.T + x2[:, [7, 50]] @ w[:, [7, 50]].T
     assert torch.allclose(y.reshape(-1, 40), want, rtol=RESCALE_RTOL, atol=1e-5)
     # the outlier does not blow up the error of the other columns, as it does for plain per-token W8A8
     err_int8 = (y - lin(x)).abs().max()

@@ -21,7 +21,8 @@ from .rtn import replace_linears
 @register_method("llm-int8")
 def llm_int8(model: nn.Module, config: QuantConfig, ctx=None) -> dict[str, Scheme]:
     o = config.options
-    act = ActQuant(granularity="token", static=False, bits=int(o.get("act_bits", 8)))
+    act = ActQuant(granularity="token", static=False, bits=int(o.get("act_bits", 8)),
+                   symmetric=bool(o.get("act_symmetric", True)))
     threshold = float(o.get("threshold", 6.0))
     return replace_linears(model, config, lambda lin, scheme: Int8OutlierLinear.from_linear(
         lin, scheme, act=act, threshold=threshold), desc="llm-int8")

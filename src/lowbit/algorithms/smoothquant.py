@@ -11,7 +11,8 @@ max|X_j / s_j| = max|X_j|^(1-α) max|W_j|^(1-α) is flatter across channels.
 
 Method "w8a8" (options): act "dynamic" (per token, default), "static" (one scale
 per tensor from calibration), "tensor" (per tensor, computed at run time — the
-naive scheme); act_bits 8 or 7; smooth α (None = no smoothing). Calibration
+naive scheme); act_bits 8 or 7; act_symmetric (False: a zero point per token or
+tensor, dynamic only); smooth α (None = no smoothing). Calibration
 (layer-sequential, max |x| per input channel of each linear) runs only when the
 activations are static or smoothing is asked for.
 """
@@ -78,7 +79,8 @@ def act_from_options(o: dict) -> ActQuant:
     if mode not in ACT_MODES:
         raise LowbitError(f"--act must be one of {', '.join(ACT_MODES)}, got {mode!r}")
     gran, static = ACT_MODES[mode]
-    return ActQuant(granularity=gran, static=static, bits=int(o.get("act_bits", 8)))
+    return ActQuant(granularity=gran, static=static, bits=int(o.get("act_bits", 8)),
+                    symmetric=bool(o.get("act_symmetric", True)))
 
 
 def _calibrated(model: nn.Module, config: QuantConfig, ctx, make, alpha: float | None, desc: str) -> dict[str, Scheme]:

@@ -1,7 +1,8 @@
 """Integer matmul for W8A8 and LLM.int8(): a reference path and a oneDNN fast path.
 
     x [M, K] float --quantize_act--> u = Qx + 2^(b-1) (uint8 [M, K]), sx ([M, 1] or [1, 1])
-    acc = (u - 2^(b-1)) @ Qw^T        int32 [M, N]
+                                     (asymmetric: u = Qx with a zero point zp per row, [M, 1])
+    acc = (u - zp) @ Qw^T            int32 [M, N]
     y   = acc * sw * sx (+ bias)
 
 kernel_for() picks, per module: onednn (one GEMM), onednn-split (8-bit activations on
@@ -29,20 +30,39 @@ from . import _log_once
 
 # -- activation quantization ------------------------------------------------------------
 
-def quantize_act(x2: torch.Tensor, act, static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x2 float [M, K] -> (u uint8 [M, K] = Qx - qmin, sx float32 [M, 1] or [1, 1]).
+def quantize_act(x2: torch.Tensor, act, static_scale: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor]:
+    """x2 float [M, K] -> (u uint8 [M, K], sx float32 [M, 1] or [1, 1], zp) with x ~ (u - zp) * sx.
 
-    Symmetric textbook grid: s = 2 max|x| / (2^b - 1), Qx = clamp(round(x / s), qmin, qmax)."""
+    Symmetric textbook grid: s = 2 max|x| / (2^b - 1), Qx = clamp(round(x / s), qmin, qmax), u = Qx - qmin,
+    zp = -qmin (an int). Asymmetric (act.symmetric False): on [a, b] = [min(x, 0), max(x, 0)] per row (or
+    of x), s = (b - a) / (2^b - 1), z = -round(a / s), u = clamp(round(x / s) + z, 0, 2^b - 1), zp = z
+    (float32 [M, 1] or [1, 1], integer values). Both grids hold 0 exactly and keep |x - x_hat| <= s/2."""
     x2 = x2.float()
+    top = float((1 << act.bits) - 1)
     if act.static:
         s = static_scale.reshape(1, 1).float()
-    else:
+    elif act.symmetric:
         m = x2.abs().amax(dim=-1, keepdim=True) if act.granularity == "token" else x2.abs().amax().reshape(1, 1)
-        s = m * (2.0 / ((1 << act.bits) - 1))
-        s = torch.nextafter(s, torch.full_like(s, float("inf")))  # >= the exact s: the s/2 bound holds in fp32
-        s = torch.where(s > 0, s, torch.ones_like(s))
+        s = _positive(m * (2.0 / top))
+    else:
+        if act.granularity == "token":
+            lo, hi = x2.amin(dim=-1, keepdim=True), x2.amax(dim=-1, keepdim=True)
+        else:
+            lo, hi = x2.amin().reshape(1, 1), x2.amax().reshape(1, 1)
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+        s = _positive((hi - lo) / top)
+        z = torch.round(-lo / s).clamp_(0.0, top)
+        u = (x2 / s).round_().add_(z).clamp_(0.0, top).to(torch.uint8)
+        return u, s, z
     u = (x2 / s).round_().clamp_(act.qmin, act.qmax).sub_(act.qmin).to(torch.uint8)
-    return u, s
+    return u, s, -act.qmin
+
+
+def _positive(s: torch.Tensor) -> torch.Tensor:
+    """The scale rounded up to the next float32 (>= the exact s: the s/2 bound holds in fp32); 1 where 0."""
+    s = torch.nextafter(s, torch.full_like(s, float("inf")))
+    return torch.where(s > 0, s, torch.ones_like(s))
 
 
 # -- integer GEMM -----------------------------------------------------------------------
@@ -115,8 +135,7 @@ def kernel_for(module) -> str:
     if onednn_exact(module.act.bits):
         kind = "onednn"
     elif module.act.bits == 8 and onednn_exact(7):
-        l1 = module.weight_codes_int8().abs().sum(dim=1, dtype=torch.int64)
-        if int(l1.max()) * 127 < 2**24:
+        if _weight_sums(module)[1] * 127 < 2**24:
             kind = "onednn-split"
         else:
             _log_once(f"int8: a {module.out_features}x{module.in_features} layer's weight sums are too large for "
@@ -134,13 +153,16 @@ def _packed(module) -> torch.Tensor:
     return packed
 
 
-def int8_linear_scaled(module, u: torch.Tensor, zp: int) -> torch.Tensor:
-    """float32 [M, N] = ((u - zp) @ Qw^T) * sw through the module's kernel."""
+def int8_linear_scaled(module, u: torch.Tensor, zp: int | torch.Tensor) -> torch.Tensor:
+    """float32 [M, N] = ((u - zp) @ Qw^T) * sw through the module's kernel; zp an int, or one per row
+    (float32 [M, 1] of integers: asymmetric activations)."""
     sw = module.weight_scale()
     kind = kernel_for(module)
     if kind != "reference":
         try:
-            return _fast(module, kind, u, zp, sw)
+            y = _fast(module, kind, u, zp, sw)
+            if y is not None:
+                return y
         except RuntimeError as e:  # a shape or layout the kernel refuses: the reference path, from now on
             _log_once(f"int8: oneDNN refused a {module.out_features}x{module.in_features} layer "
                       f"({str(e).splitlines()[0][:80]}); using the reference path for it")
@@ -148,19 +170,39 @@ def int8_linear_scaled(module, u: torch.Tensor, zp: int) -> torch.Tensor:
     return int8_gemm_reference(u, zp, module.weight_codes_int8()).float() * sw
 
 
-def _fast(module, kind: str, u: torch.Tensor, zp: int, sw: torch.Tensor) -> torch.Tensor:
-    if kind == "onednn":
+def _weight_sums(module) -> tuple[torch.Tensor, int]:
+    """(Σ_k Qw[n, k] as float64 [N], max_n Σ_k |Qw[n, k]|), cached."""
+    got = module._kcache.get("colsum")
+    if got is None:
+        qw = module.weight_codes_int8()
+        got = module._kcache["colsum"] = (qw.sum(dim=1, dtype=torch.int64).double(),
+                                          int(qw.abs().sum(dim=1, dtype=torch.int64).max()))
+    return got
+
+
+def _fast(module, kind: str, u: torch.Tensor, zp: int | torch.Tensor, sw: torch.Tensor) -> torch.Tensor | None:
+    """The oneDNN paths; None where none is exact for this call (then the reference path runs)."""
+    per_row = isinstance(zp, torch.Tensor)
+    if kind == "onednn" and not per_row:
         return _onednn_call(u.contiguous(), zp, _packed(module), sw)
-    if kind == "onednn-split":
-        M = u.shape[0]
-        halves = torch.cat([u & 127, u >> 7])  # [2M, K], every value <= 127
-        out = _onednn_call(halves, 0, _packed(module), _ones(sw.shape[0]))  # exact integer sums, as float32
-        colsum = module._kcache.get("colsum")
-        if colsum is None:
-            colsum = module._kcache["colsum"] = module.weight_codes_int8().sum(dim=1, dtype=torch.int64).double()
-        acc = out[:M].double().add_(out[M:].double(), alpha=128.0).sub_(colsum, alpha=float(zp))  # exact in float64
-        return acc.float().mul_(sw)
-    raise ValueError(f"unknown int8 kernel {kind!r}")
+    colsum, l1 = _weight_sums(module)
+    M = u.shape[0]
+    # every sum below is an integer of magnitude <= 255 * l1: exact in float32 when that is < 2^24
+    dt = torch.float32 if l1 * 255 < 2**24 else torch.float64
+    if kind == "onednn" and l1 * ((1 << module.act.bits) - 1) < 2**24:  # one GEMM; its sums are exact in fp32
+        acc = _onednn_call(u.contiguous(), 0, _packed(module), _ones(sw.shape[0])).to(dt)
+    elif l1 * 127 < 2**24:
+        # u = 128 b + r with r < 128 and b in {0, 1}: both halves in one GEMM of 2M rows (exact: u <= 127)
+        halves = torch.cat([u & 127, u >> 7])  # [2M, K]
+        out = _onednn_call(halves, 0, _packed(module), _ones(sw.shape[0])).to(dt)  # exact integer sums
+        acc = out[:M].add_(out[M:], alpha=128.0)
+    else:
+        return None
+    if per_row:
+        acc.sub_(zp.to(dt) * colsum.to(dt))  # [M, 1] x [N]
+    else:
+        acc.sub_(colsum.to(dt), alpha=float(zp))
+    return acc.float().mul_(sw)
 
 
 # -- module forwards --------------------------------------------------------------------
@@ -169,8 +211,8 @@ def w8a8_forward(module, x: torch.Tensor) -> torch.Tensor:
     """[..., K] -> [..., N] in x's dtype."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    u, sx = quantize_act(x2, module.act, module.input_scale)
-    y = int8_linear_scaled(module, u, -module.act.qmin).mul_(sx)
+    u, sx, zp = quantize_act(x2, module.act, module.input_scale)
+    y = int8_linear_scaled(module, u, zp).mul_(sx)
     if module.bias is not None:
         y += module.bias.float()
     return y.to(x.dtype).reshape(*lead, module.out_features)
@@ -190,8 +232,8 @@ def llm_int8_forward(module, x: torch.Tensor) -> torch.Tensor:
         y_out = x2[:, cols] @ w_out.T
     else:
         x_reg, y_out = x2, None
-    u, sx = quantize_act(x_reg, module.act)
-    y = int8_linear_scaled(module, u, -module.act.qmin) * sx
+    u, sx, zp = quantize_act(x_reg, module.act)
+    y = int8_linear_scaled(module, u, zp) * sx
     if y_out is not None:
         y = y + y_out
     if module.bias is not None:
@@ -202,7 +244,7 @@ def llm_int8_forward(module, x: torch.Tensor) -> torch.Tensor:
 def reference_forward(module, x: torch.Tensor) -> torch.Tensor:
     """Plain float statement of W8A8 (no kernels): dequantized codes times dequantized weight."""
     x2 = x.reshape(-1, x.shape[-1]).float()
-    u, sx = quantize_act(x2, module.act, module.input_scale)
-    xq = (u.float() + module.act.qmin) * sx
+    u, sx, zp = quantize_act(x2, module.act, module.input_scale)
+    xq = (u.float() - zp) * sx
     y = F.linear(xq, module.dequantize_weight(), None if module.bias is None else module.bias.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], module.out_features)

@@ -38,11 +38,16 @@ class ActQuant:
     granularity  "token": one scale per row of x (dynamic only); "tensor": one for all of x
     static       True: the per-tensor scale was fixed from calibration (stored as input_scale)
     bits         8, or 7 (reduced range)
+    symmetric    True: codes in [-2^(b-1), 2^(b-1)-1], s = 2 max|x| / (2^b - 1), no zero point.
+                 False (dynamic only): the textbook asymmetric grid on [min(x, 0), max(x, 0)] of each row
+                 (or of x): s = (b - a) / (2^b - 1), z = -round(a / s), codes in [0, 2^b - 1] -- twice
+                 the resolution where a row's values are one-signed around a large outlier.
     """
 
     granularity: str = "token"
     static: bool = False
     bits: int = 8
+    symmetric: bool = True
 
     def __post_init__(self) -> None:
         if self.granularity not in ("token", "tensor"):
@@ -51,18 +56,20 @@ class ActQuant:
             raise LowbitError("static activation scales are per tensor")
         if self.bits not in (7, 8):
             raise LowbitError(f"activation bits must be 7 or 8, got {self.bits!r}")
+        if self.static and not self.symmetric:
+            raise LowbitError("asymmetric activations are dynamic only (static scales are symmetric)")
 
     @property
     def qmax(self) -> int:
-        return (1 << (self.bits - 1)) - 1
+        return (1 << (self.bits - 1)) - 1 if self.symmetric else (1 << self.bits) - 1
 
     @property
     def qmin(self) -> int:
-        return -(1 << (self.bits - 1))
+        return -(1 << (self.bits - 1)) if self.symmetric else 0
 
     def describe(self) -> str:
         kind = "static per-tensor" if self.static else f"dynamic per-{self.granularity}"
-        return f"A{self.bits} {kind}"
+        return f"A{self.bits} {kind}" + ("" if self.symmetric else " asymmetric")
 
     def to_dict(self) -> dict:
         return asdict(self)
