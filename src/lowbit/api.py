@@ -41,9 +41,10 @@ class QuantContext:
         return self._ids
 
 
-# methods that run calibration/sequential.layer_sequential over the whole model: with a lazily loaded model
-# they get one float block at a time
-STREAMS_BLOCKS = ("gptq", "awq", "awq+gptq")
+# methods that read the decoder blocks' float weights as they reach them (calibration/sequential.layer_sequential
+# one block at a time; rtn and the uncalibrated int8 methods one layer at a time): with a lazily loaded model
+# the other blocks stay on disk meanwhile
+STREAMS_BLOCKS = ("gptq", "awq", "awq+gptq", "rtn", "w8a8", "llm-int8")
 
 
 def _share_tied_codes(model: nn.Module, names: list[str]) -> None:

@@ -20,11 +20,20 @@ def quantize_module(mod: nn.Module, scheme: Scheme) -> nn.Module:
     raise TypeError(f"cannot quantize {type(mod).__name__}")
 
 
+def _float_module(model: nn.Module, name: str) -> nn.Module:
+    """The module `name`, its float weights read from disk first when the model is loaded lazily (one
+    layer in memory at a time: the quantized module replaces it and the float weights are freed)."""
+    lazy = getattr(model, "lowbit_lazy", None)
+    if lazy is not None:
+        lazy.materialize(model, prefix=name + ".")
+    return get_module(model, name)
+
+
 def replace_linears(model: nn.Module, config: QuantConfig, make, desc: str) -> dict[str, Scheme]:
     """Replace every selected Linear by make(linear, scheme), no data needed; returns {name: scheme}."""
     done: dict[str, Scheme] = {}
     for name in tqdm(select_modules(model, config.include, config.exclude, tuple(config.overrides)), desc=desc, unit="layer", leave=False):
-        lin = get_module(model, name)
+        lin = _float_module(model, name)
         if not isinstance(lin, nn.Linear):
             raise LowbitError(f"{desc} quantizes Linear layers only: {name} is {type(lin).__name__}")
         scheme = config.scheme_for(name)
@@ -39,6 +48,6 @@ def rtn(model: nn.Module, config: QuantConfig, ctx=None) -> dict[str, Scheme]:
     done: dict[str, Scheme] = {}
     for name in tqdm(names, desc="rtn", unit="layer", leave=False):
         scheme = config.scheme_for(name)
-        set_module(model, name, quantize_module(get_module(model, name), scheme))
+        set_module(model, name, quantize_module(_float_module(model, name), scheme))
         done[name] = scheme
     return done
