@@ -139,17 +139,19 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, blocksize: int =
                 zero[:, k:k + 1] = z
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
-    W = W[:, perm]
+    # The sweep works on the transpose, one contiguous row per weight column: the per-column updates
+    # then touch contiguous memory (same arithmetic, same order as on W; ~5x faster on CPU).
+    WT = W[:, perm].T.contiguous()  # [in, out]
+    del W
     H = H[perm][:, perm]
     Hinv = inverse_hessian_factor(H, percdamp)
 
     group_of = ((perm // g) if scheme.granularity == "group" else torch.zeros(cols, dtype=torch.long)).tolist()
     starts = [(not static) and p % g == 0 for p in perm.tolist()]  # a new group begins at this column
-    # The sweep works on the transpose, one contiguous row per weight column: the per-column updates
-    # then touch contiguous memory (same arithmetic, same order as on W; ~5x faster on CPU).
-    WT = W.T.contiguous()  # [in, out]
-    QT = torch.zeros(cols, rows, dtype=torch.int32)
-    lossT = torch.zeros(cols, rows)
+    code_dtype = torch.int8 if scheme.symmetric else torch.uint8
+    QT = torch.zeros(cols, rows, dtype=code_dtype)  # codes are integers in range: stored exactly
+    Err = torch.empty(min(blocksize, cols), rows)  # one lazy block's scaled errors (w - q) / d
+    row_loss = torch.zeros(rows)
     qmin, qmax = scheme.qmin, scheme.qmax
     sT = scale.float().T.contiguous()  # [groups, out]
     zT = zero.float().T.contiguous() if zero is not None else None
@@ -178,19 +180,18 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, blocksize: int =
                 q = torch.round(w / s).clamp_(qmin, qmax)
                 dq = q * s
             QT[col] = q
-            err = lossT[col]
+            err = Err[i]
             torch.sub(w, dq, out=err).div_(d_all[i])
             if i + 1 < i2 - i1:
                 W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)
         # lazy batch update of every later column with this block's errors: W[:, i2:] -= Err1 Hinv[i1:i2, i2:]
-        WT[i2:].addmm_(Hinv[i1:i2, i2:].T, lossT[i1:i2], alpha=-1)
-    Q = QT.T
-    row_loss = lossT.pow(2).sum(dim=0) / 2  # Σ (w - q)² / d² / 2 per row
+        E = Err[: i2 - i1]
+        WT[i2:].addmm_(Hinv[i1:i2, i2:].T, E, alpha=-1)
+        row_loss += E.pow(2).sum(dim=0)
+    row_loss /= 2  # Σ (w - q)² / d² / 2 per row
 
-    inv = torch.argsort(perm)
-    Q = Q[:, inv]
-    code_dtype = torch.int8 if scheme.symmetric else torch.uint8
-    qt = QTensor(codes=Q.to(code_dtype), scale=scale if scheme.granularity != "tensor" else scale[:1],
+    Q = QT[torch.argsort(perm)].T.contiguous()  # [out, in], natural column order
+    qt = QTensor(codes=Q, scale=scale if scheme.granularity != "tensor" else scale[:1],
                  zero=(zero if scheme.granularity != "tensor" else zero[:1]) if zero is not None else None,
                  scheme=scheme, shape=torch.Size((rows, cols)))
     return qt, row_loss
