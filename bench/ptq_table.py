@@ -30,10 +30,11 @@ SETTINGS = {
 }
 METHODS = {
     "rtn": ["--method", "rtn"],
-    "gptq": ["--method", "gptq"],
-    "gptq-act-order": ["--method", "gptq", "--act-order"],
+    "gptq-natural": ["--method", "gptq", "--no-act-order"],
+    "gptq-act-order": ["--method", "gptq", "--act-order"],  # lowbit's default
     "awq": ["--method", "awq"],
-    "awq+gptq": ["--method", "awq+gptq"],
+    "awq+gptq-natural": ["--method", "awq+gptq", "--no-act-order"],
+    "awq+gptq": ["--method", "awq+gptq", "--act-order"],
 }
 
 

@@ -12,8 +12,8 @@ loading and saving included: what a user waits for), with its own peak RSS.
 
 Settings: GPTQModel W4 g128 symmetric (its defaults otherwise: damp 0.05, act_group_aware, true_sequential);
 llm-compressor W4 g64 symmetric (it refuses g128 here: 576 is not a multiple of 128; actorder "static");
-lowbit at each of those settings with --act-order (static groups: the peers' column order), and with --plain
-also without it.
+lowbit at each of those settings with --act-order (its default; static groups: the peers' column order), and
+with --plain also with --no-act-order.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--limit-tokens", type=int, default=32768)
     ap.add_argument("--peers", default=",".join(PEERS))
-    ap.add_argument("--plain", action="store_true", help="also lowbit without --act-order")
+    ap.add_argument("--plain", action="store_true", help="also lowbit with --no-act-order")
     ap.add_argument("--setup", action="store_true", help="create the peers' venvs when missing")
     ap.add_argument("--markdown", type=Path, default=None)
     args = ap.parse_args()
@@ -135,7 +135,7 @@ def main() -> None:
                     "wall_s": q["wall_s"], "peak_rss_bytes": q["peak_rss_bytes"]}
         rows.append(peer_row)
         emit(peer_row)
-        for extra, label in ((["--act-order"], "lowbit --act-order"),) + ((([], "lowbit")),) * args.plain:
+        for extra, label in ((["--act-order"], "lowbit --act-order"),) + (((["--no-act-order"], "lowbit --no-act-order")),) * args.plain:
             out = work / f"lowbit-w4g{g}{'-ao' if extra else ''}"
             q = timed([sys.executable, "-c", _CHILD, "quantize", str(hf), str(out), "--method", "gptq", "--bits", "4",
                        "--group-size", str(g), "--sym", *extra, *calib_args], work / f"{out.name}.log")

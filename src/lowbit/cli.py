@@ -41,7 +41,9 @@ def quantize(
     calib: Optional[Path] = typer.Option(None, help="Calibration text (default: WikiText-2 valid; never the test text)."),
     nsamples: int = typer.Option(128, help="Calibration windows."),
     calib_seqlen: int = typer.Option(512, help="Tokens per calibration window."),
-    act_order: bool = typer.Option(False, help="GPTQ: quantize columns by descending Hessian diagonal."),
+    act_order: bool = typer.Option(True, "--act-order/--no-act-order",
+                                   help="GPTQ: quantize columns by descending Hessian diagonal, with static groups "
+                                        "(default); --no-act-order: natural order, each group fitted when reached."),
     true_sequential: bool = typer.Option(False, help="GPTQ: quantize q/k/v, o, gate/up, down in turn inside a block."),
     percdamp: float = typer.Option(0.01, help="GPTQ: dampening, as a fraction of the mean Hessian diagonal."),
     act: str = typer.Option("dynamic", help="w8a8 activations: dynamic (per token), static (per tensor, "

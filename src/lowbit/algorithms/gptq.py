@@ -232,7 +232,8 @@ def gptq_linears(linears: dict[str, nn.Module], hess: Hessians, config: QuantCon
 
 
 def gptq_options(config: QuantConfig) -> dict:
-    o = {"blocksize": 128, "percdamp": 0.01, "act_order": False, "true_sequential": False}
+    # act-order by default: on SmolLM2 at W4 g128 sym it scores 37.5 against 43.3 in natural order (README)
+    o = {"blocksize": 128, "percdamp": 0.01, "act_order": True, "true_sequential": False}
     o.update({k: v for k, v in config.options.items() if k in o})
     return o
 
