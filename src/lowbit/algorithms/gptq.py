@@ -214,13 +214,12 @@ def gptq_linears(linears: dict[str, nn.Module], hess: Hessians, config: QuantCon
     the same codes as one sweep each, one Cholesky and one column loop instead of several."""
     out = {}
     for same_h in hess.shared(list(linears)):
-        by_scheme: dict[Scheme, list[str]] = {}
+        by_scheme: dict[tuple, tuple[Scheme, list[str]]] = {}
         for n in same_h:
             scheme = config.scheme_for(n)
-            key = scheme if scheme.granularity != "tensor" else (scheme, n)  # a tensor scale spans one weight
-            by_scheme.setdefault(key, []).append(n)
-        for names in by_scheme.values():
-            scheme = config.scheme_for(names[0])
+            key = (scheme,) if scheme.granularity != "tensor" else (scheme, n)  # a tensor scale spans one weight
+            by_scheme.setdefault(key, (scheme, []))[1].append(n)
+        for scheme, names in by_scheme.values():
             W = torch.cat([linears[n].weight.detach() for n in names]) if len(names) > 1 else linears[names[0]].weight
             qt, row_loss = gptq_rows(W, hess[names[0]].H, scheme, opts["blocksize"], opts["percdamp"],
                                      opts["act_order"])

@@ -14,15 +14,15 @@ from torch import nn
 from ..core.config import QuantConfig
 from ..core.registry import register_method
 from ..core.scheme import Scheme
-from ..nn.int8 import ActQuant, Int8OutlierLinear
+from ..nn.int8 import Int8OutlierLinear
 from .rtn import replace_linears
+from .smoothquant import act_from_options
 
 
 @register_method("llm-int8")
 def llm_int8(model: nn.Module, config: QuantConfig, ctx=None) -> dict[str, Scheme]:
     o = config.options
-    act = ActQuant(granularity="token", static=False, bits=int(o.get("act_bits", 8)),
-                   symmetric=bool(o.get("act_symmetric", True)))
+    act = act_from_options({**o, "act": "dynamic"})  # per token, at run time (act_bits, act_symmetric as w8a8)
     threshold = float(o.get("threshold", 6.0))
     return replace_linears(model, config, lambda lin, scheme: Int8OutlierLinear.from_linear(
         lin, scheme, act=act, threshold=threshold), desc="llm-int8")
