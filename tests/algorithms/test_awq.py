@@ -5,7 +5,7 @@ import torch
 
 import lowbit
 from lowbit import QuantConfig, Scheme
-from lowbit.algorithms.awq import apply_scale, rtn_dequant, search_clip
+from lowbit.algorithms.awq import apply_scale, output_mse, rtn_dequant, search_clip
 from lowbit.core.quant import dequantize, quantize
 from lowbit.models.arch import scale_mappings
 from lowbit.nn.qlinear import QuantLinear
@@ -14,9 +14,10 @@ from lowbit.nn.qlinear import QuantLinear
 FOLD_ATOL = 1e-4
 
 
-def test_rtn_dequant_matches_core():
+@pytest.mark.parametrize("sch", [Scheme(3, False, "group", 32), Scheme(4, True, "group", 32),
+                                 Scheme(8, True, "channel", None), Scheme(2, False, "tensor", None)])
+def test_rtn_dequant_matches_core(sch):
     W = torch.randn(8, 70)
-    sch = Scheme(3, False, "group", 32)
     assert torch.equal(rtn_dequant(W, sch), dequantize(quantize(W, sch)))
 
 
@@ -30,6 +31,14 @@ def test_alpha_zero_is_rtn(tiny, calib):
         if isinstance(m, QuantLinear):
             a = awq.get_submodule(name)
             assert torch.equal(a.qweight, m.qweight) and torch.equal(a.scales, m.scales)
+
+
+def test_output_mse_from_h_matches_the_tokens():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 40, generator=g, dtype=torch.float64)
+    d = torch.randn(7, 40, generator=g, dtype=torch.float64)
+    H = 2 * x.T @ x / x.shape[0]
+    assert output_mse(d, H) == pytest.approx(float((x @ d.T).pow(2).mean()), rel=1e-12)
 
 
 def test_scale_folding_keeps_float_outputs(tiny):
@@ -48,15 +57,16 @@ def test_scale_folding_keeps_float_outputs(tiny):
     assert torch.allclose(model(x).logits, ref, atol=FOLD_ATOL)
 
 
-def test_clip_never_increases_group_output_error():
+@pytest.mark.parametrize("cols,sch", [(64, Scheme(3, True, "group", 16)), (70, Scheme(3, False, "group", 32)),
+                                      (64, Scheme(3, True, "channel", None))])
+def test_clip_never_increases_group_output_error(cols, sch):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 64, generator=g)
-    W = torch.randn(16, 64, generator=g)
+    x = torch.randn(256, cols, generator=g)
+    W = torch.randn(16, cols, generator=g)
     W[0, 3] = 12.0  # an outlier weight that a clipped range serves better
-    sch = Scheme(3, True, "group", 16)
-    Wc = search_clip(x, W, sch)
+    Wc = search_clip(2 * x.T @ x / x.shape[0], W, sch)
     err = lambda w: (x @ (rtn_dequant(w, sch) - W).T).pow(2).mean()
-    assert err(Wc) <= err(W)
+    assert err(Wc) < err(W)
 
 
 @pytest.mark.parametrize("method", ["awq", "awq+gptq"])

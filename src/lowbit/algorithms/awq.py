@@ -8,6 +8,10 @@ model computes the same function while salient input channels get a finer grid.
 float ones. Then, optionally, the weight range of every group is clipped where
 that lowers the output error, and the layers are quantized with RTN or GPTQ
 (`awq+gptq`).
+
+Both searches score a candidate weight by its output MSE on every calibration token, computed from
+H = 2/n Σ x xᵀ (the matrix GPTQ uses, gathered once per input) rather than by running the tokens
+through the layer for every candidate: d H dᵀ for the weight error d, exactly the same number.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..calibration.sequential import layer_sequential, observe_inputs
 from ..core.config import QuantConfig
-from ..core.quant import compute_qparams, dequantize_grouped, grouped, quantize_codes, ungrouped
+from ..core.quant import compute_qparams, grouped, ungrouped
 from ..core.registry import register_method
 from ..core.scheme import Scheme
 from ..models.arch import block_linears, scale_mappings, select_modules, set_module
@@ -29,51 +33,63 @@ from .gptq import Hessians, gptq_linears, gptq_options
 
 
 def rtn_dequant(W: torch.Tensor, scheme: Scheme) -> torch.Tensor:
-    """W -> dequantize(quantize(W)) in float32 (same grid as the stored one)."""
+    """W -> dequantize(quantize(W)) in float32 (same grid and the same float operations as the stored one,
+    in place on one grouped copy: the searches call it for every candidate)."""
     W2 = W.float()
     s, z = compute_qparams(W2, scheme)
-    xg = grouped(W2, scheme)
-    return ungrouped(dequantize_grouped(quantize_codes(xg, s, z, scheme), s, z), *W2.shape)
+    s = s.float().unsqueeze(-1)
+    q = grouped(W2, scheme).div(s).round_()
+    if z is not None:
+        zf = z.float().unsqueeze(-1)
+        q.add_(zf).clamp_(scheme.qmin, scheme.qmax).sub_(zf)
+    else:
+        q.clamp_(scheme.qmin, scheme.qmax)
+    return ungrouped(q.mul_(s), *W2.shape)
 
 
-class InputStats:
-    """mean |x| per channel over all tokens, plus an evenly strided sample of the tokens."""
+class AbsMeans:
+    """mean |x| per input channel of every observed linear, over every calibration token (linears that read
+    the same tensor, like q/k/v, share the pass)."""
 
-    def __init__(self, n: int, stride: int) -> None:
-        self.abs_sum = torch.zeros(n, dtype=torch.float64)
-        self.count = 0
-        self.stride = stride
-        self.samples: list[torch.Tensor] = []
+    def __init__(self, linears: dict[str, nn.Module]) -> None:
+        self.sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
+        self.counts = dict.fromkeys(linears, 0)
+        self._last: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.abs_sum += x.abs().sum(0).double()
-        self.count += x.shape[0]
-        self.samples.append(x[:: self.stride].clone())
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        if self._last is None or self._last[0] is not x:
+            x2 = x.reshape(-1, x.shape[-1])
+            self._last = (x, x2.float().abs().sum(0).double(), x2.shape[0])
+        self.sums[name] += self._last[1]
+        self.counts[name] += self._last[2]
 
-    @property
-    def mean_abs(self) -> torch.Tensor:
-        return (self.abs_sum / max(self.count, 1)).float()
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return (self.sums[name] / max(self.counts[name], 1)).float()
 
-    @property
-    def x(self) -> torch.Tensor:
-        return torch.cat(self.samples)
+
+def output_mse(d: torch.Tensor, H: torch.Tensor) -> float:
+    """Mean over tokens and outputs of (x dᵀ)², from H = 2/n Σ x xᵀ: Σ_o d_o (H/2) d_oᵀ / out.
+
+    d: [out, in], a weight's error. The same number as running the calibration tokens through the
+    layer, without touching them: [out, in] x [in, in] instead of [tokens, in] x [in, out]."""
+    return float(((d @ H) * d).sum()) / (2 * d.shape[0])
 
 
 @torch.no_grad()
-def search_scale(x: torch.Tensor, mean_abs: torch.Tensor, linears: list[nn.Linear], schemes: list[Scheme],
+def search_scale(H: torch.Tensor, mean_abs: torch.Tensor, linears: list[nn.Linear], schemes: list[Scheme],
                  n_grid: int = 20) -> tuple[torch.Tensor, float, float]:
-    """Best s over α in {0, 1/n_grid, ..., (n_grid-1)/n_grid}: (s, α, loss). α = 0 gives s = 1."""
-    refs = [x @ l.weight.float().T for l in linears]
+    """Best s over α in {0, 1/n_grid, ..., (n_grid-1)/n_grid}: (s, α, loss). α = 0 gives s = 1.
+
+    loss = Σ over the linears of the output MSE of Q(W s)/s against W on the calibration tokens (whose
+    H = 2/n Σ x xᵀ they share)."""
+    Ws = [l.weight.float() for l in linears]
+    H = H.float()
     best = (torch.ones_like(mean_abs), 0.0, math.inf)
     for i in range(n_grid):
         alpha = i / n_grid
         s = mean_abs.clamp(min=1e-4).pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        loss = 0.0
-        for l, sch, ref in zip(linears, schemes, refs):
-            wq = rtn_dequant(l.weight.float() * s, sch) / s
-            loss += float((x @ wq.T - ref).pow(2).mean())
+        loss = sum(output_mse(rtn_dequant(W * s, sch) / s - W, H) for W, sch in zip(Ws, schemes))
         if loss < best[2]:
             best = (s, alpha, loss)
     return best
@@ -95,19 +111,29 @@ def apply_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> N
 
 
 @torch.no_grad()
-def search_clip(x: torch.Tensor, W: torch.Tensor, scheme: Scheme, n_grid: int = 20, max_shrink: float = 0.5,
-                n_tokens: int = 512) -> torch.Tensor:
+def search_clip(H: torch.Tensor, W: torch.Tensor, scheme: Scheme, n_grid: int = 20, max_shrink: float = 0.5
+                ) -> torch.Tensor:
     """Clip each group's range to r·[min, max] with r in [1 - max_shrink, 1] minimizing the group's output error.
 
-    Returns the clipped weight. Works on the scheme's groups ([out, G, g] view)."""
+    A group's error is its share of the output MSE on the calibration tokens, from the diagonal block of
+    H = 2/n Σ x xᵀ over the group's columns: d_g H_gg d_gᵀ. Returns the clipped weight. Works on the
+    scheme's groups ([out, G, g] view)."""
     if scheme.granularity == "tensor":
         return W
-    x = x[:: max(1, x.shape[0] // n_tokens)][:n_tokens].float()  # [T, in]
     Wf = W.float()
     rows, cols = Wf.shape
     wg = grouped(Wf, scheme)  # [out, G, g]
-    xg = grouped(x, scheme)  # [T, G, g] (same column padding)
-    ref = torch.einsum("tgk,ogk->tog", xg, wg)  # per-group partial outputs
+    n_groups, g = wg.shape[1], wg.shape[2]
+    Hp = torch.zeros(n_groups * g, n_groups * g)  # padded columns (copies of the last one) carry no error
+    Hp[:cols, :cols] = H.float()
+    Hb = Hp.reshape(n_groups, g, n_groups, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [G, g, g] diagonal blocks
+
+    def group_err(wq: torch.Tensor) -> torch.Tensor:  # [out, cols] -> [out, G]
+        d = torch.zeros(rows, n_groups * g)
+        d[:, :cols] = wq - Wf
+        d = d.reshape(rows, n_groups, g).transpose(0, 1)  # [G, out, g]
+        return (torch.bmm(d, Hb) * d).sum(-1).T
+
     hi0, lo0 = wg.amax(-1), wg.amin(-1)
     best_err = torch.full(hi0.shape, math.inf)
     best_hi, best_lo = hi0.clone(), lo0.clone()
@@ -119,8 +145,7 @@ def search_clip(x: torch.Tensor, W: torch.Tensor, scheme: Scheme, n_grid: int = 
             hi, lo = m, -m
         wc = torch.maximum(torch.minimum(wg, hi.unsqueeze(-1)), lo.unsqueeze(-1))
         # quantize every group of the clipped weight with its own min/max grid
-        wq = grouped(rtn_dequant(ungrouped(wc, rows, cols), scheme), scheme)
-        err = (torch.einsum("tgk,ogk->tog", xg, wq) - ref).pow(2).mean(0)  # [out, G]
+        err = group_err(rtn_dequant(ungrouped(wc, rows, cols), scheme))  # [out, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_hi = torch.where(better, hi, best_hi)
@@ -130,25 +155,23 @@ def search_clip(x: torch.Tensor, W: torch.Tensor, scheme: Scheme, n_grid: int = 
 
 
 def awq_options(config: QuantConfig) -> dict:
-    o = {"awq_grid": 20, "awq_clip": True, "awq_tokens": 4096}
+    o = {"awq_grid": 20, "awq_clip": True}
     o.update({k: v for k, v in config.options.items() if k in o})
     return o
 
 
-def awq_block(model: nn.Module, config: QuantConfig, selected: set[str], n_tokens_total: int, use_gptq: bool):
+def awq_block(model: nn.Module, config: QuantConfig, selected: set[str], use_gptq: bool):
     opts = awq_options(config)
-    stride = max(1, n_tokens_total // opts["awq_tokens"])
     gopts = gptq_options(config)
 
     def process(block_name: str, block: nn.Module, inputs, kw) -> dict[str, Scheme]:
         linears = {n: m for n, m in block_linears(model, block_name, block) if n in selected}
-        stats = {n: InputStats(m.in_features, stride) for n, m in linears.items()}
-        hess = Hessians(linears) if use_gptq else None  # GPTQ's H from the same pass (rescaled below)
+        means = AbsMeans(linears)
+        hess = Hessians(linears)  # H = 2/n Σ x xᵀ: the searches' output errors, then GPTQ's (rescaled below)
 
         def observe(n: str, x: torch.Tensor) -> None:
-            stats[n].add(x)
-            if hess is not None:
-                hess.observe(n, x)
+            means.observe(n, x)
+            hess.observe(n, x)
 
         observe_inputs(block, linears, inputs, kw, observe)
         # 1. activation-aware scales, folded into the op that feeds each group of linears
@@ -156,20 +179,18 @@ def awq_block(model: nn.Module, config: QuantConfig, selected: set[str], n_token
             names = [f"{block_name}.{r}" for r in rel_names]
             if not all(n in linears for n in names):
                 continue
-            st = stats[names[0]]
             lins = [linears[n] for n in names]
-            s, alpha, loss = search_scale(st.x, st.mean_abs, lins, [config.scheme_for(n) for n in names], opts["awq_grid"])
+            s, alpha, loss = search_scale(hess[names[0]].H, means[names[0]], lins,
+                                          [config.scheme_for(n) for n in names], opts["awq_grid"])
             apply_scale(prev, lins, s)
             for n in names:  # their inputs are now x / s, so H = 2/n Σ x xᵀ becomes H / (s sᵀ)
-                stats[n].samples = [t / s for t in stats[n].samples]
-                if hess is not None:
-                    hess[n].H.div_(torch.outer(s, s).to(hess[n].H.dtype))
+                hess[n].H.div_(torch.outer(s, s).to(hess[n].H.dtype))
             tqdm.write(f"lowbit: awq {block_name}: {'+'.join(r.rsplit('.', 1)[-1] for r in rel_names)} "
                        f"alpha {alpha:.2f} loss {loss:.4g}", file=sys.stderr)
         # 2. clipping search, then quantization
         for n, lin in linears.items():
             if opts["awq_clip"] and not n.endswith(("q_proj", "k_proj")):  # as the reference: q/k are not clipped
-                lin.weight.copy_(search_clip(stats[n].x, lin.weight, config.scheme_for(n)))
+                lin.weight.copy_(search_clip(hess[n].H, lin.weight, config.scheme_for(n)))
         qts = gptq_linears(linears, hess, config, gopts) if use_gptq else {}
         done = {}
         for n, lin in linears.items():
@@ -184,7 +205,7 @@ def awq_block(model: nn.Module, config: QuantConfig, selected: set[str], n_token
 def _run(model: nn.Module, config: QuantConfig, ctx, use_gptq: bool) -> dict[str, Scheme]:
     ids = ctx.calib_ids()
     selected = set(select_modules(model, config.include, config.exclude, tuple(config.overrides)))
-    proc = awq_block(model, config, selected, ids.numel(), use_gptq)
+    proc = awq_block(model, config, selected, use_gptq)
     return layer_sequential(model, ids, proc, desc="awq+gptq" if use_gptq else "awq")
 
 
