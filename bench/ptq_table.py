@@ -2,6 +2,7 @@
 
     python bench/ptq_table.py [--limit-tokens N] [--nsamples 128] [--calib-seqlen 512] [--markdown FILE]
                               [--settings w4g128sym,w3g128] [--methods rtn,gptq,...]
+                              [--rows w3g128:awq,w4g128sym:awq+gptq,...]   (instead of settings x methods)
 
 Every quantization runs in its own process (`lowbit quantize`, the CLI users
 run) so its wall time and peak RSS are its own; the checkpoints are then scored
@@ -64,8 +65,16 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--rows", default=None, help="setting:method pairs, instead of --settings x --methods")
     ap.add_argument("--markdown", type=Path, default=None)
     args = ap.parse_args()
+    if args.rows:
+        pairs = [tuple(r.split(":", 1)) for r in args.rows.split(",")]
+    else:
+        pairs = [(s, m) for s in args.settings.split(",") for m in args.methods.split(",")]
+    for setting, method in pairs:
+        if setting not in SETTINGS or method not in METHODS:
+            ap.error(f"unknown row {setting}:{method} (settings: {', '.join(SETTINGS)}; methods: {', '.join(METHODS)})")
 
     model, tok = lowbit.load(args.model)  # also fills the cache before any timing
     fp = lowbit.evaluate(model, tok, limit_tokens=args.limit_tokens)
@@ -75,19 +84,18 @@ def main() -> None:
     del model
     calib = ["--nsamples", str(args.nsamples), "--calib-seqlen", str(args.calib_seqlen), "--seed", "0"]
     with tempfile.TemporaryDirectory() as tmp:
-        for setting in args.settings.split(","):
-            for method in args.methods.split(","):
-                out = Path(tmp) / f"{setting}-{method}"
-                extra = calib if method != "rtn" else []
-                q = quantize_child(args.model, out, [*METHODS[method], *SETTINGS[setting], *extra])
-                m, _ = lowbit.load(out)
-                res = lowbit.evaluate(m, tok, limit_tokens=args.limit_tokens)
-                row = {"setting": setting, "method": method, "ppl": res["ppl"], "bpw": res["bpw"],
-                       "delta_ppl_pct": 100 * (res["ppl"] / fp["ppl"] - 1), **q,
-                       "peak_rss_vs_fp32_model": q["peak_rss_bytes"] / float_bytes if q["peak_rss_bytes"] else None}
-                rows.append(row)
-                emit(row)
-                del m
+        for setting, method in pairs:
+            out = Path(tmp) / f"{setting}-{method}"
+            extra = calib if method != "rtn" else []
+            q = quantize_child(args.model, out, [*METHODS[method], *SETTINGS[setting], *extra])
+            m, _ = lowbit.load(out)
+            res = lowbit.evaluate(m, tok, limit_tokens=args.limit_tokens)
+            row = {"setting": setting, "method": method, "ppl": res["ppl"], "bpw": res["bpw"],
+                   "delta_ppl_pct": 100 * (res["ppl"] / fp["ppl"] - 1), **q,
+                   "peak_rss_vs_fp32_model": q["peak_rss_bytes"] / float_bytes if q["peak_rss_bytes"] else None}
+            rows.append(row)
+            emit(row)
+            del m
     report(rows, [("setting", "setting", ""), ("method", "method", ""), ("ppl", "ppl", ".3f"),
                   ("delta_ppl_pct", "Δppl %", "+.1f"), ("bpw", "bits/weight", ".3f"),
                   ("wall_s", "quantize wall s", ".0f"), ("peak_rss_bytes", "peak RSS bytes", ","),

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lowbit.kernels import int8 as K
+from lowbit.kernels import native
 from lowbit.nn.int8 import W8_CHANNEL, W8_TENSOR, ActQuant, Int8OutlierLinear, W8A8Linear
 
 # float32 rescaling of the same int32 accumulators: only the order of two multiplications may differ.
@@ -41,18 +42,36 @@ def test_onednn_integer_sums_equal_reference(shape):
     assert torch.equal(got, want.float())
 
 
+def _kinds_here(bits: int) -> list[str]:
+    """The kernels that can run `bits`-bit activations on this machine."""
+    kinds = ["reference"]
+    if K.onednn_exact(bits):
+        kinds.append("onednn")
+    elif bits == 8 and K.onednn_exact(7):
+        kinds.append("onednn-split")
+        if native.lib() is not None:
+            kinds.append("onednn-sparse")
+    return kinds
+
+
 @pytest.mark.skipif(not K.onednn_exact(7), reason="oneDNN int8 GEMM not available")
+@pytest.mark.parametrize("kind", ["auto", "onednn-split", "onednn-sparse"])
 @pytest.mark.parametrize("K_in", [96, 1536])
-def test_8bit_activations_are_exact_on_every_path(K_in):
-    """Whatever kernel runs 8-bit activations here (one GEMM, the split, the reference), the integer
-    sums are the exact ones: outputs equal the reference path bit for bit."""
+def test_8bit_activations_are_exact_on_every_path(K_in, kind):
+    """Whatever kernel runs 8-bit activations here (one GEMM, the sparse rest, the split, the reference), the
+    integer sums are the exact ones: outputs equal the reference path bit for bit."""
+    if kind != "auto" and kind not in _kinds_here(8):
+        pytest.skip(f"{kind} does not run here")
     torch.manual_seed(K_in)
     lin = nn.Linear(K_in, 64, bias=False)
     m = W8A8Linear.from_linear(lin, act=ActQuant("token", bits=8))
-    assert K.kernel_for(m) in ("onednn", "onednn-split")
+    assert K.kernel_for(m) == _kinds_here(8)[-1]  # the fastest exact one
+    if kind != "auto":
+        m._kcache["int8_kernel"] = kind
     x = torch.randn(9, K_in) * 3
     x[:, 4] = -50.0  # codes at both ends of the range
     x[0, 5] = 80.0
+    x[1] = 0.01 * torch.randn(K_in)  # a row of small values: its largest entries alone leave the 7-bit range
     u, sx, zp = K.quantize_act(x, m.act)
     assert zp == 128
     fast = K.int8_linear_scaled(m, u, 128)
@@ -61,13 +80,18 @@ def test_8bit_activations_are_exact_on_every_path(K_in):
 
 
 @pytest.mark.skipif(not K.onednn_exact(7), reason="oneDNN int8 GEMM not available")
+@pytest.mark.parametrize("kind", ["auto", "onednn-split", "onednn-sparse"])
 @pytest.mark.parametrize("bits", [7, 8])
 @pytest.mark.parametrize("K_in", [96, 1536])
-def test_asymmetric_activations_are_exact_on_every_path(bits, K_in):
-    """Per-row zero points (asymmetric activations): the fast path's integer sums minus zp * Σ Qw equal the
-    reference path's bit for bit."""
+def test_asymmetric_activations_are_exact_on_every_path(bits, K_in, kind):
+    """Per-row zero points (asymmetric activations): the fast paths' integer sums equal the reference path's
+    bit for bit."""
+    if kind != "auto" and kind not in _kinds_here(bits):
+        pytest.skip(f"{kind} does not run {bits}-bit activations here")
     torch.manual_seed(K_in + bits)
     m = W8A8Linear.from_linear(nn.Linear(K_in, 64, bias=False), act=ActQuant("token", bits=bits, symmetric=False))
+    if kind != "auto":
+        m._kcache["int8_kernel"] = kind
     x = torch.randn(9, K_in) * 3
     x[:, 4] = 50.0  # one-signed outlier: zero points far from the middle
     x[0, 5] = -80.0
@@ -76,6 +100,23 @@ def test_asymmetric_activations_are_exact_on_every_path(bits, K_in):
     fast = K.int8_linear_scaled(m, u, zp)
     ref = K.int8_gemm_reference(u, zp, m.weight_codes_int8()).float() * m.weight_scale()
     assert torch.equal(fast, ref)
+
+
+@pytest.mark.skipif(native.lib() is None, reason="no C compiler here")
+@pytest.mark.parametrize("zp", [128, "rows"])
+def test_i8_split_equals_reference(zp):
+    g = torch.Generator().manual_seed(1)
+    u = torch.randint(0, 256, (23, 200), dtype=torch.uint8, generator=g)
+    z = torch.randint(0, 256, (23,), dtype=torch.int32, generator=g) if zp == "rows" else torch.full((23,), 128, dtype=torch.int32)
+    got = native.i8_split(native.lib(), u, z)
+    want = native.i8_split_reference(u, z)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    uc, rowptr, cols, vals = got
+    assert int(uc.max()) <= 127 and vals.abs().max() <= 192  # the GEMM operand is 7-bit
+    e = torch.zeros(23, 200)
+    e[torch.repeat_interleave(torch.arange(23), rowptr.diff()), cols.long()] = vals
+    assert torch.equal(uc.long() - 64 + e.long(), u.long() - z.long().view(-1, 1))  # c + e = q
 
 
 def test_probe_says_where_the_fast_path_is_exact():

@@ -52,7 +52,7 @@ static inline void st(void *p, int bf16, size_t i, float v) {
         ((float *)p)[i] = v;
 }
 
-int lb_abi_version(void) { return 5; }
+int lb_abi_version(void) { return 6; }
 
 typedef _Float16 f16; /* the K/V cache's element (llama.cpp's default cache type): half the bytes of float32 */
 
@@ -344,4 +344,61 @@ static void linear_q(int bits, int nseg, const uint8_t *const *w, const int *seg
 void lb_linear_q(int bits, int nseg, const uint8_t *const *w, const int *seg_rows, const float *s, const float *sz,
                  int K, int G, const void *x, int x_bf16, const float *bias, void *y, int y_bf16) {
     linear_q(bits, nseg, w, seg_rows, s, sz, K, G, x, x_bf16, bias, y, y_bf16);
+}
+
+/* ---- W8A8 prefill with 8-bit activations on u8 x s8 GEMMs that are exact for 7-bit ones only ----------------
+ * (AVX2 without VNNI adds pairs of u8 x s8 products in saturating int16: exact while u <= 127.)
+ * The activation codes q = u - zp[r] are split into c = clamp(q, -64, 63), whose 7-bit code uc = c + 64 goes
+ * through the GEMM, and the rest e = q - c, nonzero only where |q| is large: a few entries per row (a row's
+ * largest values), kept as CSR and added with the transposed weight codes. Every partial sum is an integer
+ * below the caller's bound (255 * max_n Σ_k |Qw[n, k]| < 2^24), so the float32 sums are exact. */
+
+int64_t lb_i8_split(const uint8_t *u, int M, int K, const int32_t *zp, uint8_t *uc, int64_t *rowptr,
+                    int32_t *cols, float *vals) {
+    rowptr[0] = 0;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < M; r++) { /* 7-bit codes, and how many entries each row leaves over */
+        const uint8_t *ur = u + (size_t)r * K;
+        uint8_t *ucr = uc + (size_t)r * K;
+        const int z = zp[r];
+        int64_t n = 0;
+        for (int k = 0; k < K; k++) {
+            const int q = (int)ur[k] - z;
+            const int c = q < -64 ? -64 : (q > 63 ? 63 : q);
+            ucr[k] = (uint8_t)(c + 64);
+            n += q != c;
+        }
+        rowptr[r + 1] = n;
+    }
+    for (int r = 0; r < M; r++) rowptr[r + 1] += rowptr[r];
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < M; r++) { /* the leftovers, in column order */
+        const uint8_t *ur = u + (size_t)r * K;
+        const int z = zp[r];
+        int64_t j = rowptr[r];
+        for (int k = 0; k < K; k++) {
+            const int q = (int)ur[k] - z;
+            const int c = q < -64 ? -64 : (q > 63 ? 63 : q);
+            if (q != c) {
+                cols[j] = k;
+                vals[j] = (float)(q - c);
+                j++;
+            }
+        }
+    }
+    return rowptr[M];
+}
+
+/* out[r, :] += Σ_j vals[j] · wT[cols[j], :] over row r's entries; wT the int8 codes transposed, [K, N]. */
+void lb_i8_sparse_add(int M, int N, const int64_t *rowptr, const int32_t *cols, const float *vals,
+                      const int8_t *wT, float *out) {
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < M; r++) {
+        float *o = out + (size_t)r * N;
+        for (int64_t j = rowptr[r]; j < rowptr[r + 1]; j++) {
+            const int8_t *w = wT + (size_t)cols[j] * N;
+            const float v = vals[j];
+            for (int n = 0; n < N; n++) o[n] += v * (float)w[n];
+        }
+    }
 }

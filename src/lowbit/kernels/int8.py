@@ -5,8 +5,9 @@
     acc = (u - zp) @ Qw^T            int32 [M, N]
     y   = acc * sw * sx (+ bias)
 
-kernel_for() picks, per module: onednn (one GEMM), onednn-split (8-bit activations on
-CPUs where one GEMM would saturate: two halves of 7 bits in one GEMM), or reference.
+kernel_for() picks, per module: onednn (one GEMM), onednn-sparse (8-bit activations on CPUs where
+one GEMM would saturate: a 7-bit GEMM operand plus a sparse rest, in C), onednn-split (the same without
+the C library: two halves of 7 bits in one GEMM of twice the rows), or reference.
 
 reference  the codes in float64 through BLAS: every int32 accumulator is exact.
 onednn     torch.ops.onednn.qlinear_pointwise on u8 x s8 with int32 accumulation,
@@ -26,7 +27,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from . import _log_once
+from . import _log_once, native
 
 # -- activation quantization ------------------------------------------------------------
 
@@ -122,10 +123,15 @@ def kernel_for(module) -> str:
     """How this module's integer matmul runs here:
 
     'onednn'        one u8 x s8 GEMM; exact for the module's activation width on this CPU
-    'onednn-split'  8-bit activations where one GEMM would saturate: u = 128 b + r with r < 128 and
-                    b in {0, 1}, both halves in one GEMM of 2M rows (exact: u <= 127), combined as
-                    acc = R + 128 B - 128 rowsum(Qw). The halves come back as float32, exact while
-                    127 * sum_k |Qw[n, k]| < 2^24 for every row n, which is checked once per module.
+    'onednn-sparse' 8-bit activations where one GEMM would saturate: the codes q = u - zp split into
+                    c = clamp(q, -64, 63), one exact 7-bit GEMM, plus the rest q - c, nonzero only at a row's
+                    largest values (~0.3-2% of the entries on SmolLM2), added from the transposed weight
+                    codes in C (kernels/native.py). Exact while max|u - zp| * sum_k |Qw[n, k]| < 2^24 for
+                    every row n (all partial sums are integers below it, in float32; max|u - zp| = 128
+                    symmetric, 255 asymmetric), checked once per module.
+    'onednn-split'  the same without the C library: u = 128 b + r with r < 128 and b in {0, 1}, both
+                    halves in one GEMM of 2M rows (exact: u <= 127), combined as
+                    acc = R + 128 B - 128 rowsum(Qw), exact while 127 * sum_k |Qw[n, k]| < 2^24.
     'reference'     the codes through float64 BLAS
     """
     kind = module._kcache.get("int8_kernel")
@@ -135,7 +141,10 @@ def kernel_for(module) -> str:
     if onednn_exact(module.act.bits):
         kind = "onednn"
     elif module.act.bits == 8 and onednn_exact(7):
-        if _weight_sums(module)[1] * 127 < 2**24:
+        l1 = _weight_sums(module)[1]
+        if l1 * (128 if module.act.symmetric else 255) < 2**24 and native.lib() is not None:  # max |u - zp|
+            kind = "onednn-sparse"
+        elif l1 * 127 < 2**24:
             kind = "onednn-split"
         else:
             _log_once(f"int8: a {module.out_features}x{module.in_features} layer's weight sums are too large for "
@@ -170,6 +179,14 @@ def int8_linear_scaled(module, u: torch.Tensor, zp: int | torch.Tensor) -> torch
     return int8_gemm_reference(u, zp, module.weight_codes_int8()).float() * sw
 
 
+def _transposed(module) -> torch.Tensor:
+    """The int8 weight codes as [K, N], contiguous (cached): rows the sparse rest adds from."""
+    wT = module._kcache.get("codes_t")
+    if wT is None:
+        wT = module._kcache["codes_t"] = module.weight_codes_int8().T.contiguous()
+    return wT
+
+
 def _weight_sums(module) -> tuple[torch.Tensor, int]:
     """(Σ_k Qw[n, k] as float64 [N], max_n Σ_k |Qw[n, k]|), cached."""
     got = module._kcache.get("colsum")
@@ -185,8 +202,16 @@ def _fast(module, kind: str, u: torch.Tensor, zp: int | torch.Tensor, sw: torch.
     per_row = isinstance(zp, torch.Tensor)
     if kind == "onednn" and not per_row:
         return _onednn_call(u.contiguous(), zp, _packed(module), sw)
-    colsum, l1 = _weight_sums(module)
     M = u.shape[0]
+    if kind == "onednn-sparse":  # q = u - zp = c + e: c in [-64, 63] through the GEMM, the sparse e in C
+        L = native.lib()
+        zr = (zp.to(torch.int32).expand(M, 1).reshape(M) if per_row else torch.full((M,), zp, dtype=torch.int32))
+        uc, rowptr, cols, vals = native.i8_split(L, u.contiguous(), zr.contiguous())
+        acc = _onednn_call(uc, 64, _packed(module), _ones(sw.shape[0]))  # exact integer sums in float32
+        if vals.numel():
+            native.i8_sparse_add(L, rowptr, cols, vals, _transposed(module), acc)
+        return acc.mul_(sw)
+    colsum, l1 = _weight_sums(module)
     # every sum below is an integer of magnitude <= 255 * l1: exact in float32 when that is < 2^24
     dt = torch.float32 if l1 * 255 < 2**24 else torch.float64
     if kind == "onednn" and l1 * ((1 << module.act.bits) - 1) < 2**24:  # one GEMM; its sums are exact in fp32

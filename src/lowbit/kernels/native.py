@@ -4,6 +4,8 @@
     attn_decode(qkv, cos, sin, kc, vc, pos, ...)   rope, K/V cache write, one query's attention
     silu_mul(gu, out)                  out = silu(g) · u
     linear_q(qw, x, out)               out = x Wᵀ (+ b), W 4- or 8-bit codes read in place (QWeight), x int8 per 32
+    i8_split(u, zp) / i8_sparse_add    W8A8 prefill: 8-bit activation codes as a 7-bit GEMM operand plus a sparse
+                                       rest (kernels/int8.py, kind "onednn-sparse")
 (inputs and outputs float32 or bfloat16, per tensor; the math and the residual in float32; the K/V cache float16).
 
 Each has a torch reference here (`*_reference`, the same math in torch ops) and an equivalence test.
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("decode.c")
-ABI_VERSION = 5
+ABI_VERSION = 6
 MAX_HEAD_DIM = 512  # decode.c's per-head accumulator
 _LIB: list = []  # [ctypes.CDLL or None] once tried
 
@@ -97,7 +99,11 @@ def lib():
             handle.lb_silu_mul.argtypes = [p, i, i, p, i]
             handle.lb_attn_decode.argtypes = [p, i, p, p, p, p, i, i, i, i, i, f, p, p, i]
             handle.lb_linear_q.argtypes = [i, i, p, p, p, p, i, i, p, i, p, p, i]
-            for fn in (handle.lb_add_rmsnorm, handle.lb_silu_mul, handle.lb_attn_decode, handle.lb_linear_q):
+            handle.lb_i8_split.argtypes = [p, i, i, p, p, p, p, p]
+            handle.lb_i8_split.restype = ctypes.c_int64
+            handle.lb_i8_sparse_add.argtypes = [i, i, p, p, p, p, p]
+            for fn in (handle.lb_add_rmsnorm, handle.lb_silu_mul, handle.lb_attn_decode, handle.lb_linear_q,
+                       handle.lb_i8_sparse_add):
                 fn.restype = None
         except OSError as e:
             _log(f"native decode ops unavailable ({e}); the lean decoder uses torch ops")
@@ -237,11 +243,42 @@ def attn_decode(L, qkv, cos, sin, kc, vc, pos: int, nh: int, nkv: int, hd: int, 
                      pos, kc.shape[1], nh, nkv, hd, scale, scratch.data_ptr(), out.data_ptr(), _bf(out))
 
 
+def i8_split(L, u: torch.Tensor, zp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """u uint8 [M, K], zp int32 [M] -> (uc uint8 [M, K], rowptr int64 [M+1], cols int32, vals float32): q = u - zp
+    as c = clamp(q, -64, 63) (uc = c + 64) plus the rest q - c in CSR (see decode.c)."""
+    M, K = u.shape
+    uc = torch.empty_like(u)
+    rowptr = torch.empty(M + 1, dtype=torch.int64)
+    cols = torch.empty(M * K, dtype=torch.int32)  # capacity; only the pages written are touched
+    vals = torch.empty(M * K, dtype=torch.float32)
+    nnz = L.lb_i8_split(u.data_ptr(), M, K, zp.data_ptr(), uc.data_ptr(), rowptr.data_ptr(), cols.data_ptr(),
+                        vals.data_ptr())
+    return uc, rowptr, cols[:nnz], vals[:nnz]
+
+
+def i8_split_reference(u: torch.Tensor, zp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`i8_split` in torch ops."""
+    q = u.long() - zp.long().view(-1, 1)
+    c = q.clamp(-64, 63)
+    e = q - c
+    rows, cols = e.nonzero(as_tuple=True)
+    rowptr = torch.zeros(u.shape[0] + 1, dtype=torch.int64)
+    rowptr[1:] = torch.bincount(rows, minlength=u.shape[0]).cumsum(0)
+    return (c + 64).to(torch.uint8), rowptr, cols.to(torch.int32), e[rows, cols].float()
+
+
+def i8_sparse_add(L, rowptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, wT: torch.Tensor,
+                  out: torch.Tensor) -> None:
+    """out [M, N] float32 += the CSR rows (rowptr, cols, vals) times wT (int8 [K, N], contiguous)."""
+    L.lb_i8_sparse_add(out.shape[0], out.shape[1], rowptr.data_ptr(), cols.data_ptr(), vals.data_ptr(),
+                       wT.data_ptr(), out.data_ptr())
+
+
 def linear_q(L, qw: QWeight, x, out) -> None:
     """out [N] = x [K] Wᵀ (+ bias); x and out bf16 or float32."""
     L.lb_linear_q(qw.bits, len(qw.rows), qw._w_ptrs, qw._rows, qw.s.data_ptr(), qw.sz.data_ptr(), qw.K, qw.G,
                   x.data_ptr(), _bf(x), None if qw.bias is None else qw.bias.data_ptr(), out.data_ptr(), _bf(out))
 
 
-__all__ = ["lib", "build", "QWeight", "linear_q", "linear_q_reference", "quantize_act_reference", "add_rmsnorm", "silu_mul", "attn_decode", "add_rmsnorm_reference",
+__all__ = ["lib", "build", "QWeight", "linear_q", "i8_split", "i8_split_reference", "i8_sparse_add", "linear_q_reference", "quantize_act_reference", "add_rmsnorm", "silu_mul", "attn_decode", "add_rmsnorm_reference",
            "silu_mul_reference", "attn_decode_reference", "MAX_HEAD_DIM"]
