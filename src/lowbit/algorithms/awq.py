@@ -58,8 +58,8 @@ class AbsMeans:
 
     def observe(self, name: str, x: torch.Tensor) -> None:
         if self._last is None or self._last[0] is not x:
-            x2 = x.reshape(-1, x.shape[-1])
-            self._last = (x, x2.float().abs().sum(0).double(), x2.shape[0])
+            x2 = x.reshape(-1, x.shape[-1])  # Σ |x| per column without an |x| copy (25 MB for down_proj's input)
+            self._last = (x, torch.linalg.vector_norm(x2.float(), 1, dim=0).double(), x2.shape[0])
         self.sums[name] += self._last[1]
         self.counts[name] += self._last[2]
 
