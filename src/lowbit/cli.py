@@ -44,7 +44,10 @@ def quantize(
     act_order: bool = typer.Option(True, "--act-order/--no-act-order",
                                    help="GPTQ: quantize columns by descending Hessian diagonal, with static groups "
                                         "(default); --no-act-order: natural order, each group fitted when reached."),
-    true_sequential: bool = typer.Option(False, help="GPTQ: quantize q/k/v, o, gate/up, down in turn inside a block."),
+    true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential",
+                                         help="GPTQ: quantize q/k/v, o, gate/up, down in turn inside a block, each "
+                                              "from inputs through the ones before it (default); --no-true-"
+                                              "sequential: every linear from the float block's inputs."),
     percdamp: float = typer.Option(0.01, help="GPTQ: dampening, as a fraction of the mean Hessian diagonal."),
     act: str = typer.Option("dynamic", help="w8a8 activations: dynamic (per token), static (per tensor, "
                                             "calibrated) or tensor (per tensor at run time: naive)."),
@@ -94,7 +97,9 @@ def quantize(
     if method != "rtn" and (not int8 or options.get("smooth") is not None or act == "static"):
         options.update({"calib": str(calib) if calib else None, "nsamples": nsamples, "calib_seqlen": calib_seqlen})
         if "gptq" in method:
-            options.update(act_order=act_order, true_sequential=true_sequential, percdamp=percdamp)
+            options.update(act_order=act_order, percdamp=percdamp)
+        if method == "gptq":  # awq+gptq quantizes a block's linears together, after its scale search
+            options.update(true_sequential=true_sequential)
     scheme = Scheme.from_cli(bits, group_size, sym)
     if per_tensor:
         scheme = Scheme(bits=bits, symmetric=sym, granularity="tensor", group_size=None)
@@ -457,25 +462,11 @@ def _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshol
         print(f"plot -> {plot}")
 
 
-MMAP_THRESHOLD = 1 << 20
-
-
-def _return_large_frees() -> None:
-    """glibc: serve allocations of 1 MiB and more with mmap, so that freeing them returns the memory. Its
-    default threshold adapts upwards to the buffers a program frees, after which block-sized temporaries
-    (GPTQ, calibration activations) come from the heap and are kept by it: measured here, peak RSS while
-    GPTQ-quantizing SmolLM2 block by block went 1.16 GB -> 0.72 GB. A no-op elsewhere."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (also stops the adapting)
-    except (OSError, AttributeError):
-        pass
-
-
 def main() -> None:
     debug = os.environ.get("LOWBIT_DEBUG")
-    _return_large_frees()
+    from .memory import configure_process
+
+    configure_process()
     try:
         app(standalone_mode=False)
     except LowbitError as e:

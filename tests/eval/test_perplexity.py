@@ -42,3 +42,30 @@ def test_kl_and_top1_against_base(tiny):
     assert res["kl"] > 0 and 0 <= res["top1"] < 1
     assert math.isclose(res["base_ppl"], same["ppl"], rel_tol=1e-6)
     assert 2 < res["bpw"] < 3
+
+
+def test_chunked_tokenize_equals_one_call():
+    from tests.conftest import TEXT, make_tokenizer
+    from lowbit.eval.perplexity import _cut_points, tokenize
+
+    tok = make_tokenizer()
+    text = TEXT + "\n \n  indented\n\n\nThe end"
+    whole = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    assert len(_cut_points(text, 100)) > 10  # many cuts
+    assert torch.equal(tokenize(tok, text, chunk=100), whole)
+    assert torch.equal(tokenize(tok, text), whole)  # one chunk
+
+
+def test_chunked_tokenize_falls_back_when_a_cut_changes_tokens():
+    """A tokenizer that marks the start of every call (SentencePiece's dummy prefix) gets the text whole."""
+    from tests.conftest import TEXT, make_tokenizer
+    from lowbit.eval.perplexity import tokenize
+
+    inner = make_tokenizer()
+
+    class Prefixing:
+        def __call__(self, text, add_special_tokens=False, **kw):
+            return inner(" " + text, add_special_tokens=add_special_tokens, **kw)
+
+    whole = inner(" " + TEXT, add_special_tokens=False).input_ids
+    assert tokenize(Prefixing(), TEXT, chunk=100).tolist() == whole

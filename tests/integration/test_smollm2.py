@@ -48,3 +48,14 @@ def test_w4_g128_round_trip_and_size(smollm2, tmp_path):
     assert torch.equal(loaded(x).logits, before)
     text = lowbit.generate(loaded, tok2, "What is the capital of France?", chat=True, max_new_tokens=12)
     assert "Paris" in text
+
+
+@pytest.mark.parametrize("which", ["calib", "test"])
+def test_chunked_tokenize_matches_one_call_on_wikitext(smollm2, which):
+    from lowbit.eval.perplexity import tokenize
+    from lowbit.eval.text import CALIB_TEXT, read_text
+
+    _, tok, _ = smollm2
+    text = read_text(CALIB_TEXT if which == "calib" else None)[0]
+    whole = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    assert torch.equal(tokenize(tok, text), whole)

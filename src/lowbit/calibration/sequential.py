@@ -11,7 +11,10 @@ from models.arch (name patterns, with a fallback).
 """
 from __future__ import annotations
 
+import ctypes
 import sys
+import tempfile
+import threading
 import time
 from typing import Callable
 
@@ -21,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..core.scheme import Scheme
 from ..models.arch import find_blocks
+from ..memory import release_free_memory
 from ..nn.qlinear import dequantized_weights
 
 
@@ -50,6 +54,10 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Te
                 pass
     finally:
         handle.remove()
+    if len(inputs) > 1:  # one buffer, viewed per sample: later batches of them are views, not copies
+        joined = torch.cat(inputs)
+        inputs.clear()
+        inputs.extend(joined.split(1))
     kw.pop("past_key_values", None)
     kw.pop("past_key_value", None)
     kw["use_cache"] = False
@@ -59,17 +67,28 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Te
 BATCH = 8  # samples per block call: bigger matmuls run ~1.5x faster per token on CPU than one at a time
 
 
+def _joined(part: list[torch.Tensor]) -> torch.Tensor:
+    """Samples ([1, ...] each) as one [n, ...] tensor: a view when they lie back to back in one buffer (the
+    outputs of one block call, split), else a copy."""
+    x0 = part[0]
+    n = x0.numel()
+    if all(x.is_contiguous() and x.shape == x0.shape and x.untyped_storage().data_ptr() == x0.untyped_storage().data_ptr()
+           and x.storage_offset() == x0.storage_offset() + k * n for k, x in enumerate(part)):
+        return x0.as_strided((len(part), *x0.shape[1:]), (n, *x0.stride()[1:]), x0.storage_offset())
+    return torch.cat(part)
+
+
 def _batches(inputs: list[torch.Tensor], batch: int):
     """The samples ([1, seqlen, hidden] each) joined `batch` at a time: one block call each."""
     for i in range(0, len(inputs), batch):
-        yield torch.cat(inputs[i: i + batch])
+        yield _joined(inputs[i: i + batch])
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: list[torch.Tensor], kw: dict, batch: int = BATCH) -> list[torch.Tensor]:
+def run_block(block: nn.Module, inputs: list[torch.Tensor], kw: dict, batch: int | None = None) -> list[torch.Tensor]:
     """The block on every sample ([1, seqlen, hidden] each), `batch` samples per call (the kwargs broadcast)."""
     outs = []
-    for x in _batches(inputs, batch):
+    for x in _batches(inputs, batch or BATCH):
         o = block(x, **kw)
         o = o[0] if isinstance(o, (tuple, list)) else o
         outs.extend(o.split(1))
@@ -78,7 +97,7 @@ def run_block(block: nn.Module, inputs: list[torch.Tensor], kw: dict, batch: int
 
 @torch.no_grad()
 def observe_inputs(block: nn.Module, modules: dict[str, nn.Module], inputs: list[torch.Tensor], kw: dict,
-                   observe: Callable[[str, torch.Tensor], None], batch: int = BATCH) -> None:
+                   observe: Callable[[str, torch.Tensor], None], batch: int | None = None) -> None:
     """Run the block over every sample, calling observe(name, x) with each listed module's input.
 
     Only the inputs are wanted, so each call stops as soon as it has made as many observations as the
@@ -93,7 +112,7 @@ def observe_inputs(block: nn.Module, modules: dict[str, nn.Module], inputs: list
 
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: pre(mod, args, n)) for n, m in modules.items()]
     try:
-        for x in _batches(inputs, batch):
+        for x in _batches(inputs, batch or BATCH):
             per_call[0] = 0
             try:
                 block(x, **kw)
@@ -105,7 +124,179 @@ def observe_inputs(block: nn.Module, modules: dict[str, nn.Module], inputs: list
             h.remove()
 
 
-BlockFn = Callable[[str, nn.Module, list[torch.Tensor], dict], dict[str, Scheme]]
+PARK_MIN = 1 << 20  # bytes: smaller waiting inputs stay in memory
+
+
+_spill: list = []  # one temporary file per worker, reused by every staged pass: the same pages rewritten
+
+
+def _spill_file(i: int):
+    while len(_spill) <= i:
+        _spill.append(tempfile.TemporaryFile(prefix="lowbit-park-"))
+    return _spill[i]
+
+
+def close_spill_files() -> None:
+    while _spill:
+        _spill.pop().close()
+
+
+def _bytes_of(st) -> memoryview:
+    """A CPU storage's bytes, writable, without marking it shared (numpy() would make it unresizable)."""
+    return memoryview((ctypes.c_char * st.nbytes()).from_address(st.data_ptr())).cast("B")
+
+
+class Irregular(Exception):
+    """A block did not call its linears the way the probe saw (data-dependent routing, a mixture of experts):
+    it cannot be run staged."""
+
+
+@torch.no_grad()
+def probe_groups(block: nn.Module, modules: dict[str, nn.Module], sample: torch.Tensor, kw: dict
+                 ) -> list[list[str]] | None:
+    """The listed modules in the order the block calls them on one sample, consecutive ones that read the very
+    same tensor grouped ([[q, k, v], [o], [gate, up], [down]] in a LLaMA block); None unless each is called
+    exactly once."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.append((n, args[0])))
+               for n, m in modules.items()]
+    try:
+        block(sample, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    if sorted(n for n, _ in seen) != sorted(modules):
+        return None
+    groups: list[tuple[list[str], torch.Tensor]] = []
+    for n, x in seen:
+        if groups and groups[-1][1] is x:
+            groups[-1][0].append(n)
+        else:
+            groups.append(([n], x))
+    return [g for g, _ in groups]
+
+
+@torch.no_grad()
+def run_block_staged(block: nn.Module, modules: dict[str, nn.Module], groups: list[list[str]],
+                     inputs: list[torch.Tensor], kw: dict, observe: Callable[[str, torch.Tensor], None],
+                     on_group: Callable[[list[str]], None], batch: int | None = None,
+                     park_inputs: bool = True) -> list[torch.Tensor]:
+    """The block's outputs over every sample in one pass that quantizes its linears group by group on the way
+    (true-sequential order: each group's statistics come from inputs computed with the groups before it
+    already quantized).
+
+    Each batch of samples runs in its own worker thread; the workers take turns in batch order, so one runs
+    at a time and the order of every floating-point sum is fixed. At the first module of a group, a worker
+    passes the group's input to observe(name, x) for every module of the group, then hands the turn on; the
+    last worker then calls on_group(names), which must make those modules compute with their quantized
+    weights, and the turn goes back to the first. The same result as a statistics pass per group followed by
+    an output pass, for one forward per sample. Raises Irregular (nothing half-done by this function) when a
+    batch calls the groups in another order than `groups`."""
+    xs = list(_batches(inputs, batch or BATCH))
+    nb = len(xs)
+    heads = {g[0]: g for g in groups}
+    order = [g[0] for g in groups]
+    cv = threading.Condition()
+    state: dict = {"turn": 0, "error": None}
+    pos = [0] * nb
+    outs: list[torch.Tensor | None] = [None] * nb
+    local = threading.local()
+
+    def wait_turn(i: int) -> None:  # with cv held
+        while state["turn"] != i and state["error"] is None:
+            cv.wait()
+        if state["error"] is not None:
+            raise _Stop  # another worker failed: unwind this one
+
+    def hand_on(i: int) -> None:
+        with cv:
+            state["turn"] = (i + 1) % nb
+            cv.notify_all()
+
+    def pre(mod, args, name):
+        i = local.i
+        if pos[i] >= len(order) or order[pos[i]] != name:
+            raise Irregular(f"{name} called out of order")
+        pos[i] += 1
+        x = args[0]
+        for n in heads[name]:
+            observe(n, x)
+        if i == nb - 1:
+            on_group(heads[name])
+        parked = park(i, x) if i != nb - 1 else None  # the last worker goes on at once
+        hand_on(i)
+        with cv:
+            wait_turn(i)
+        if parked is not None:
+            unpark(i, x, parked)
+
+    def park(i: int, x: torch.Tensor):
+        """Move a waiting worker's input to its temporary file and free its memory (the storage stays, empty,
+        as FSDP frees parameters). Only a tensor that is its storage's only user: the worker's own activation,
+        not a batch view of the shared inputs."""
+        st = x.untyped_storage()
+        if not park_inputs or x.device.type != "cpu" or st.nbytes() != x.numel() * x.element_size() \
+                or st.nbytes() < PARK_MIN:
+            return None
+        f = _spill_file(i)
+        f.seek(0)
+        f.write(_bytes_of(st))
+        n = st.nbytes()
+        st.resize_(0)
+        return n
+
+    def unpark(i: int, x: torch.Tensor, n: int) -> None:
+        st = x.untyped_storage()
+        st.resize_(n)
+        f = _spill_file(i)
+        f.seek(0)
+        view, got = _bytes_of(st), 0
+        while got < n:
+            got += f.readinto(view[got:])
+
+    def work(i: int) -> None:
+        local.i = i
+        try:
+            with torch.no_grad():  # grad mode is per thread
+                with cv:
+                    wait_turn(i)
+                o = block(xs[i], **kw)
+                o = o[0] if isinstance(o, (tuple, list)) else o
+                if pos[i] != len(order):
+                    raise Irregular("a batch skipped a group")
+                outs[i] = o
+            hand_on(i)
+        except BaseException as e:  # noqa: BLE001 -- handed to the caller's thread
+            with cv:
+                if state["error"] is None:
+                    state["error"] = e
+                cv.notify_all()
+
+    handles = [modules[h].register_forward_pre_hook(lambda mod, args, n=h: pre(mod, args, n)) for h in order]
+    threads = [threading.Thread(target=work, args=(i,), daemon=True, name=f"lowbit-batch-{i}") for i in range(nb)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+    except BaseException as e:  # Ctrl-C: stop the workers at their next module
+        with cv:
+            state["error"] = state["error"] or e
+            cv.notify_all()
+        for t in threads:
+            t.join()
+        raise
+    finally:
+        for h in handles:
+            h.remove()
+    if state["error"] is not None:
+        raise state["error"]
+    return [s for o in outs for s in o.split(1)]
+
+
+# process_block(name, block, inputs, kw) -> {linear: scheme}, or ({linear: scheme}, the block's outputs)
+BlockFn = Callable[[str, nn.Module, list[torch.Tensor], dict], "dict[str, Scheme] | tuple[dict, list]"]
 
 
 def layer_sequential(model: nn.Module, ids: torch.Tensor, process_block: BlockFn, desc: str = "calibrate") -> dict[str, Scheme]:
@@ -118,11 +309,19 @@ def layer_sequential(model: nn.Module, ids: torch.Tensor, process_block: BlockFn
         lazy.release(model, skip=tuple(n + "." for n, _ in blocks))
     done: dict[str, Scheme] = {}
     bar = tqdm(blocks, desc=desc, unit="block", file=sys.stderr, leave=False)
-    for name, block in bar:
-        if lazy is not None:
-            lazy.materialize(model, name + ".")
-        done.update(process_block(name, block, inputs, kw))
-        with dequantized_weights(block):  # the quantized block's outputs: dequantize its weights once, not per batch
-            inputs = run_block(block, inputs, kw)
+    try:
+        for name, block in bar:
+            if lazy is not None:
+                lazy.materialize(model, name + ".")
+            r = process_block(name, block, inputs, kw)
+            quantized, outputs = r if isinstance(r, tuple) else (r, None)  # a staged block computed its outputs
+            done.update(quantized)
+            if outputs is None:
+                with dequantized_weights(block):  # the quantized block's outputs: its weights dequantized once
+                    outputs = run_block(block, inputs, kw)
+            inputs = outputs
+            release_free_memory()
+    finally:
+        close_spill_files()
     print(f"lowbit: {desc}: {len(blocks)} blocks in {time.time() - t0:.1f}s", file=sys.stderr)
     return done

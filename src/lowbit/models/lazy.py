@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
+from ..formats.safetensors_read import read_header, read_tensors
 
 
 class LazyWeights:
@@ -28,17 +29,13 @@ class LazyWeights:
         if index.is_file():
             self.files = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
         else:
-            from safetensors import safe_open
-
             single = folder / "model.safetensors"
-            with safe_open(str(single), framework="pt") as f:
-                self.files = {k: single for k in f.keys()}
+            with open(single, "rb") as f:
+                self.files = {k: single for k in read_header(f, str(single))[0]}
 
     def materialize(self, model: nn.Module, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
         """Read every meta parameter/buffer whose name starts with `prefix` (and not with any of `skip`);
         tensors shared between modules (tied embeddings) are read once and shared again."""
-        from safetensors import safe_open
-
         groups: dict[int, list[tuple[str, nn.Module, str, bool]]] = {}
         for mname, mod in model.named_modules(remove_duplicate=False):
             for kind, table in (("p", mod._parameters), ("b", mod._buffers)):
@@ -59,19 +56,19 @@ class LazyWeights:
         for key, entries in todo:
             by_file.setdefault(self.files[key], []).append((key, entries))
         for path, items in by_file.items():
-            with safe_open(str(path), framework="pt") as f:  # the mapping closes again: only copies stay
-                for key, entries in items:
-                    # a copy: a tensor viewing the file's mapping would keep the whole mapping, and every page
-                    # any block ever touched, resident for as long as one such tensor (the embeddings) lives
-                    t = f.get_tensor(key)
-                    t = t.to(self.dtype, copy=True) if t.is_floating_point() else t.clone()
-                    p = nn.Parameter(t, requires_grad=False)  # one object for every module sharing it
-                    for _, mod, attr, is_param in entries:
-                        if is_param:
-                            mod._parameters[attr] = p
-                        else:
-                            mod._buffers[attr] = t
-
+            # plain reads into fresh tensors: a mapping of the file would keep every page a copy touched
+            # resident while it lasts (the 113 MB embedding would cost 226 MB), and a tensor viewing it would
+            # keep every page any block ever touched for as long as that tensor (the embeddings) lives
+            entries_of = dict(items)
+            for key, t in read_tensors(path, entries_of):
+                if t.is_floating_point() and t.dtype != self.dtype:
+                    t = t.to(self.dtype)
+                p = nn.Parameter(t, requires_grad=False)  # one object for every module sharing it
+                for _, mod, attr, is_param in entries_of[key]:
+                    if is_param:
+                        mod._parameters[attr] = p
+                    else:
+                        mod._buffers[attr] = t
 
     def release(self, model: nn.Module, skip: tuple[str, ...] = ()) -> None:
         """Put the float tensors stored in the file back on the meta device (all but names starting with `skip`),
