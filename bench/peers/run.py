@@ -138,7 +138,7 @@ def main() -> None:
         for extra, label in ((["--act-order"], "lowbit --act-order"),) + (((["--no-act-order"], "lowbit --no-act-order")),) * args.plain:
             out = work / f"lowbit-w4g{g}{'-ao' if extra else ''}"
             q = timed([sys.executable, "-c", _CHILD, "quantize", str(hf), str(out), "--method", "gptq", "--bits", "4",
-                       "--group-size", str(g), "--sym", *extra, *calib_args], work / f"{out.name}.log")
+                       "--group-size", str(g), "--sym", *extra, *calib_args, "--force"], work / f"{out.name}.log")
             m, _ = lowbit.load(out)
             ppl = perplexity(m, test)
             row = {"tool": label, "setting": setting, "ppl": ppl, "wall_s": q["wall_s"],

@@ -215,6 +215,8 @@ def run_block_staged(block: nn.Module, modules: dict[str, nn.Module], groups: li
 
     def pre(mod, args, name):
         i = local.i
+        if state["error"] is not None:  # another worker failed, or Ctrl-C: stop here
+            raise _Stop
         if pos[i] >= len(order) or order[pos[i]] != name:
             raise Irregular(f"{name} called out of order")
         pos[i] += 1
