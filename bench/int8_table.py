@@ -42,8 +42,8 @@ VARIANTS = {
     "w8a8-static-sq": ("w8a8", W8_CHANNEL, {"act": "static", "smooth": 0.5}, ()),
     "w8a8-dyn-sq": ("w8a8", W8_CHANNEL, {"act": "dynamic", "smooth": 0.5}, ()),
     "w8a8-dyn-sq-a7": ("w8a8", W8_CHANNEL, {"act": "dynamic", "smooth": 0.5, "act_bits": 7}, ()),
-    "llm-int8": ("llm-int8", W8_CHANNEL, {"threshold": 6.0}, ()),
-    "llm-int8-asym": ("llm-int8", W8_CHANNEL, {"threshold": 6.0, "act_symmetric": False}, ()),
+    "llm-int8": ("llm-int8", W8_CHANNEL, {"threshold": 6.0}, ()),  # zeropoint (the default)
+    "llm-int8-absmax": ("llm-int8", W8_CHANNEL, {"threshold": 6.0, "act_symmetric": True}, ()),
     "llm-int8-t3": ("llm-int8", W8_CHANNEL, {"threshold": 3.0}, ()),
     "llm-int8-a7": ("llm-int8", W8_CHANNEL, {"threshold": 6.0, "act_bits": 7}, ()),
 }

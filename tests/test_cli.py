@@ -50,6 +50,8 @@ def test_per_channel_flag(cli, tiny_dir, tmp_path):
     ["--method", "llm-int8", "--threshold", "4"],
     ["--method", "w8a8", "--act-asym"],
     ["--method", "llm-int8", "--act-asym"],
+    ["--method", "llm-int8", "--act-sym"],
+    ["--method", "w8a8", "--act-sym"],
 ])
 def test_int8_methods(cli, tiny_dir, tmp_path, text_file, args):
     out = tmp_path / "q"
@@ -58,7 +60,9 @@ def test_int8_methods(cli, tiny_dir, tmp_path, text_file, args):
     conf = json.loads((out / "config.json").read_text())["quantization_config"]
     assert conf["method"] == args[1] and conf["scheme"]["bits"] == 8
     assert {e["kind"] for e in conf["layers"].values()} == {args[1]}
-    assert {e["act"]["symmetric"] for e in conf["layers"].values()} == {"--act-asym" not in args}
+    # symmetric activations by default for w8a8, zeropoint ones for llm-int8 (the paper's best variant)
+    symmetric = "--act-sym" in args or ("--act-asym" not in args and args[1] == "w8a8")
+    assert {e["act"]["symmetric"] for e in conf["layers"].values()} == {symmetric}
     code, stdout, err = cli("eval", out, "--text", text_file, "--seqlen", "64", "--limit-tokens", "256", "--json")
     assert code == 0, err
     assert json.loads(stdout.splitlines()[-1])["bpw"] > 8.0

@@ -53,8 +53,10 @@ def quantize(
                                             "calibrated) or tensor (per tensor at run time: naive)."),
     act_bits: int = typer.Option(8, help="w8a8/llm-int8 activation bits: 8, or 7 (exact on the fast int8 "
                                          "kernel of CPUs without VNNI)."),
-    act_asym: bool = typer.Option(False, help="w8a8/llm-int8: asymmetric dynamic activations (a zero point per "
-                                              "token) instead of symmetric ones."),
+    act_asym: Optional[bool] = typer.Option(
+        None, "--act-asym/--act-sym",
+        help="w8a8/llm-int8: asymmetric dynamic activations (a zero point per token) or symmetric ones "
+             "[default: symmetric for w8a8; asymmetric for llm-int8, the paper's zeropoint LLM.int8()]."),
     smooth: Optional[float] = typer.Option(None, help="w8a8: SmoothQuant migration strength alpha in [0, 1]."),
     threshold: float = typer.Option(6.0, help="llm-int8: |x| at which an input column is an outlier."),
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
@@ -76,10 +78,10 @@ def quantize(
         if act_bits not in (7, 8):
             raise LowbitError(f"--act-bits must be 7 or 8, got {act_bits}")
         options["act_bits"] = act_bits
-        if act_asym:
-            if act == "static":
+        if act_asym is not None:
+            if act_asym and act == "static":
                 raise LowbitError("--act-asym needs dynamic activations (--act dynamic or tensor)")
-            options["act_symmetric"] = False
+            options["act_symmetric"] = not act_asym
         if method == "w8a8":
             from .algorithms.smoothquant import ACT_MODES
 

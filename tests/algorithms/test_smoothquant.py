@@ -6,7 +6,7 @@ import torch
 import lowbit
 from lowbit import QuantConfig
 from lowbit.algorithms.smoothquant import smooth, smooth_factors
-from lowbit.nn.int8 import W8_CHANNEL, W8_TENSOR, Int8OutlierLinear, W8A8Linear
+from lowbit.nn.int8 import W8_CHANNEL, W8_TENSOR, ActQuant, Int8OutlierLinear, W8A8Linear
 
 # Folding is exact in real arithmetic; fp32 reassociation leaves this much on logits of order 1.
 FOLD_ATOL = 1e-4
@@ -104,3 +104,13 @@ def test_llm_int8_round_trip_and_counts(tiny, calib, tmp_path):
     loaded, _ = lowbit.load(tmp_path / "i")
     assert loaded.model.layers[0].mlp.down_proj.threshold == 0.5
     assert torch.equal(loaded(calib[:2]).logits, before)
+
+
+@pytest.mark.parametrize("options, symmetric", [({}, False), ({"act_symmetric": True}, True)])
+def test_llm_int8_zeropoint_by_default(tiny, options, symmetric):
+    """Zeropoint LLM.int8() (the paper's most accurate variant) unless absmax is asked for; the
+    checkpoint-facing ActQuant records which."""
+    model, _ = tiny
+    q = lowbit.quantize(copy.deepcopy(model), QuantConfig(method="llm-int8", scheme=W8_CHANNEL, options=options))
+    acts = {m.act for m in q.modules() if isinstance(m, Int8OutlierLinear)}
+    assert acts == {ActQuant(granularity="token", static=False, bits=8, symmetric=symmetric)}

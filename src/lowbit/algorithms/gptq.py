@@ -304,9 +304,9 @@ def gptq_block(model: nn.Module, config: QuantConfig, selected: set[str], staged
 
     def process(block_name: str, block: nn.Module, inputs, kw):
         linears = {n: m for n, m in block_linears(model, block_name, block) if n in selected}
-        staged = run_staged(block_name, block, linears, inputs, kw) if opts["true_sequential"] and staged_ok else None
-        if staged is not None:
-            quantized, outputs = staged
+        result = run_staged(block_name, block, linears, inputs, kw) if opts["true_sequential"] and staged else None
+        if result is not None:
+            quantized, outputs = result
             for n, q in quantized.items():
                 set_module(model, n, q)
             return {n: q.scheme for n, q in quantized.items()}, outputs
@@ -320,7 +320,6 @@ def gptq_block(model: nn.Module, config: QuantConfig, selected: set[str], staged
                 done[n] = q.scheme
         return done
 
-    staged_ok = staged
     return process
 
 
