@@ -32,6 +32,7 @@ HEAD = (r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj$", r"^lm_head$")
 VARIANTS = {
     # name: (method, weight scheme, options, include patterns (() = the decoder blocks' linears))
     "fp32": (None, None, {}, ()),
+    "w8-only": ("rtn", W8_CHANNEL, {}, ()),  # int8 per-channel weights, float activations: the weights' share
     "naive-pt": ("w8a8", W8_TENSOR, {"act": "tensor"}, ()),
     "w8a8-dyn": ("w8a8", W8_CHANNEL, {"act": "dynamic"}, ()),
     "w8a8-dyn-asym": ("w8a8", W8_CHANNEL, {"act": "dynamic", "act_symmetric": False}, ()),
