@@ -7,7 +7,9 @@ naive variant) in QuantLinear's buffers, and quantize their *input* at run time:
     acc = Qx @ Qw^T                 int32 [M, N]  (exact integer accumulation)
     y   = acc * sw[None, :] * sx + bias
 
-The activation grid is the textbook symmetric one, s = 2 max|x| / (2^b - 1).
+The activation grid is the textbook symmetric one, s = 2 max|x| / (2^b - 1), unless
+ActQuant.symmetric is False: then a zero point per row (asymmetric). ActQuant() is symmetric; the
+methods pick their own default (w8a8: symmetric; llm-int8: zeropoint, algorithms/llm_int8.py).
 `bits` is 8 by default; 7 is the "reduced range" that lets the u8 x s8 dot
 product of AVX2 CPUs without VNNI run exactly (see kernels/int8.py).
 
