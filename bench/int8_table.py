@@ -34,14 +34,20 @@ VARIANTS = {
     "fp32": (None, None, {}, ()),
     "w8-only": ("rtn", W8_CHANNEL, {}, ()),  # int8 per-channel weights, float activations: the weights' share
     "naive-pt": ("w8a8", W8_TENSOR, {"act": "tensor"}, ()),
-    "w8a8-dyn": ("w8a8", W8_CHANNEL, {"act": "dynamic"}, ()),
+    "w8a8-dyn": ("w8a8", W8_CHANNEL, {"act": "dynamic"}, ()),  # the default: symmetric per token, rotated
+    "w8a8-dyn-norot": ("w8a8", W8_CHANNEL, {"act": "dynamic", "rotate": False}, ()),
+    "w8a8-dyn-nopair": ("w8a8", W8_CHANNEL, {"act": "dynamic", "pair_bound": False}, ()),
+    "w8a8-dyn-norot-nopair": ("w8a8", W8_CHANNEL, {"act": "dynamic", "rotate": False, "pair_bound": False}, ()),
     "w8a8-dyn-asym": ("w8a8", W8_CHANNEL, {"act": "dynamic", "act_symmetric": False}, ()),
+    "w8a8-dyn-asym-norot": ("w8a8", W8_CHANNEL, {"act": "dynamic", "act_symmetric": False, "rotate": False}, ()),
     "w8a8-dyn-a7": ("w8a8", W8_CHANNEL, {"act": "dynamic", "act_bits": 7}, ()),
+    "w8a8-dyn-a7-norot": ("w8a8", W8_CHANNEL, {"act": "dynamic", "act_bits": 7, "rotate": False}, ()),
     "w8a8-dyn-a7-asym": ("w8a8", W8_CHANNEL, {"act": "dynamic", "act_bits": 7, "act_symmetric": False}, ()),
     "w8a8-dyn-a7+head": ("w8a8", W8_CHANNEL, {"act": "dynamic", "act_bits": 7}, HEAD),
     "w8a8-static": ("w8a8", W8_CHANNEL, {"act": "static"}, ()),
     "w8a8-static-sq": ("w8a8", W8_CHANNEL, {"act": "static", "smooth": 0.5}, ()),
     "w8a8-dyn-sq": ("w8a8", W8_CHANNEL, {"act": "dynamic", "smooth": 0.5}, ()),
+    "w8a8-dyn-sq-norot": ("w8a8", W8_CHANNEL, {"act": "dynamic", "smooth": 0.5, "rotate": False}, ()),
     "w8a8-dyn-sq-a7": ("w8a8", W8_CHANNEL, {"act": "dynamic", "smooth": 0.5, "act_bits": 7}, ()),
     "llm-int8": ("llm-int8", W8_CHANNEL, {"threshold": 6.0}, ()),  # zeropoint (the default)
     "llm-int8-absmax": ("llm-int8", W8_CHANNEL, {"threshold": 6.0, "act_symmetric": True}, ()),

@@ -52,6 +52,8 @@ def test_per_channel_flag(cli, tiny_dir, tmp_path):
     ["--method", "llm-int8", "--act-asym"],
     ["--method", "llm-int8", "--act-sym"],
     ["--method", "w8a8", "--act-sym"],
+    ["--method", "w8a8", "--no-rotate", "--no-pair-bound"],
+    ["--method", "w8a8", "--act", "tensor", "--rotate"],
 ])
 def test_int8_methods(cli, tiny_dir, tmp_path, text_file, args):
     out = tmp_path / "q"
@@ -63,6 +65,10 @@ def test_int8_methods(cli, tiny_dir, tmp_path, text_file, args):
     # symmetric activations by default for w8a8, zeropoint ones for llm-int8 (the paper's best variant)
     symmetric = "--act-sym" in args or ("--act-asym" not in args and args[1] == "w8a8")
     assert {e["act"]["symmetric"] for e in conf["layers"].values()} == {symmetric}
+    # w8a8 rotates where activation scales are computed at run time, unless --no-rotate; the default for
+    # --act tensor is the naive scheme, unrotated
+    rotated = args[1] == "w8a8" and ("--rotate" in args or ("--no-rotate" not in args and "--act" not in args))
+    assert {e.get("rotated", False) for e in conf["layers"].values()} == {rotated}
     code, stdout, err = cli("eval", out, "--text", text_file, "--seqlen", "64", "--limit-tokens", "256", "--json")
     assert code == 0, err
     assert json.loads(stdout.splitlines()[-1])["bpw"] > 8.0
@@ -83,6 +89,8 @@ BAD_QUANTIZE = {
     "w8a8 bad act": (["{tiny}", "--method", "w8a8", "--act", "magic"], "--act must be one of"),
     "w8a8 act bits 6": (["{tiny}", "--method", "w8a8", "--act-bits", "6"], "--act-bits"),
     "w8a8 smooth 2": (["{tiny}", "--method", "w8a8", "--smooth", "2"], "--smooth"),
+    "rotated static act": (["{tiny}", "--method", "w8a8", "--act", "static", "--rotate"], "--rotate"),
+    "llm-int8 rotated": (["{tiny}", "--method", "llm-int8", "--rotate"], "w8a8 options"),
     "asym static act": (["{tiny}", "--method", "w8a8", "--act", "static", "--act-asym"], "--act-asym"),
     "llm-int8 threshold 0": (["{tiny}", "--method", "llm-int8", "--threshold", "0"], "--threshold"),
 }

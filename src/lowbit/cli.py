@@ -58,6 +58,14 @@ def quantize(
         help="w8a8/llm-int8: asymmetric dynamic activations (a zero point per token) or symmetric ones "
              "[default: symmetric for w8a8; asymmetric for llm-int8, the paper's zeropoint LLM.int8()]."),
     smooth: Optional[float] = typer.Option(None, help="w8a8: SmoothQuant migration strength alpha in [0, 1]."),
+    rotate: Optional[bool] = typer.Option(
+        None, "--rotate/--no-rotate",
+        help="w8a8: turn every linear's input and weight by one orthogonal Hadamard-based matrix before "
+             "quantizing, spreading outlier channels [default: on for --act dynamic]."),
+    pair_bound: Optional[bool] = typer.Option(
+        None, "--pair-bound/--no-pair-bound",
+        help="w8a8: weight scales such that neighbouring codes sum to at most 128 in magnitude, so 8-bit "
+             "activations run in one exact int8 GEMM on CPUs without VNNI [default: on for 8-bit activations]."),
     threshold: float = typer.Option(6.0, help="llm-int8: |x| at which an input column is an outlier."),
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:
@@ -89,8 +97,17 @@ def quantize(
                 raise LowbitError(f"--act must be one of {', '.join(ACT_MODES)}, got {act!r}")
             if smooth is not None and not 0.0 <= smooth <= 1.0:
                 raise LowbitError(f"--smooth must be in [0, 1], got {smooth}")
+            if rotate and act == "static":
+                raise LowbitError("--rotate needs activation scales computed at run time (--act dynamic or tensor)")
             options.update(act=act, smooth=smooth)
+            if rotate is not None:
+                options["rotate"] = rotate
+            if pair_bound is not None:
+                options["pair_bound"] = pair_bound
         else:
+            if rotate is not None or pair_bound is not None:
+                raise LowbitError("--rotate and --pair-bound are w8a8 options (llm-int8 keeps its outlier columns "
+                                  "in the model's basis)")
             if not threshold > 0:
                 raise LowbitError(f"--threshold must be > 0, got {threshold}")
             options["threshold"] = threshold

@@ -229,3 +229,113 @@ def test_a_refusing_kernel_falls_back_to_the_reference(monkeypatch):
     monkeypatch.setattr(K, "_fast", refuse)
     assert torch.allclose(m(x), want, rtol=RESCALE_RTOL, atol=1e-5)
     assert K.kernel_for(m) == "reference"
+
+
+# -- rotation and pair-bounded weights ---------------------------------------------------
+
+def _outlier_input(m=16, k=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x[:, 7] *= 60.0  # an emergent-outlier channel
+    return x
+
+
+@pytest.mark.parametrize("bits", [7, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("pair_bound", [False, True])
+def test_rotated_w8a8_equals_its_float_statement(bits, symmetric, pair_bound):
+    if pair_bound and bits == 7:
+        pytest.skip("pair-bounded weights are for 8-bit activations")
+    lin = _linear(96, 40)
+    m = W8A8Linear.from_linear(lin, act=ActQuant("token", bits=bits, symmetric=symmetric), rotate=True,
+                               pair_bound=pair_bound)
+    x = _outlier_input().reshape(2, 8, 96)
+    y = m(x)
+    assert torch.allclose(y, K.reference_forward(m, x), rtol=RESCALE_RTOL, atol=1e-5)
+    assert (y - lin(x)).abs().max() < 0.05 * lin(x).abs().max()
+
+
+def test_rotation_cuts_the_error_of_an_outlier_channel():
+    lin = _linear(96, 40, bias=False)
+    x = _outlier_input()
+    with torch.no_grad():
+        err = {rot: float((W8A8Linear.from_linear(lin, rotate=rot)(x) - lin(x)).norm()) for rot in (False, True)}
+    assert err[True] < err[False] / 2
+
+
+def test_rotated_weight_dequantizes_in_the_model_basis():
+    lin = _linear(96, 40, bias=False)
+    m = W8A8Linear.from_linear(lin, rotate=True)
+    plain = W8A8Linear.from_linear(lin)
+    w = lin.weight.detach()
+    assert (m.dequantize_weight() - w).norm() < 2 * (plain.dequantize_weight() - w).norm()
+    assert m.rel_error == pytest.approx(float((m.dequantize_weight() - w).norm() / w.norm()), rel=1e-4)
+    # what the integer GEMM multiplies: the stored codes times their scales, in the rotated basis
+    assert torch.equal(m.stored_weight(), m.weight_codes_int8().float() * m.weight_scale()[:, None])
+
+
+def test_rotated_static_activations_are_refused():
+    from lowbit import LowbitError
+
+    with pytest.raises(LowbitError, match="run time"):
+        W8A8Linear.from_linear(_linear(), act=ActQuant("tensor", static=True), input_amax=1.0, rotate=True)
+
+
+@given(st.integers(0, 1000), st.sampled_from([95, 96, 576]), st.floats(0.001, 10.0))
+@settings(max_examples=40, deadline=None)
+def test_pair_bounded_codes(seed, k, mag):
+    """|Q[n, 2j]| + |Q[n, 2j+1]| <= 128 for every pair (an odd last column pairs with 0), codes in int8,
+    and the textbook bound |w - ŵ| <= s/2 with the stored scale."""
+    from lowbit.nn.int8 import pair_bounded_qtensor, pair_sums
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(12, k, generator=g) * mag
+    w[0, :2] = mag * 5  # a pair at the maximum
+    qt = pair_bounded_qtensor(w, W8_CHANNEL)
+    assert int(pair_sums(qt.codes).max()) <= 128
+    s = qt.scale.float()
+    w_hat = qt.codes.float() * s
+    assert ((w_hat - w).abs() <= s / 2 * (1 + 1e-6)).all()
+
+
+@pytest.mark.skipif(not K.onednn_pairs_exact(), reason="no exact pair-bounded oneDNN GEMM here")
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("K_in", [96, 576, 1536])
+def test_pair_bounded_weights_run_8bit_activations_in_one_exact_gemm(symmetric, K_in):
+    torch.manual_seed(K_in)
+    lin = nn.Linear(K_in, 64, bias=False)
+    lin.weight.data[:, :2] *= 10  # neighbours both at the maximum
+    m = W8A8Linear.from_linear(lin, act=ActQuant("token", bits=8, symmetric=symmetric), pair_bound=True)
+    assert K.kernel_for(m) == "onednn"
+    x = torch.randn(9, K_in) * 3
+    x[:, 4] = 50.0
+    x[0, 5] = -80.0
+    u, sx, zp = K.quantize_act(x, m.act)
+    fast = K.int8_linear_scaled(m, u, zp)
+    ref = K.int8_gemm_reference(u, zp, m.weight_codes_int8()).float() * m.weight_scale()
+    assert torch.equal(fast, ref)
+
+
+def test_linears_reading_one_tensor_share_its_codes(monkeypatch):
+    """q/k/v (or gate/up) read the same tensor: one rotation and quantization serves all; a tensor written
+    to in place in between is quantized again."""
+    calls = []
+    real = K.quantize_act
+    monkeypatch.setattr(K, "quantize_act", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a = W8A8Linear.from_linear(_linear(96, 40, seed=1), rotate=True)
+    b = W8A8Linear.from_linear(_linear(96, 24, seed=2), rotate=True)
+    x = _outlier_input()
+    ya, yb = a(x), b(x)
+    assert len(calls) == 1
+    assert torch.allclose(yb, K.reference_forward(b, x), rtol=RESCALE_RTOL, atol=1e-5)  # the right codes
+    calls.clear()
+    b(x)
+    assert len(calls) == 0  # still the last input: reused
+    x.mul_(2.0)
+    b(x)
+    assert len(calls) == 1  # the version moved: quantized again
+    b(x.clone())
+    assert len(calls) == 2  # another tensor
+    plain = W8A8Linear.from_linear(_linear(96, 40, seed=1))
+    plain(x)
+    assert len(calls) == 3  # another rotation (none): its own codes

@@ -12,7 +12,13 @@ max|X_j / s_j| = max|X_j|^(1-α) max|W_j|^(1-α) is flatter across channels.
 Method "w8a8" (options): act "dynamic" (per token, default), "static" (one scale
 per tensor from calibration), "tensor" (per tensor, computed at run time — the
 naive scheme); act_bits 8 or 7; act_symmetric (False: a zero point per token or
-tensor, dynamic only); smooth α (None = no smoothing). Calibration
+tensor, dynamic only); smooth α (None = no smoothing); rotate (default: on for "dynamic", off for the
+naive "tensor"; refused for "static"): every linear's input and weight are turned by
+an orthogonal Hadamard-based R (core/rotation.py, QuaRot-style but online, per linear) before
+quantization, so x Wᵀ = (x R)(W R)ᵀ is unchanged in float and the outlier channels are spread over
+all channels; pair_bound (default: on for 8-bit activations): weight scales chosen so that neighbouring
+codes sum to at most 128 in magnitude (nn/int8.pair_bounded_qtensor), which lets AVX2 CPUs without VNNI
+run 8-bit activations in one exact u8 x s8 GEMM. Calibration
 (layer-sequential, max |x| per input channel of each linear) runs only when the
 activations are static or smoothing is asked for.
 """
@@ -117,8 +123,17 @@ def w8a8(model: nn.Module, config: QuantConfig, ctx) -> dict[str, Scheme]:
     alpha = o.get("smooth")
     alpha = None if alpha is None else float(alpha)
 
+    rotate = o.get("rotate")
+    rotate = (act.granularity == "token") if rotate is None else bool(rotate)
+    if rotate and act.static:
+        raise LowbitError("--rotate needs activation scales computed at run time (--act dynamic or tensor): "
+                          "static scales are calibrated on unrotated inputs")
+
+    pair_bound = o.get("pair_bound")
+    pair_bound = (act.bits == 8) if pair_bound is None else bool(pair_bound)
+
     def make(lin: nn.Linear, scheme: Scheme, amax: float | None = None) -> W8A8Linear:
-        return W8A8Linear.from_linear(lin, scheme, act=act, input_amax=amax)
+        return W8A8Linear.from_linear(lin, scheme, act=act, input_amax=amax, rotate=rotate, pair_bound=pair_bound)
 
     if act.static or alpha is not None:
         return _calibrated(model, config, ctx, make, alpha, desc="smoothquant" if alpha is not None else "w8a8")

@@ -23,6 +23,8 @@ onednn     torch.ops.onednn.qlinear_pointwise on u8 x s8 with int32 accumulation
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -119,10 +121,41 @@ def onednn_exact(act_bits: int) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def onednn_pairs_exact() -> bool:
+    """Is oneDNN's u8 x s8 GEMM exact here for 8-bit activations against pair-bounded weights
+    (|Qw[n, 2j]| + |Qw[n, 2j+1]| <= 128, nn/int8.pair_bounded_qtensor)? Probed on the worst cases: every
+    u = 255 (and alternating 255, 0) against pairs (127, 1), (-128, 0), (64, 64), (-64, -64), (1, 127),
+    with zero points 0 and 128."""
+    if not _onednn_available():
+        return False
+    try:
+        K = 64
+        u = torch.tensor([[255] * K, [255, 0] * (K // 2), [0, 255] * (K // 2), [0] * K], dtype=torch.uint8)
+        pairs = [(127, 1), (-128, 0), (64, 64), (-64, -64), (1, 127), (0, -128), (-127, -1)]
+        qw = torch.tensor([list(p) * (K // 2) for p in pairs], dtype=torch.int8)
+        packed = torch.ops.onednn.qlinear_prepack(qw, None)
+        return all(torch.equal(_onednn_call(u, zp, packed, torch.ones(qw.shape[0])),
+                               int8_gemm_reference(u, zp, qw).float()) for zp in (0, 128))
+    except Exception:
+        return False
+
+
+def _pairs_bounded(module) -> bool:
+    got = module._kcache.get("pairs_bounded")
+    if got is None:
+        from ..nn.int8 import pair_sums
+
+        got = module._kcache["pairs_bounded"] = bool(int(pair_sums(module.weight_codes_int8()).max()) <= 128)
+    return got
+
+
 def kernel_for(module) -> str:
     """How this module's integer matmul runs here:
 
-    'onednn'        one u8 x s8 GEMM; exact for the module's activation width on this CPU
+    'onednn'        one u8 x s8 GEMM; exact for the module's activation width on this CPU, or exact because
+                    the module's weight codes are pair-bounded (|Qw[n, 2j]| + |Qw[n, 2j+1]| <= 128, see
+                    `onednn_pairs_exact`), which keeps the instruction's int16 pair sums from saturating
     'onednn-sparse' 8-bit activations where one GEMM would saturate: the codes q = u - zp split into
                     c = clamp(q, -64, 63), one exact 7-bit GEMM, plus the rest q - c, nonzero only at a row's
                     largest values (~0.3-2% of the entries on SmolLM2), added from the transposed weight
@@ -138,7 +171,7 @@ def kernel_for(module) -> str:
     if kind is not None:
         return kind
     kind = "reference"
-    if onednn_exact(module.act.bits):
+    if onednn_exact(module.act.bits) or (module.act.bits == 8 and _pairs_bounded(module) and onednn_pairs_exact()):
         kind = "onednn"
     elif module.act.bits == 8 and onednn_exact(7):
         l1 = _weight_sums(module)[1]
@@ -232,11 +265,32 @@ def _fast(module, kind: str, u: torch.Tensor, zp: int | torch.Tensor, sw: torch.
 
 # -- module forwards --------------------------------------------------------------------
 
+_last_input = threading.local()
+
+
+def quantized_input(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor]:
+    """quantize_act of x [..., K] (turned by the module's rotation first, where it has one).
+
+    Linears that read the same tensor (q/k/v; gate/up) with the same rotation and run-time activation grid
+    get the same codes: the last result is kept (per thread) and reused while the caller passes the very
+    same, unmodified tensor object (identity and version checked; inference-mode tensors keep no version,
+    so for them only the identity: a caller that writes into its input between two linears, in place, under
+    torch.inference_mode, would be given stale codes — the model code here never does)."""
+    rot = (module.rot_a.data_ptr(), module.rot_b.data_ptr()) if module.rotated else None
+    key = (module.act, rot, None if x.is_inference() else x._version, tuple(x.shape))
+    last = getattr(_last_input, "value", None)
+    if not module.act.static and last is not None and last[0]() is x and last[1] == key:
+        return last[2]
+    got = quantize_act(module.rotate_input(x.reshape(-1, x.shape[-1])), module.act, module.input_scale)
+    if not module.act.static:
+        _last_input.value = (weakref.ref(x), key, got)
+    return got
+
+
 def w8a8_forward(module, x: torch.Tensor) -> torch.Tensor:
     """[..., K] -> [..., N] in x's dtype."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    u, sx, zp = quantize_act(x2, module.act, module.input_scale)
+    u, sx, zp = quantized_input(module, x)
     y = int8_linear_scaled(module, u, zp).mul_(sx)
     if module.bias is not None:
         y += module.bias.float()
@@ -267,9 +321,10 @@ def llm_int8_forward(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_forward(module, x: torch.Tensor) -> torch.Tensor:
-    """Plain float statement of W8A8 (no kernels): dequantized codes times dequantized weight."""
-    x2 = x.reshape(-1, x.shape[-1]).float()
+    """Plain float statement of W8A8 (no kernels): dequantized codes times dequantized weight (both in the
+    rotated basis where the module is rotated)."""
+    x2 = module.rotate_input(x.reshape(-1, x.shape[-1]).float())
     u, sx, zp = quantize_act(x2, module.act, module.input_scale)
     xq = (u.float() - zp) * sx
-    y = F.linear(xq, module.dequantize_weight(), None if module.bias is None else module.bias.float())
+    y = F.linear(xq, module.stored_weight(), None if module.bias is None else module.bias.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], module.out_features)

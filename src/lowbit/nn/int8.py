@@ -13,6 +13,11 @@ methods pick their own default (w8a8: symmetric; llm-int8: zeropoint, algorithms
 `bits` is 8 by default; 7 is the "reduced range" that lets the u8 x s8 dot
 product of AVX2 CPUs without VNNI run exactly (see kernels/int8.py).
 
+A W8A8Linear may hold its weight rotated (core/rotation.py): codes of W R for an orthogonal
+R built from two small factors stored as buffers rot_a, rot_b, and rotates every input, x -> x R, before
+quantizing it, so (x R)(W R)ᵀ = x Wᵀ while the per-token scale no longer has to cover the outlier channels.
+`dequantize_weight()` returns the weight in the model's basis (W R Rᵀ); `stored_weight()` the rotated one.
+
 Int8OutlierLinear (LLM.int8(), Dettmers et al. 2022) additionally sends every
 input column in which some |x| >= threshold through a float matmul with the
 matching (dequantized int8) weight columns; the other columns go through the
@@ -25,6 +30,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..core import rotation
+from ..core.quant import QTensor, quantize, round_scale_up
 from ..core.scheme import Scheme
 from ..errors import LowbitError
 from .qlinear import QuantLinear
@@ -81,25 +88,91 @@ class ActQuant:
         return cls(**d)
 
 
+def pair_sums(codes: torch.Tensor) -> torch.Tensor:
+    """|Q[:, 2j]| + |Q[:, 2j+1]| (int32 [rows, ceil(cols/2)]; an odd last column pairs with 0)."""
+    a = codes.to(torch.int32).abs()
+    if a.shape[1] % 2:
+        a = torch.cat([a, torch.zeros_like(a[:, :1])], dim=1)
+    return a[:, 0::2] + a[:, 1::2]
+
+
+def pair_bounded_qtensor(w: torch.Tensor, scheme: Scheme) -> QTensor:
+    """8-bit symmetric codes whose neighbouring pairs satisfy |Q[n, 2j]| + |Q[n, 2j+1]| <= 128.
+
+    The scale of a row (or of the tensor) is s = max_j (|w_2j| + |w_2j+1|) / 127 instead of the textbook
+    2 max|w| / 255 — at most twice as coarse, and as coarse only where two neighbours are both at the
+    maximum. Rounding adds at most 1/2 per code, so a pair's codes sum to at most 127 + 1 = 128. Why: the
+    u8 x s8 instruction of AVX2 (vpmaddubsw) adds u_2j Q_2j + u_2j+1 Q_2j+1 in saturating int16; with
+    |Q_2j| + |Q_2j+1| <= 128 that is at most 255 * 128 = 32640 < 2^15 for any 8-bit u: exact."""
+    if scheme.bits != 8 or not scheme.symmetric or scheme.granularity not in ("channel", "tensor"):
+        raise LowbitError(f"pair-bounded weights are 8-bit symmetric per channel or tensor, got {scheme.describe()}")
+    w2 = w.float().reshape(w.shape[0], -1)
+    ps = pair_sums_float(w2)
+    top = ps.amax(dim=1, keepdim=True) if scheme.granularity == "channel" else ps.amax().reshape(1, 1)
+    scale = round_scale_up((top / 127).clamp_min(torch.finfo(torch.float16).tiny), scheme.torch_scale_dtype)
+    scale = torch.where(top > 0, scale, torch.ones_like(scale))
+    qt = quantize(w2, scheme, scale=scale, zero=None)
+    if int(pair_sums(qt.codes).max()) > 128:  # cannot happen (see above); never store a weight that breaks it
+        raise LowbitError("pair-bounded weight codes exceed 128 per pair")
+    return qt
+
+
+def pair_sums_float(w2: torch.Tensor) -> torch.Tensor:
+    a = w2.abs()
+    if a.shape[1] % 2:
+        a = torch.cat([a, torch.zeros_like(a[:, :1])], dim=1)
+    return a[:, 0::2] + a[:, 1::2]
+
+
 class W8A8Linear(QuantLinear):
-    """int8 weight x int8 activation linear. `input_scale` (float32 [1]) is used only when act.static."""
+    """int8 weight x int8 activation linear. `input_scale` (float32 [1]) is used only when act.static;
+    rot_a/rot_b only when `rotated` (then static scales are refused: they would be calibrated on
+    unrotated inputs)."""
 
     kind = "w8a8"
 
     def __init__(self, in_features: int, out_features: int, scheme: Scheme = W8_CHANNEL, act: ActQuant = ActQuant(),
-                 bias: bool = False, device=None, dtype=torch.float32) -> None:
+                 bias: bool = False, device=None, dtype=torch.float32, rotated: bool = False) -> None:
         if scheme.bits != 8 or not scheme.symmetric or scheme.granularity == "group":
             raise LowbitError(f"W8A8 needs 8-bit symmetric per-channel or per-tensor weights, got {scheme.describe()}")
+        if rotated and act.static:
+            raise LowbitError("rotated W8A8 needs activation scales computed at run time (--act dynamic or tensor)")
         super().__init__(in_features, out_features, scheme, bias=bias, device=device, dtype=dtype)
         self.act = act
         self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32, device=device))
+        self.rotated = bool(rotated)
+        if self.rotated:
+            a, b = rotation.split(in_features)
+            self.register_buffer("rot_a", torch.eye(a, device=device))
+            self.register_buffer("rot_b", torch.eye(b, device=device))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: Scheme = W8_CHANNEL, qt=None, act: ActQuant = ActQuant(),
-                    input_amax: float | None = None, **kw) -> "W8A8Linear":
-        base = QuantLinear.from_linear(linear, scheme, qt)
+                    input_amax: float | None = None, rotate: bool = False, pair_bound: bool = False,
+                    **kw) -> "W8A8Linear":
+        """rotate: hold W R and turn inputs by R (see the module docstring). pair_bound: choose each weight
+        scale so that any two neighbouring codes (columns 2j, 2j+1) sum to at most 128 in magnitude
+        (`pair_bounded_qtensor`), which lets CPUs without VNNI run 8-bit activations in one exact GEMM."""
+        if rotate:
+            kw["rotated"] = True  # (LLM.int8() modules take no rotation: their outlier columns are the model's)
         m = cls(linear.in_features, linear.out_features, scheme, act=act, bias=linear.bias is not None,
                 device=linear.weight.device, dtype=linear.weight.dtype, **kw)
+        if rotate:
+            if qt is not None:
+                raise LowbitError("a rotated W8A8 linear quantizes its own (rotated) weight")
+            rot = rotation.make_rotation(linear.in_features)
+            m.rot_a, m.rot_b = rot  # shared by every linear of this width (saved once, see checkpoint)
+            turned = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                               device="meta")
+            turned.weight = nn.Parameter(rotation.rotate(linear.weight.detach(), *rot).to(linear.weight.dtype),
+                                         requires_grad=False)
+            turned.bias = linear.bias
+            linear = turned
+        if pair_bound:
+            if qt is not None:
+                raise LowbitError("pair-bounded weights choose their own scales")
+            qt = pair_bounded_qtensor(linear.weight.detach(), scheme)
+        base = QuantLinear.from_linear(linear, scheme, qt)  # rel_error: R is orthogonal, so the same either way
         m.load_state_dict(base.state_dict(), strict=False)
         m.rel_error = base.rel_error
         if act.static:
@@ -112,6 +185,23 @@ class W8A8Linear(QuantLinear):
         """Static scale from a calibrated max |x| (textbook symmetric grid)."""
         amax = float(amax)
         self.input_scale.fill_(2 * amax / ((1 << self.act.bits) - 1) if amax > 0 else 1.0)
+
+    def rotate_input(self, x2: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> x R (float32) where the weight is rotated; x itself otherwise."""
+        return rotation.rotate(x2, self.rot_a, self.rot_b) if self.rotated else x2
+
+    def stored_weight(self) -> torch.Tensor:
+        """float32 [out, in]: the dequantized codes as stored (W R where rotated)."""
+        return super().dequantize_weight()
+
+    def dequantize_weight(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 weight in the model's basis (the rotation undone)."""
+        w = super().dequantize_weight(rows)
+        return rotation.unrotate(w, self.rot_a, self.rot_b) if self.rotated else w
+
+    def weight_nbytes(self) -> int:
+        extra = sum(b.numel() * b.element_size() for b in (self.rot_a, self.rot_b)) if self.rotated else 0
+        return super().weight_nbytes() + extra
 
     def weight_codes_int8(self) -> torch.Tensor:
         """int8 [out, in] weight codes Q (cached)."""
@@ -129,12 +219,12 @@ class W8A8Linear(QuantLinear):
 
     def entry(self) -> dict:
         """What a checkpoint records to rebuild this module."""
-        return {"act": self.act.to_dict()}
+        return {"act": self.act.to_dict(), **({"rotated": True} if self.rotated else {})}
 
     @classmethod
     def from_entry(cls, entry: dict, old: nn.Linear, scheme: Scheme, device="meta") -> "W8A8Linear":
         return cls(old.in_features, old.out_features, scheme, act=ActQuant.from_dict(entry["act"]),
-                   bias=old.bias is not None, device=device)
+                   bias=old.bias is not None, device=device, rotated=bool(entry.get("rotated", False)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels.int8 import w8a8_forward
@@ -142,7 +232,7 @@ class W8A8Linear(QuantLinear):
         return w8a8_forward(self, x)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", {self.act.describe()}"
+        return super().extra_repr() + f", {self.act.describe()}" + (", rotated" if self.rotated else "")
 
 
 class Int8OutlierLinear(W8A8Linear):
