@@ -274,6 +274,17 @@ def test_rotated_weight_dequantizes_in_the_model_basis():
     assert torch.equal(m.stored_weight(), m.weight_codes_int8().float() * m.weight_scale()[:, None])
 
 
+def test_shared_rotation_bytes_count_once():
+    from lowbit.eval.size import weight_stats
+
+    model = nn.Sequential(*[W8A8Linear.from_linear(_linear(96, 40, seed=i), rotate=True) for i in range(3)])
+    codes = sum(m.weight_nbytes() for m in model)
+    assert codes == 3 * (96 * 40 + 40 * 2)  # int8 codes + fp16 scales
+    a, b = model[0].shared_tensors()
+    assert model[2].shared_tensors()[0] is a
+    assert weight_stats(model)["quantized_bytes"] == codes + 4 * (a.numel() + b.numel())
+
+
 def test_rotated_static_activations_are_refused():
     from lowbit import LowbitError
 

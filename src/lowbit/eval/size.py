@@ -8,7 +8,8 @@ from ..nn.qlinear import QUANT_MODULES
 
 
 def weight_stats(model: nn.Module) -> dict:
-    """bpw and bytes of the quantized modules (codes + scales + zeros).
+    """bpw and bytes of the quantized modules (codes + scales + zeros, and once each the tensors several
+    modules share, such as W8A8's rotation factors).
 
     For a float model: the same figures for the layers lowbit would quantize by
     default (the decoder blocks' linears) at their stored dtype.
@@ -16,6 +17,9 @@ def weight_stats(model: nn.Module) -> dict:
     q = [m for m in model.modules() if isinstance(m, QUANT_MODULES)]
     if q:
         nbytes = sum(m.weight_nbytes() for m in q)
+        shared = {t.untyped_storage().data_ptr(): t.numel() * t.element_size()
+                  for m in q for t in getattr(m, "shared_tensors", tuple)()}
+        nbytes += sum(shared.values())
         nweights = sum(m.n_weights() for m in q)
     else:
         mods = [model.get_submodule(n) for n in select_modules(model)]

@@ -199,9 +199,10 @@ class W8A8Linear(QuantLinear):
         w = super().dequantize_weight(rows)
         return rotation.unrotate(w, self.rot_a, self.rot_b) if self.rotated else w
 
-    def weight_nbytes(self) -> int:
-        extra = sum(b.numel() * b.element_size() for b in (self.rot_a, self.rot_b)) if self.rotated else 0
-        return super().weight_nbytes() + extra
+    def shared_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Stored tensors this module shares with others (the rotation factors of its width): counted once
+        per model by eval/size.weight_stats, not in weight_nbytes."""
+        return (self.rot_a, self.rot_b) if self.rotated else ()
 
     def weight_codes_int8(self) -> torch.Tensor:
         """int8 [out, in] weight codes Q (cached)."""
