@@ -98,6 +98,10 @@ def test_w8a8_round_trip(tiny, calib, tmp_path, options, scheme):
     if rotated:  # one rotation per input width, stored once and shared again after loading
         attn = loaded.model.layers[1].self_attn
         assert attn.q_proj.rot_a is attn.k_proj.rot_a is loaded.model.layers[0].mlp.up_proj.rot_a
+    # q/k/v and gate/up quantize their common input once (kept by the checkpoint)
+    assert loaded.model.layers[1].self_attn.v_proj.share == (
+        "model.layers.1.self_attn.q_proj+self_attn.k_proj+self_attn.v_proj", 2, 3)
+    assert loaded.model.layers[0].mlp.up_proj.share == ("model.layers.0.mlp.gate_proj+mlp.up_proj", 1, 2)
 
 
 def test_rotation_leaves_the_float_function_and_helps_outliers(tiny, calib):

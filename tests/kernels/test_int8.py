@@ -328,25 +328,44 @@ def test_pair_bounded_weights_run_8bit_activations_in_one_exact_gemm(symmetric, 
 
 
 def test_linears_reading_one_tensor_share_its_codes(monkeypatch):
-    """q/k/v (or gate/up) read the same tensor: one rotation and quantization serves all; a tensor written
-    to in place in between is quantized again."""
+    """q/k/v (or gate/up) read the same tensor one after another: one rotation and quantization serves the
+    group; the next call of its first member, a tensor written to in place, or another tensor computes
+    afresh."""
     calls = []
     real = K.quantize_act
     monkeypatch.setattr(K, "quantize_act", lambda *a, **k: calls.append(1) or real(*a, **k))
-    a = W8A8Linear.from_linear(_linear(96, 40, seed=1), rotate=True)
-    b = W8A8Linear.from_linear(_linear(96, 24, seed=2), rotate=True)
+    mods = [W8A8Linear.from_linear(_linear(96, 40 - 8 * i, seed=i), rotate=True) for i in range(3)]
+    for i, m in enumerate(mods):
+        m.share = ("blk.q+k+v", i, 3)
     x = _outlier_input()
-    ya, yb = a(x), b(x)
+    ys = [m(x) for m in mods]
     assert len(calls) == 1
-    assert torch.allclose(yb, K.reference_forward(b, x), rtol=RESCALE_RTOL, atol=1e-5)  # the right codes
+    for m, y in zip(mods, ys):
+        assert torch.allclose(y, K.reference_forward(m, x), rtol=RESCALE_RTOL, atol=1e-5)  # the right codes
     calls.clear()
-    b(x)
-    assert len(calls) == 0  # still the last input: reused
+    mods[0](x), mods[1](x.clone())
+    assert len(calls) == 2  # position 0 always computes; another tensor object too
+    calls.clear()
+    mods[0](x)
     x.mul_(2.0)
-    b(x)
-    assert len(calls) == 1  # the version moved: quantized again
-    b(x.clone())
-    assert len(calls) == 2  # another tensor
-    plain = W8A8Linear.from_linear(_linear(96, 40, seed=1))
-    plain(x)
-    assert len(calls) == 3  # another rotation (none): its own codes
+    mods[1](x)
+    assert len(calls) == 2  # the version moved: quantized again
+    calls.clear()
+    mods[0](x), mods[2](x)
+    assert len(calls) == 2  # not the next position of the group
+
+
+def test_shared_codes_are_not_reused_across_a_buffer_rewritten_in_place():
+    """The lean decoder writes each layer's normed input into one buffer in C (no version bump): a group's
+    first member always quantizes afresh, so layer after layer gets its own codes."""
+    mods = [W8A8Linear.from_linear(_linear(96, 40, seed=i), rotate=True) for i in range(2)]
+    for i, m in enumerate(mods):
+        m.share = ("blk.gate+up", i, 2)
+    with torch.inference_mode():
+        h = _outlier_input()
+        [m(h) for m in mods]
+        h.copy_(torch.randn(16, 96))  # the next layer's input, same buffer
+        got = [m(h) for m in mods]
+        want = [K.reference_forward(m, h) for m in mods]
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=RESCALE_RTOL, atol=1e-5)

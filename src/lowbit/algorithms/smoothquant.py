@@ -35,7 +35,7 @@ from ..core.config import QuantConfig
 from ..core.registry import register_method
 from ..core.scheme import Scheme
 from ..errors import LowbitError
-from ..models.arch import block_linears, scale_mappings, select_modules, set_module
+from ..models.arch import block_linears, input_groups, scale_mappings, select_modules, set_module
 from ..nn.int8 import ActQuant, W8A8Linear
 from .awq import apply_scale
 from .rtn import replace_linears
@@ -135,9 +135,16 @@ def w8a8(model: nn.Module, config: QuantConfig, ctx) -> dict[str, Scheme]:
     def make(lin: nn.Linear, scheme: Scheme, amax: float | None = None) -> W8A8Linear:
         return W8A8Linear.from_linear(lin, scheme, act=act, input_amax=amax, rotate=rotate, pair_bound=pair_bound)
 
+    groups = input_groups(model)  # before the linears are replaced (the mappings name nn.Linear modules)
     if act.static or alpha is not None:
-        return _calibrated(model, config, ctx, make, alpha, desc="smoothquant" if alpha is not None else "w8a8")
-    return replace_linears(model, config, make, desc="w8a8")
+        done = _calibrated(model, config, ctx, make, alpha, desc="smoothquant" if alpha is not None else "w8a8")
+    else:
+        done = replace_linears(model, config, make, desc="w8a8")
+    for name, share in groups.items():
+        mod = model.get_submodule(name)
+        if isinstance(mod, W8A8Linear):
+            mod.share = share  # q/k/v (gate/up) quantize their common input once: kernels/int8.quantized_input
+    return done
 
 
 @torch.no_grad()

@@ -271,19 +271,26 @@ _last_input = threading.local()
 def quantized_input(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor]:
     """quantize_act of x [..., K] (turned by the module's rotation first, where it has one).
 
-    Linears that read the same tensor (q/k/v; gate/up) with the same rotation and run-time activation grid
-    get the same codes: the last result is kept (per thread) and reused while the caller passes the very
-    same, unmodified tensor object (identity and version checked; inference-mode tensors keep no version,
-    so for them only the identity: a caller that writes into its input between two linears, in place, under
-    torch.inference_mode, would be given stale codes — the model code here never does)."""
+    Linears that read one tensor one after another (q/k/v; gate/up: `module.share` = (group, position,
+    size), set from the architecture's mappings) quantize it once: position i reuses the codes only when the
+    call just before was position i-1 of the same group, on the very same tensor object (and version, where
+    it has one), with the same rotation and activation grid. The last position clears them, so the next
+    call of position 0 (the next token or layer, even into a buffer rewritten in place) computes afresh."""
+    share = getattr(module, "share", None)
+    if module.act.static or share is None:
+        _last_input.value = None
+        return quantize_act(module.rotate_input(x.reshape(-1, x.shape[-1])), module.act, module.input_scale)
+    group, pos, size = share
     rot = (module.rot_a.data_ptr(), module.rot_b.data_ptr()) if module.rotated else None
-    key = (module.act, rot, None if x.is_inference() else x._version, tuple(x.shape))
+    key = (group, module.act, rot, None if x.is_inference() else x._version, tuple(x.shape))
     last = getattr(_last_input, "value", None)
-    if not module.act.static and last is not None and last[0]() is x and last[1] == key:
-        return last[2]
-    got = quantize_act(module.rotate_input(x.reshape(-1, x.shape[-1])), module.act, module.input_scale)
-    if not module.act.static:
-        _last_input.value = (weakref.ref(x), key, got)
+    _last_input.value = None
+    if pos > 0 and last is not None and last[0] == pos and last[1]() is x and last[2] == key:
+        got = last[3]
+    else:
+        got = quantize_act(module.rotate_input(x.reshape(-1, x.shape[-1])), module.act, module.input_scale)
+    if pos + 1 < size:
+        _last_input.value = (pos + 1, weakref.ref(x), key, got)
     return got
 
 

@@ -98,6 +98,18 @@ def scale_mappings(model: nn.Module, block: nn.Module) -> list[tuple[nn.Module, 
     return out
 
 
+def input_groups(model: nn.Module) -> dict[str, tuple[str, int, int]]:
+    """Linears that read one tensor, called one after another (q/k/v; gate/up), from the mappings:
+    {linear name: (group name, position in the group, group size)}, for groups of two or more."""
+    out = {}
+    for block_name, block in find_blocks(model):
+        for _, rel in scale_mappings(model, block):
+            if len(rel) > 1:
+                group = f"{block_name}.{'+'.join(rel)}"
+                out.update({f"{block_name}.{r}": (group, i, len(rel)) for i, r in enumerate(rel)})
+    return out
+
+
 def _model_type(model: nn.Module) -> str | None:
     cfg = getattr(model, "config", None)
     return getattr(cfg, "model_type", None)

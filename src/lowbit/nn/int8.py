@@ -88,9 +88,10 @@ class ActQuant:
         return cls(**d)
 
 
-def pair_sums(codes: torch.Tensor) -> torch.Tensor:
-    """|Q[:, 2j]| + |Q[:, 2j+1]| (int32 [rows, ceil(cols/2)]; an odd last column pairs with 0)."""
-    a = codes.to(torch.int32).abs()
+def pair_sums(t: torch.Tensor) -> torch.Tensor:
+    """|t[:, 2j]| + |t[:, 2j+1]| ([rows, ceil(cols/2)]: int32 for integer codes, float32 for floats; an odd
+    last column pairs with 0)."""
+    a = (t.float() if t.is_floating_point() else t.to(torch.int32)).abs()
     if a.shape[1] % 2:
         a = torch.cat([a, torch.zeros_like(a[:, :1])], dim=1)
     return a[:, 0::2] + a[:, 1::2]
@@ -107,21 +108,16 @@ def pair_bounded_qtensor(w: torch.Tensor, scheme: Scheme) -> QTensor:
     if scheme.bits != 8 or not scheme.symmetric or scheme.granularity not in ("channel", "tensor"):
         raise LowbitError(f"pair-bounded weights are 8-bit symmetric per channel or tensor, got {scheme.describe()}")
     w2 = w.float().reshape(w.shape[0], -1)
-    ps = pair_sums_float(w2)
+    ps = pair_sums(w2)
     top = ps.amax(dim=1, keepdim=True) if scheme.granularity == "channel" else ps.amax().reshape(1, 1)
-    scale = round_scale_up((top / 127).clamp_min(torch.finfo(torch.float16).tiny), scheme.torch_scale_dtype)
+    sdt = scheme.torch_scale_dtype
+    scale = round_scale_up((top / 127).clamp_min(torch.finfo(sdt).tiny), sdt)
     scale = torch.where(top > 0, scale, torch.ones_like(scale))
     qt = quantize(w2, scheme, scale=scale, zero=None)
     if int(pair_sums(qt.codes).max()) > 128:  # cannot happen (see above); never store a weight that breaks it
         raise LowbitError("pair-bounded weight codes exceed 128 per pair")
     return qt
 
-
-def pair_sums_float(w2: torch.Tensor) -> torch.Tensor:
-    a = w2.abs()
-    if a.shape[1] % 2:
-        a = torch.cat([a, torch.zeros_like(a[:, :1])], dim=1)
-    return a[:, 0::2] + a[:, 1::2]
 
 
 class W8A8Linear(QuantLinear):
@@ -141,6 +137,7 @@ class W8A8Linear(QuantLinear):
         self.act = act
         self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32, device=device))
         self.rotated = bool(rotated)
+        self.share: tuple[str, int, int] | None = None  # (group, position, size): see kernels/int8.quantized_input
         if self.rotated:
             a, b = rotation.split(in_features)
             self.register_buffer("rot_a", torch.eye(a, device=device))
@@ -220,12 +217,17 @@ class W8A8Linear(QuantLinear):
 
     def entry(self) -> dict:
         """What a checkpoint records to rebuild this module."""
-        return {"act": self.act.to_dict(), **({"rotated": True} if self.rotated else {})}
+        return {"act": self.act.to_dict(), **({"rotated": True} if self.rotated else {}),
+                **({"share": list(self.share)} if self.share else {})}
 
     @classmethod
     def from_entry(cls, entry: dict, old: nn.Linear, scheme: Scheme, device="meta") -> "W8A8Linear":
-        return cls(old.in_features, old.out_features, scheme, act=ActQuant.from_dict(entry["act"]),
-                   bias=old.bias is not None, device=device, rotated=bool(entry.get("rotated", False)))
+        m = cls(old.in_features, old.out_features, scheme, act=ActQuant.from_dict(entry["act"]),
+                bias=old.bias is not None, device=device, rotated=bool(entry.get("rotated", False)))
+        if entry.get("share"):
+            group, pos, size = entry["share"]
+            m.share = (str(group), int(pos), int(size))
+        return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels.int8 import w8a8_forward
