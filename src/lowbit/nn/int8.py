@@ -119,7 +119,6 @@ def pair_bounded_qtensor(w: torch.Tensor, scheme: Scheme) -> QTensor:
     return qt
 
 
-
 class W8A8Linear(QuantLinear):
     """int8 weight x int8 activation linear. `input_scale` (float32 [1]) is used only when act.static;
     rot_a/rot_b only when `rotated` (then static scales are refused: they would be calibrated on
