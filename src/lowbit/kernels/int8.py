@@ -276,19 +276,20 @@ def quantized_input(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     call just before was position i-1 of the same group, on the very same tensor object (and version, where
     it has one), with the same rotation and activation grid. The last position clears them, so the next
     call of position 0 (the next token or layer, even into a buffer rewritten in place) computes afresh."""
+    def fresh():
+        return quantize_act(module.rotate_input(x.reshape(-1, x.shape[-1])), module.act, module.input_scale)
+
     share = getattr(module, "share", None)
     if module.act.static or share is None:
         _last_input.value = None
-        return quantize_act(module.rotate_input(x.reshape(-1, x.shape[-1])), module.act, module.input_scale)
+        return fresh()
     group, pos, size = share
     rot = (module.rot_a.data_ptr(), module.rot_b.data_ptr()) if module.rotated else None
     key = (group, module.act, rot, None if x.is_inference() else x._version, tuple(x.shape))
     last = getattr(_last_input, "value", None)
     _last_input.value = None
-    if pos > 0 and last is not None and last[0] == pos and last[1]() is x and last[2] == key:
-        got = last[3]
-    else:
-        got = quantize_act(module.rotate_input(x.reshape(-1, x.shape[-1])), module.act, module.input_scale)
+    reuse = pos > 0 and last is not None and last[0] == pos and last[1]() is x and last[2] == key
+    got = last[3] if reuse else fresh()
     if pos + 1 < size:
         _last_input.value = (pos + 1, weakref.ref(x), key, got)
     return got
