@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from .core.config import QuantConfig
-from .core.registry import get_method
 from .errors import LowbitError
 from .eval.perplexity import evaluate
 from .formats.checkpoint import save_checkpoint
@@ -78,6 +77,7 @@ def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: t
     """
     if getattr(model, "lowbit_quant", None) and model.lowbit_quant.get("modules"):
         raise LowbitError("model is already quantized")
+    from .algorithms.registry import get_method
     from .models.arch import get_module, select_modules, set_module
 
     handler = get_method(config.method)

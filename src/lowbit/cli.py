@@ -71,8 +71,8 @@ def quantize(
 ) -> None:
     """Quantize MODEL and save a packed lowbit checkpoint to OUT."""
     from . import api
+    from .algorithms.registry import get_method
     from .core.config import QuantConfig
-    from .core.registry import get_method
     from .core.scheme import Scheme
     from .formats.io import check_output
 
@@ -132,7 +132,7 @@ def quantize(
                          overrides=overrides, seed=seed, options=options)
     get_method(method)  # unknown method: refuse before loading anything
     if calib is not None:
-        from .eval.text import read_text
+        from .core.text import read_text
 
         read_text(calib)  # missing or empty calibration text: refuse before loading anything
     check_output(out, overwrite=force)  # unwritable OUT: refuse before the long work
@@ -162,7 +162,7 @@ def eval_(
 ) -> None:
     """Perplexity of MODEL on a text (and KL / top-1 agreement against --base)."""
     from . import api
-    from .eval.text import read_text
+    from .core.text import read_text
 
     body, label = read_text(text)  # bad text: refuse before loading models
     m, tok = api.load(model)
@@ -399,7 +399,7 @@ def export_gguf(
     if gptq and calib is None:
         raise LowbitError("--gptq needs calibration: add --calib default (or --calib FILE)")
     if calib is not None and calib != "default":
-        from .eval.text import read_text
+        from .core.text import read_text
 
         read_text(calib)
     m, tok = api.load(model)
@@ -446,7 +446,7 @@ def _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshol
     if not threshold > 0:
         raise LowbitError(f"--threshold must be > 0, got {threshold}")
     if calib is not None:
-        from .eval.text import read_text
+        from .core.text import read_text
 
         read_text(calib)
     if plot is not None:
@@ -483,7 +483,7 @@ def _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshol
 
 def main() -> None:
     debug = os.environ.get("LOWBIT_DEBUG")
-    from .memory import configure_process
+    from .core.memory import configure_process
 
     configure_process()
     try:

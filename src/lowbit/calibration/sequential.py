@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.memory import release_free_memory
 from ..core.scheme import Scheme
 from ..models.arch import find_blocks
-from ..memory import release_free_memory
 from ..nn.qlinear import dequantized_weights
 
 

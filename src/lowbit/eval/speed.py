@@ -35,8 +35,8 @@ def peak_rss_bytes() -> int:
 
 def prompt_ids(tokenizer, n: int, text: str | None = None) -> torch.Tensor:
     """[1, n] ids of a real text (WikiText-2 test by default), repeated if it is short."""
-    from .perplexity import tokenize
-    from .text import read_text
+    from ..core.text import read_text
+    from ..core.tokens import tokenize
 
     if text is None:
         text = read_text(None)[0][: 40 * n]

@@ -24,9 +24,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .. import __version__
 from ..core.config import QuantConfig
 from ..core.scheme import Scheme
+from ..core.version import __version__
 from ..errors import LowbitError
 from ..models.arch import set_module
 from ..nn.int8 import INT8_MODULES

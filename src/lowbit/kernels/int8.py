@@ -29,6 +29,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from ..core.quant import pair_sums
 from . import _log_once, native
 
 # -- activation quantization ------------------------------------------------------------
@@ -144,8 +145,6 @@ def onednn_pairs_exact() -> bool:
 def _pairs_bounded(module) -> bool:
     got = module._kcache.get("pairs_bounded")
     if got is None:
-        from ..nn.int8 import pair_sums
-
         got = module._kcache["pairs_bounded"] = bool(int(pair_sums(module.weight_codes_int8()).max()) <= 128)
     return got
 

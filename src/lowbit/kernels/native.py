@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..core.paths import cache_dir
+
 SOURCE = Path(__file__).with_name("decode.c")
 ABI_VERSION = 6
 MAX_HEAD_DIM = 512  # decode.c's per-head accumulator
@@ -43,8 +45,6 @@ def _log(msg: str) -> None:
 
 
 def _cache_dir() -> Path:
-    from ..models.zoo import cache_dir
-
     return cache_dir() / "native"
 
 

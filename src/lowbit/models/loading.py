@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
+from ..core.paths import cache_dir
 from ..errors import LowbitError
-from .zoo import ZOO, cache_dir, fetch_gguf
+from .zoo import ZOO, fetch_gguf
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
