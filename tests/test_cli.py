@@ -189,7 +189,7 @@ def test_bench_compare(cli, tiny_dir, tmp_path):
 
 def test_override_quantizes_the_head_too(cli, tiny_dir, tmp_path):
     from lowbit import api
-    from lowbit.nn.decoder import LeanDecoder
+    from lowbit.runtime.decoder import LeanDecoder
     from lowbit.nn.qlinear import QuantEmbedding, QuantLinear
 
     out = tmp_path / "g4"

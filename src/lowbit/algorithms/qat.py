@@ -521,11 +521,12 @@ def run(model_src: str, out: str | os.PathLike, config: QuantConfig, tcfg: Train
     Training text: ``train_text`` (default WikiText-2 valid, minus its last 10% which is then the
     held-out text); never the test text. Returns the training log and held-out perplexities."""
     from ..calibration.data import _TEST_SHA256
-    from ..eval.perplexity import evaluate, tokenize
-    from ..eval.text import CALIB_TEXT, TEST_TEXT, read_text
+    from ..eval.perplexity import evaluate
+    from ..core.text import CALIB_TEXT, TEST_TEXT, read_text
+    from ..core.tokens import tokenize
     from ..formats.checkpoint import save_checkpoint
     from ..formats.io import check_output
-    from ..models.loading import load
+    from ..formats.load import load_model as load
     import hashlib
 
     out = check_output(out, overwrite=overwrite)

@@ -223,7 +223,7 @@ def attn_decode_reference(qkv, cos, sin, kc, vc, pos, nh, nkv, hd, scale, out_dt
 
 
 # ---- ctypes calls: contiguous tensors, float32 or bfloat16 where the C side takes either -----------------
-# (no checks here: this is the per-token hot path; nn/decoder.py sets the buffers up once)
+# (no checks here: this is the per-token hot path; runtime/decoder.py sets the buffers up once)
 
 def _bf(t: torch.Tensor) -> int:
     return int(t.dtype == torch.bfloat16)

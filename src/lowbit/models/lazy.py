@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
-from ..formats.safetensors_read import read_header, read_tensors
+from .safetensors_read import read_header, read_tensors
 
 
 class LazyWeights:

@@ -1,4 +1,4 @@
-"""LLaMA-family models without transformers' modeling code, for the lean runtime (nn/decoder.py).
+"""LLaMA-family models without transformers' modeling code, for the lean runtime (runtime/decoder.py).
 
 `lowbit.load(checkpoint, lean=True)` builds this skeleton from a lowbit checkpoint's config.json: the same
 module names as transformers' (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., lm_head), so the
@@ -110,7 +110,7 @@ class LeanCausalLM(nn.Module):
         self.lm_head = _linear(c.hidden_size, c.vocab_size, False)
 
     def forward(self, *args, **kwargs):
-        raise TypeError("a lean model runs through nn.decoder.LeanDecoder (load without lean=True for forward())")
+        raise TypeError("a lean model runs through runtime.decoder.LeanDecoder (load without lean=True for forward())")
 
 
 def lean_config(model_type: str, conf: dict) -> SimpleNamespace:
@@ -136,3 +136,12 @@ def lean_config(model_type: str, conf: dict) -> SimpleNamespace:
     c.rms_norm_eps = conf.get("rms_norm_eps", 1e-6)
     c.tie_word_embeddings = conf.get("tie_word_embeddings", False)
     return c
+
+
+def lean_skeleton(model_type: str, conf: dict) -> LeanCausalLM | None:
+    """The empty LeanCausalLM of a lowbit checkpoint's config (formats/checkpoint.load_checkpoint's skeleton),
+    or None where it does not describe the model."""
+    try:
+        return LeanCausalLM(lean_config(model_type, conf))
+    except Unsupported:
+        return None
