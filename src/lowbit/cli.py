@@ -220,7 +220,7 @@ def inspect(
     seed: int = typer.Option(0, help="--activations: seed of the calibration windows."),
 ) -> None:
     """A table per layer: shape, bits, group size, bytes, relative weight error (or, with --activations, outliers)."""
-    from .inspect import layer_table
+    from .eval.inspect import layer_table
 
     from . import api
 
@@ -285,9 +285,10 @@ def qat(
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:
     """Quantization-aware training (STE fake quantization), then a packed checkpoint."""
-    from .algorithms.qat import BlockConfig, TrainConfig, run
+    from .algorithms.qat import BlockConfig, TrainConfig
     from .core.config import QuantConfig
     from .core.scheme import Scheme
+    from .workflows.qat import run
 
     if steps < 0 or batch < 1 or seqlen < 2 or not lr > 0 or (steps == 0 and block_epochs < 1):
         raise LowbitError("need --steps >= 0 (>= 1 without --block-epochs), --batch >= 1, --seqlen >= 2 and --lr > 0")
