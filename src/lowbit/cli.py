@@ -12,7 +12,8 @@ import typer
 
 from .errors import LowbitError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: help texts are plain text (rich markup would read "[/GROUP]" as a closing tag)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Quantize LLMs, measure the cost, save them, run them on a CPU.")
 
 MODEL_HELP = "A HF hub id or folder, a .gguf file, a lowbit checkpoint, or smollm2-135m."
@@ -20,6 +21,31 @@ MODEL_HELP = "A HF hub id or folder, a .gguf file, a lowbit checkpoint, or smoll
 
 def _err(msg: str) -> None:
     print(f"lowbit: error: {msg}", file=sys.stderr)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lowbit")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from .core.version import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"lowbit {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print lowbit's version and exit."),
+) -> None:
+    pass
 
 
 @app.command()
@@ -488,31 +514,38 @@ def main() -> None:
 
     configure_process()
     try:
-        app(standalone_mode=False)
+        # Not standalone: lowbit reports errors itself. Then typer returns the code of a typer.Exit (--help,
+        # --version: 0; Ctrl-C inside a command: 130) instead of exiting.
+        code = app(standalone_mode=False)
     except LowbitError as e:
         if debug:
             raise
         _err(str(e))
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         _err("interrupted (nothing was written)")
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as e:  # click usage errors and anything unexpected: one line, no traceback
-        import click
-
-        if isinstance(e, click.exceptions.Abort):
-            _err("interrupted (nothing was written)")
-            sys.exit(130)
-        if isinstance(e, click.ClickException):
+    except typer.TyperException as e:
+        # typer's own copy of click raises these (not click.ClickException): usage errors (missing MODEL,
+        # --seqlen abc, unknown option; exit code 2) print click's usage line, a help hint and the error
+        show = getattr(e, "show", None)
+        if show is not None:
+            show()
+        else:
             _err(e.format_message())
-            sys.exit(e.exit_code if e.exit_code else 2)
+        sys.exit(e.exit_code)
+    except Exception as e:  # anything unexpected: one line, no traceback
         if debug:
             raise
         msg = str(e).strip().splitlines()
         _err(f"{type(e).__name__}: {msg[0] if msg else ''} (set LOWBIT_DEBUG=1 for the traceback)")
         sys.exit(1)
+    if code == 130:
+        _err("interrupted (nothing was written)")
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
