@@ -53,7 +53,7 @@ def gptq_linears(linears: dict[str, nn.Module], hess: Hessians, config: QuantCon
 
 
 def gptq_options(config: QuantConfig) -> dict:
-    # act-order by default: on SmolLM2 at W4 g128 sym it scores 37.5 against 43.3 in natural order (README)
+    # act-order by default: on SmolLM2 at W4 g128 sym it gives a lower perplexity than natural order (README)
     o = {"blocksize": 128, "percdamp": 0.01, "act_order": True, "true_sequential": True}
     o.update({k: v for k, v in config.options.items() if k in o})
     return o

@@ -64,7 +64,7 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Te
     return inputs, kw
 
 
-BATCH = 8  # samples per block call: bigger matmuls run ~1.5x faster per token on CPU than one at a time
+BATCH = 8  # samples per block call: bigger matmuls run faster per token on CPU than one sample at a time
 
 
 def _joined(part: list[torch.Tensor]) -> torch.Tensor:

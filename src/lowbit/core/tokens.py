@@ -32,7 +32,7 @@ def tokenize(tokenizer, text: str, chunk: int = TOKENIZE_CHUNK) -> torch.Tensor:
     """The text's token ids ([n] int64), as one call on the whole text would give them.
 
     Tokenized `chunk` characters at a time: one call on a whole corpus holds every token's string, offsets
-    and masks at once (+160 MB on WikiText-2 valid, most of which the process keeps). Each cut is checked:
+    and masks at once (most of which the process then keeps). Each cut is checked:
     the tokens of the text around it must equal the tokens of its two sides; a tokenizer for which a cut
     changes the tokens (SentencePiece's dummy prefix) gets the text in one call."""
     if tokenizer is None:

@@ -10,11 +10,8 @@
 
 Each has a torch reference here (`*_reference`, the same math in torch ops) and an equivalence test.
 The library is compiled once per source, compiler and CPU into the lowbit cache (`cc -O3 -march=native
--ffast-math -fopenmp`, linked without fast-math; about a second) and reused; without a C compiler, or with
+-ffast-math -fopenmp`, linked without fast-math) and reused; without a C compiler, or with
 LOWBIT_NATIVE=0, `lib()` returns None (the reason logged once) and the lean decoder keeps its torch ops.
-
-Measured here (AVX2, 2 threads; bench/speed_table.py): SmolLM2 W4 g128 with a W8 head decodes at about
-2x the speed of the same model through torch's int4 kernel and torch ops.
 """
 from __future__ import annotations
 

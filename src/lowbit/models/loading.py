@@ -2,7 +2,7 @@
 
   - an alias of the embedded zoo (`smollm2-135m`)
   - a `.gguf` file (transformers' GGUF loader, dequantized to float; the result
-    is cached as safetensors so later loads take a second, not ~30-50 s)
+    is cached as safetensors so later loads skip the slow conversion)
   - a lowbit checkpoint folder (config.json with quant_method "lowbit")
   - a local Hugging Face folder (config.json + weights)
   - a Hugging Face hub id (`org/name`), when the hub is reachable

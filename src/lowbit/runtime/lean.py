@@ -10,8 +10,8 @@ checkpoint's tensors and layer table load unchanged, with plain torch modules:
                                 mlp.{gate,up,down}_proj, mlp.act_fn (SiLU)
       model.norm, model.rotary_emb (default rope: inv_freq = theta^(-2i/d)), lm_head
 
-Its only forward is the LeanDecoder's; what it saves is transformers' import and module graph (~120 MB of a
-process's memory here). Models it does not describe (rope scaling, other activations, q/k norms) raise
+Its only forward is the LeanDecoder's; what it saves is transformers' import and module graph (a large
+share of a small model's process memory). Models it does not describe (rope scaling, other activations, q/k norms) raise
 `Unsupported`, and the caller loads them through transformers instead.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _meta(*shape: int) -> nn.Parameter:
 
 def _linear(i: int, o: int, bias: bool) -> nn.Linear:
     """An nn.Linear with meta tensors, built without its initializer: any op on a meta tensor (normal_, ...)
-    imports torch's meta registrations (sympy, mpmath: ~70 MB of a process's memory)."""
+    imports torch's meta registrations (sympy, mpmath: a large share of a lean process's memory)."""
     m = nn.Linear.__new__(nn.Linear)
     nn.Module.__init__(m)
     m.in_features, m.out_features = i, o
