@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lowbit  # noqa: E402
 from common import log, report  # noqa: E402
+from lowbit.core.text import read_text  # noqa: E402
+from lowbit.core.tokens import tokenize  # noqa: E402
 from lowbit.eval import llama_cpp as L  # noqa: E402
-from lowbit.eval.perplexity import tokenize, windows  # noqa: E402
-from lowbit.eval.text import read_text  # noqa: E402
+from lowbit.eval.perplexity import windows  # noqa: E402
 from lowbit.formats.gguf.export import export_gguf  # noqa: E402
 from lowbit.formats.gguf.reader import gguf_table  # noqa: E402
 

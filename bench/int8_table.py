@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lowbit  # noqa: E402
 from common import log, report  # noqa: E402
-from lowbit.eval.perplexity import tokenize  # noqa: E402
-from lowbit.eval.text import read_text  # noqa: E402
+from lowbit.core.text import read_text  # noqa: E402
+from lowbit.core.tokens import tokenize  # noqa: E402
 from lowbit.nn.int8 import W8_CHANNEL, W8_TENSOR  # noqa: E402
 
 HEAD = (r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj$", r"^lm_head$")

@@ -5,7 +5,7 @@
                               [--block-epochs 4 --block-lr 3e-3 --block-scale-lr 3e-4 --block-samples 64]
                               [--out DIR] [--markdown FILE]
 
-Trains with `lowbit.algorithms.qat.run` on WikiText-2 valid (minus its last 10%, the held-out text),
+Trains with `lowbit.workflows.qat.run` on WikiText-2 valid (minus its last 10%, the held-out text),
 converts to a packed checkpoint, and scores it on WikiText-2 test windows of 512 tokens; with
 --baselines also the float model, RTN and the --init checkpoint on the same windows. Reports training
 steps, tokens seen and wall time (2 threads here).
@@ -21,9 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lowbit  # noqa: E402
 from common import log, report  # noqa: E402
-from lowbit.algorithms.qat import BlockConfig, TrainConfig, run  # noqa: E402
+from lowbit.algorithms.qat import BlockConfig, TrainConfig  # noqa: E402
 from lowbit.core.config import QuantConfig  # noqa: E402
 from lowbit.core.scheme import Scheme  # noqa: E402
+from lowbit.workflows.qat import run  # noqa: E402
 
 
 def main() -> None:

@@ -9,12 +9,12 @@ linears), the same with lm_head and the embedding table at W8 ("+head"), optiona
 
 Speed: one process; every model in turn, `--runs` rounds after a warm-up, median per model;
 prefill = one 512-token prompt of WikiText-2 test, decode = `--new-tokens` greedy tokens (batch 1).
-lowbit models run on the lean runtime (nn/decoder.py); the float32 model also on transformers'
+lowbit models run on the lean runtime (runtime/decoder.py); the float32 model also on transformers'
 forward, for reference. Ratios are to the float32 (lean) row of the same run.
 Bandwidth bound: bytes one decoded token reads (weights as the decode path stores them + K/V cache
 at the mean context) against this machine's read bandwidth (sum over a 256 MiB tensor).
 Peak RSS: one fresh process per model that loads it and runs the same prompt + decode; lean rows load
-with lowbit.load(..., lean=True) (models/lean.py: no transformers import), the float32 model from a lowbit
+with lowbit.load(..., lean=True) (runtime/lean.py: no transformers import), the float32 model from a lowbit
 float checkpoint of the same weights (--work/fp32-ckpt), fp32-transformers through transformers.
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ def read_bandwidth() -> float:
 def rss_child(name: str, model: str, paths: dict[str, str], prompt: int, new: int) -> None:
     """In a fresh process: load one model, prefill + decode once, print the peak RSS."""
     from lowbit.eval import speed
-    from lowbit.nn.decoder import LeanDecoder
+    from lowbit.runtime.decoder import LeanDecoder
 
     import lowbit
 
@@ -129,7 +129,7 @@ def main() -> None:
 
     import lowbit
     from lowbit.eval import speed
-    from lowbit.nn.decoder import LeanDecoder
+    from lowbit.runtime.decoder import LeanDecoder
 
     paths = prepare(args.work, args.model, names)
     _, tok = lowbit.load(args.model)

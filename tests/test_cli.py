@@ -189,7 +189,7 @@ def test_bench_compare(cli, tiny_dir, tmp_path):
 
 def test_override_quantizes_the_head_too(cli, tiny_dir, tmp_path):
     from lowbit import api
-    from lowbit.nn.decoder import LeanDecoder
+    from lowbit.runtime.decoder import LeanDecoder
     from lowbit.nn.qlinear import QuantEmbedding, QuantLinear
 
     out = tmp_path / "g4"
@@ -207,3 +207,64 @@ def test_override_quantizes_the_head_too(cli, tiny_dir, tmp_path):
     assert LeanDecoder(m, max_len=8).head.kind == "w8"
     code, _, err = cli("quantize", tiny_dir, tmp_path / "bad", "--override", "lm_head=8/x")
     assert code == 2 and "BITS[/GROUP]" in err
+
+
+def _commands() -> list[str]:
+    import typer
+
+    from lowbit.cli import app
+
+    return sorted(typer.main.get_command(app).commands)
+
+
+def test_every_help_works(cli):
+    """Help texts are plain text: '[/GROUP]' in --override's help once crashed `quantize --help` (rich markup)."""
+    names = _commands()
+    assert {"quantize", "eval", "generate", "inspect", "qat", "bench", "export-gguf"} <= set(names)
+    for args in ([], *([c] for c in names)):
+        code, stdout, err = cli(*args, "--help")
+        assert code == 0, (args, err)
+        assert stdout.startswith("Usage: ") and not err, (args, err)
+    assert "PATTERN=BITS[/GROUP][/sym|asym]" in " ".join(cli("quantize", "--help")[1].split())
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["eval"], "Missing argument"),
+    (["eval", "m", "--seqlen", "abc"], "Invalid value for '--seqlen'"),
+    (["eval", "m", "--no-such-option"], "No such option: --no-such-option"),
+    (["--no-such-option"], "No such option: --no-such-option"),
+    (["no-such-command"], "No such command 'no-such-command'"),
+])
+def test_usage_errors_print_usage_and_exit_2(cli, args, msg):
+    code, stdout, err = cli(*args)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("Usage: ") and lines[-1].startswith("Error:") and msg in lines[-1], err
+    assert "LOWBIT_DEBUG" not in err and "Traceback" not in err
+
+
+def test_usage_error_from_the_real_entry_point():
+    r = subprocess.run([sys.executable, "-m", "lowbit", "eval", "--seqlen", "abc"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.startswith("Usage: ") and "Error: " in r.stderr and "Traceback" not in r.stderr
+
+
+def test_version(cli):
+    from importlib.metadata import version
+
+    code, stdout, err = cli("--version")
+    assert code == 0, err
+    assert stdout.strip() == f"lowbit {version('lowbit')}"
+
+
+def test_interrupt_exits_130(cli, tiny_dir, monkeypatch):
+    """Ctrl-C inside a command: typer turns it into an exit code of 130, which must not become 0."""
+    from lowbit import api
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "load", interrupted)
+    code, stdout, err = cli("eval", tiny_dir)
+    assert code == 130
+    assert err.strip().splitlines()[-1] == "lowbit: error: interrupted (nothing was written)"

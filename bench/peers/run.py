@@ -104,8 +104,9 @@ def main() -> None:
 
     # the float model as a plain HF folder, the calibration windows and the test windows
     from lowbit.calibration.data import calibration_ids
-    from lowbit.eval.perplexity import tokenize, windows
-    from lowbit.eval.text import read_text
+    from lowbit.core.text import read_text
+    from lowbit.core.tokens import tokenize
+    from lowbit.eval.perplexity import windows
 
     model, tok = lowbit.load(args.model)
     hf = work / "float-hf"

@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from .core.config import QuantConfig
-from .core.registry import get_method
 from .errors import LowbitError
 from .eval.perplexity import evaluate
 from .formats.checkpoint import save_checkpoint
-from .generation import generate
-from .models.loading import load
+from .formats.load import load_model
+from .runtime.generation import generate
+from .runtime.lean import lean_skeleton
 
 
 class QuantContext:
@@ -78,6 +78,7 @@ def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: t
     """
     if getattr(model, "lowbit_quant", None) and model.lowbit_quant.get("modules"):
         raise LowbitError("model is already quantized")
+    from .algorithms.registry import get_method
     from .models.arch import get_module, select_modules, set_module
 
     handler = get_method(config.method)
@@ -120,6 +121,14 @@ def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: t
             _share_tied_codes(model, [n for n in (arch.embeddings + arch.head if arch else ()) if n in modules])
     model.lowbit_quant = {"config": config, "modules": modules}
     return model
+
+
+def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32, lean: bool = False, lazy: bool = False):
+    """Load any MODEL source -> (model, tokenizer). The model is in eval mode, without gradients.
+    lean=True (lowbit checkpoints of the LLaMA family): transformers-free skeleton for the lean decoder, no
+    tokenizer (runtime/lean.py). lazy=True (float models in safetensors: GGUF conversions, local folders):
+    weights stay on disk until materialized part by part (models/lazy.py). Other sources ignore them."""
+    return load_model(source, dtype, lazy=lazy, skeleton=lean_skeleton if lean else None)
 
 
 def save(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -12,7 +12,8 @@ import typer
 
 from .errors import LowbitError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: help texts are plain text (rich markup would read "[/GROUP]" as a closing tag)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Quantize LLMs, measure the cost, save them, run them on a CPU.")
 
 MODEL_HELP = "A HF hub id or folder, a .gguf file, a lowbit checkpoint, or smollm2-135m."
@@ -20,6 +21,31 @@ MODEL_HELP = "A HF hub id or folder, a .gguf file, a lowbit checkpoint, or smoll
 
 def _err(msg: str) -> None:
     print(f"lowbit: error: {msg}", file=sys.stderr)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lowbit")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from .core.version import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"lowbit {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print lowbit's version and exit."),
+) -> None:
+    pass
 
 
 @app.command()
@@ -71,8 +97,8 @@ def quantize(
 ) -> None:
     """Quantize MODEL and save a packed lowbit checkpoint to OUT."""
     from . import api
+    from .algorithms.registry import get_method
     from .core.config import QuantConfig
-    from .core.registry import get_method
     from .core.scheme import Scheme
     from .formats.io import check_output
 
@@ -132,7 +158,7 @@ def quantize(
                          overrides=overrides, seed=seed, options=options)
     get_method(method)  # unknown method: refuse before loading anything
     if calib is not None:
-        from .eval.text import read_text
+        from .core.text import read_text
 
         read_text(calib)  # missing or empty calibration text: refuse before loading anything
     check_output(out, overwrite=force)  # unwritable OUT: refuse before the long work
@@ -162,7 +188,7 @@ def eval_(
 ) -> None:
     """Perplexity of MODEL on a text (and KL / top-1 agreement against --base)."""
     from . import api
-    from .eval.text import read_text
+    from .core.text import read_text
 
     body, label = read_text(text)  # bad text: refuse before loading models
     m, tok = api.load(model)
@@ -220,7 +246,7 @@ def inspect(
     seed: int = typer.Option(0, help="--activations: seed of the calibration windows."),
 ) -> None:
     """A table per layer: shape, bits, group size, bytes, relative weight error (or, with --activations, outliers)."""
-    from .inspect import layer_table
+    from .eval.inspect import layer_table
 
     from . import api
 
@@ -285,9 +311,10 @@ def qat(
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:
     """Quantization-aware training (STE fake quantization), then a packed checkpoint."""
-    from .algorithms.qat import BlockConfig, TrainConfig, run
+    from .algorithms.qat import BlockConfig, TrainConfig
     from .core.config import QuantConfig
     from .core.scheme import Scheme
+    from .workflows.qat import run
 
     if steps < 0 or batch < 1 or seqlen < 2 or not lr > 0 or (steps == 0 and block_epochs < 1):
         raise LowbitError("need --steps >= 0 (>= 1 without --block-epochs), --batch >= 1, --seqlen >= 2 and --lr > 0")
@@ -399,7 +426,7 @@ def export_gguf(
     if gptq and calib is None:
         raise LowbitError("--gptq needs calibration: add --calib default (or --calib FILE)")
     if calib is not None and calib != "default":
-        from .eval.text import read_text
+        from .core.text import read_text
 
         read_text(calib)
     m, tok = api.load(model)
@@ -446,7 +473,7 @@ def _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshol
     if not threshold > 0:
         raise LowbitError(f"--threshold must be > 0, got {threshold}")
     if calib is not None:
-        from .eval.text import read_text
+        from .core.text import read_text
 
         read_text(calib)
     if plot is not None:
@@ -483,35 +510,42 @@ def _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshol
 
 def main() -> None:
     debug = os.environ.get("LOWBIT_DEBUG")
-    from .memory import configure_process
+    from .core.memory import configure_process
 
     configure_process()
     try:
-        app(standalone_mode=False)
+        # Not standalone: lowbit reports errors itself. Then typer returns the code of a typer.Exit (--help,
+        # --version: 0; Ctrl-C inside a command: 130) instead of exiting.
+        code = app(standalone_mode=False)
     except LowbitError as e:
         if debug:
             raise
         _err(str(e))
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         _err("interrupted (nothing was written)")
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as e:  # click usage errors and anything unexpected: one line, no traceback
-        import click
-
-        if isinstance(e, click.exceptions.Abort):
-            _err("interrupted (nothing was written)")
-            sys.exit(130)
-        if isinstance(e, click.ClickException):
+    except typer.TyperException as e:
+        # typer's own copy of click raises these (not click.ClickException): usage errors (missing MODEL,
+        # --seqlen abc, unknown option; exit code 2) print click's usage line, a help hint and the error
+        show = getattr(e, "show", None)
+        if show is not None:
+            show()
+        else:
             _err(e.format_message())
-            sys.exit(e.exit_code if e.exit_code else 2)
+        sys.exit(e.exit_code)
+    except Exception as e:  # anything unexpected: one line, no traceback
         if debug:
             raise
         msg = str(e).strip().splitlines()
         _err(f"{type(e).__name__}: {msg[0] if msg else ''} (set LOWBIT_DEBUG=1 for the traceback)")
         sys.exit(1)
+    if code == 130:
+        _err("interrupted (nothing was written)")
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import torch
 
 import lowbit
 from lowbit import QuantConfig, Scheme
-from lowbit.algorithms.gptq import Hessian, gptq_quantize
+from lowbit.core.gptq import Hessian, gptq_quantize
 from lowbit.core.quant import dequantize, quantize
 from lowbit.errors import LowbitError
 from tests.conftest import TEXT
@@ -75,7 +75,7 @@ def test_gptq_on_tiny_model_beats_rtn_and_round_trips(tiny, calib, tmp_path, opt
 
 def test_calibration_refuses_test_text(tiny):
     from lowbit.calibration.data import calibration_ids
-    from lowbit.eval.text import TEST_TEXT
+    from lowbit.core.text import TEST_TEXT
 
     _, tok = tiny
     with pytest.raises(LowbitError, match="test text"):
@@ -96,8 +96,8 @@ def test_calibration_windows_are_seeded(tiny, text_file):
 def test_block_statistics_pass_shares_and_stops_early(tiny, calib):
     """observe_inputs stops each batch after the last listed module's input and every linear still sees every
     batch; linears reading one tensor (q, k, v) share its xᵀx and get the same H as separate accumulation."""
-    from lowbit.algorithms.gptq import Hessians
     from lowbit.calibration.sequential import capture_block_inputs, observe_inputs
+    from lowbit.core.gptq import Hessians
     from lowbit.models.arch import block_linears, find_blocks
 
     model, _ = tiny
@@ -136,7 +136,7 @@ def test_transposed_sweep_matches_the_textbook_loop():
     scheme = Scheme(4, True, "group", 32)
     qt, _ = gptq_quantize(W, H, scheme, blocksize=32)
     # textbook GPTQ (Frantar et al., Algorithm 1) with groups fitted when the sweep reaches them
-    from lowbit.algorithms.gptq import _group_params, inverse_hessian_factor
+    from lowbit.core.gptq import _group_params, inverse_hessian_factor
     from lowbit.core.quant import compute_qparams  # noqa: F401
 
     Wr = W.clone()
@@ -161,7 +161,8 @@ def test_transposed_sweep_matches_the_textbook_loop():
 def test_stacked_sweep_equals_one_sweep_per_linear(act_order, symmetric):
     """Linears that read one input (q, k, v) share H; gptq_linears sweeps them stacked by rows. Rows never
     interact, so codes, params and losses equal one gptq_quantize per linear."""
-    from lowbit.algorithms.gptq import Hessians, gptq_linears, gptq_options
+    from lowbit.algorithms.gptq import gptq_linears, gptq_options
+    from lowbit.core.gptq import Hessians
     from lowbit.core.config import QuantConfig
 
     torch.manual_seed(0)
@@ -265,7 +266,7 @@ def test_staged_pass_hands_errors_to_the_caller():
 
 @pytest.mark.parametrize("n", [5, 288, 300, 1536])
 def test_gram_is_xtx_and_exactly_symmetric(n):
-    from lowbit.algorithms.gptq import gram
+    from lowbit.core.gptq import gram
 
     x = torch.randn(700, n, generator=torch.Generator().manual_seed(n))
     g = gram(x)

@@ -169,7 +169,7 @@ def test_cli_qat_end_to_end(cli, tiny_dir, tmp_path, text_file):
     m, _ = lowbit.load(out)
     assert any(isinstance(x, QuantLinear) for x in m.modules())
     code, _, err = cli("qat", str(tiny_dir), str(tmp_path / "q2"), "--train-text",
-                       str(__import__("lowbit").eval.text.TEST_TEXT), "--steps", "1")
+                       str(__import__("lowbit").core.text.TEST_TEXT), "--steps", "1")
     assert code == 2 and "test text" in err and not (tmp_path / "q2").exists()
 
 

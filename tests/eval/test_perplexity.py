@@ -46,7 +46,7 @@ def test_kl_and_top1_against_base(tiny):
 
 def test_chunked_tokenize_equals_one_call():
     from tests.conftest import TEXT, make_tokenizer
-    from lowbit.eval.perplexity import _cut_points, tokenize
+    from lowbit.core.tokens import _cut_points, tokenize
 
     tok = make_tokenizer()
     text = TEXT + "\n \n  indented\n\n\nThe end"
@@ -59,7 +59,7 @@ def test_chunked_tokenize_equals_one_call():
 def test_chunked_tokenize_falls_back_when_a_cut_changes_tokens():
     """A tokenizer that marks the start of every call (SentencePiece's dummy prefix) gets the text whole."""
     from tests.conftest import TEXT, make_tokenizer
-    from lowbit.eval.perplexity import tokenize
+    from lowbit.core.tokens import tokenize
 
     inner = make_tokenizer()
 

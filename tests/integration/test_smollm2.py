@@ -52,8 +52,8 @@ def test_w4_g128_round_trip_and_size(smollm2, tmp_path):
 
 @pytest.mark.parametrize("which", ["calib", "test"])
 def test_chunked_tokenize_matches_one_call_on_wikitext(smollm2, which):
-    from lowbit.eval.perplexity import tokenize
-    from lowbit.eval.text import CALIB_TEXT, read_text
+    from lowbit.core.text import CALIB_TEXT, read_text
+    from lowbit.core.tokens import tokenize
 
     _, tok, _ = smollm2
     text = read_text(CALIB_TEXT if which == "calib" else None)[0]

@@ -297,7 +297,8 @@ def test_rotated_static_activations_are_refused():
 def test_pair_bounded_codes(seed, k, mag):
     """|Q[n, 2j]| + |Q[n, 2j+1]| <= 128 for every pair (an odd last column pairs with 0), codes in int8,
     and the textbook bound |w - ŵ| <= s/2 with the stored scale."""
-    from lowbit.nn.int8 import pair_bounded_qtensor, pair_sums
+    from lowbit.core.quant import pair_sums
+    from lowbit.nn.int8 import pair_bounded_qtensor
 
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(12, k, generator=g) * mag

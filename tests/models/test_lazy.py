@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from lowbit import api
+from lowbit.api import load
 from lowbit.core.config import QuantConfig
 from lowbit.core.scheme import Scheme
-from lowbit.models.loading import load
 
 
 def state(model):

@@ -24,12 +24,13 @@ from tqdm.auto import tqdm
 
 from ..calibration.sequential import layer_sequential, observe_inputs
 from ..core.config import QuantConfig
+from ..core.gptq import Hessians
 from ..core.quant import compute_qparams, grouped, ungrouped
-from ..core.registry import register_method
 from ..core.scheme import Scheme
 from ..models.arch import block_linears, scale_mappings, select_modules, set_module
 from ..nn.qlinear import QuantLinear
-from .gptq import Hessians, gptq_linears, gptq_options
+from .gptq import gptq_linears, gptq_options
+from .registry import register_method
 
 
 def rtn_dequant(W: torch.Tensor, scheme: Scheme) -> torch.Tensor:

@@ -19,9 +19,9 @@ from __future__ import annotations
 from torch import nn
 
 from ..core.config import QuantConfig
-from ..core.registry import register_method
 from ..core.scheme import Scheme
 from ..nn.int8 import Int8OutlierLinear
+from .registry import register_method
 from .rtn import replace_linears
 from .smoothquant import act_from_options
 

@@ -5,11 +5,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.config import QuantConfig
-from ..core.registry import register_method
 from ..core.scheme import Scheme
 from ..errors import LowbitError
 from ..models.arch import get_module, select_modules, set_module
 from ..nn.qlinear import QuantEmbedding, QuantLinear
+from .registry import register_method
 
 
 def quantize_module(mod: nn.Module, scheme: Scheme) -> nn.Module:

@@ -32,12 +32,12 @@ from tqdm.auto import tqdm
 
 from ..calibration.sequential import layer_sequential, observe_inputs
 from ..core.config import QuantConfig
-from ..core.registry import register_method
 from ..core.scheme import Scheme
 from ..errors import LowbitError
 from ..models.arch import block_linears, input_groups, scale_mappings, select_modules, set_module
 from ..nn.int8 import ActQuant, W8A8Linear
 from .awq import apply_scale
+from .registry import register_method
 from .rtn import replace_linears
 
 ACT_MODES = {"dynamic": ("token", False), "static": ("tensor", True), "tensor": ("tensor", False)}

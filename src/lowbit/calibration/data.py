@@ -10,9 +10,9 @@ import os
 
 import torch
 
+from ..core.text import CALIB_TEXT, TEST_TEXT, read_text
+from ..core.tokens import tokenize
 from ..errors import LowbitError
-from ..eval.perplexity import tokenize
-from ..eval.text import CALIB_TEXT, TEST_TEXT, read_text
 
 _TEST_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
 

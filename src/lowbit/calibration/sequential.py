@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.memory import release_free_memory
 from ..core.scheme import Scheme
 from ..models.arch import find_blocks
-from ..memory import release_free_memory
 from ..nn.qlinear import dequantized_weights
 
 
@@ -64,7 +64,7 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Te
     return inputs, kw
 
 
-BATCH = 8  # samples per block call: bigger matmuls run ~1.5x faster per token on CPU than one at a time
+BATCH = 8  # samples per block call: bigger matmuls run faster per token on CPU than one sample at a time
 
 
 def _joined(part: list[torch.Tensor]) -> torch.Tensor:

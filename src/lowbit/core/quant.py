@@ -172,3 +172,13 @@ def fake_quantize(
         with torch.no_grad():
             scale, zero = compute_qparams(x.detach(), scheme)
     return _FakeQuantSTE.apply(x, scale, zero, scheme)
+
+
+def pair_sums(t: torch.Tensor) -> torch.Tensor:
+    """|t[:, 2j]| + |t[:, 2j+1]| ([rows, ceil(cols/2)]: int32 for integer codes, float32 for floats; an odd
+    last column pairs with 0). Weight codes whose pair sums stay <= 128 run exactly on AVX2's u8 x s8
+    instruction (nn/int8.pair_bounded_qtensor, kernels/int8.kernel_for)."""
+    a = (t.float() if t.is_floating_point() else t.to(torch.int32)).abs()
+    if a.shape[1] % 2:
+        a = torch.cat([a, torch.zeros_like(a[:, :1])], dim=1)
+    return a[:, 0::2] + a[:, 1::2]

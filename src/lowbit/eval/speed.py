@@ -35,8 +35,8 @@ def peak_rss_bytes() -> int:
 
 def prompt_ids(tokenizer, n: int, text: str | None = None) -> torch.Tensor:
     """[1, n] ids of a real text (WikiText-2 test by default), repeated if it is short."""
-    from .perplexity import tokenize
-    from .text import read_text
+    from ..core.text import read_text
+    from ..core.tokens import tokenize
 
     if text is None:
         text = read_text(None)[0][: 40 * n]
@@ -81,8 +81,8 @@ def compare(models: dict[str, nn.Module], ids: torch.Tensor, new_tokens: int = 1
             progress: bool = True, runtime: str = "auto", runtimes: dict[str, str] | None = None) -> list[dict]:
     """Measure every model `runs` times (after a warm-up), alternating between them; `runtimes`
     overrides `runtime` for the models it names."""
-    from ..generation import pick_runtime
-    from ..nn.decoder import LeanDecoder
+    from ..runtime.decoder import LeanDecoder
+    from ..runtime.generation import pick_runtime
 
     used = {n: pick_runtime(m, (runtimes or {}).get(n, runtime)) for n, m in models.items()}
     decoders = {n: LeanDecoder(m, max_len=ids.shape[1] + new_tokens + 1) if used[n] == "lean" else None

@@ -24,9 +24,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .. import __version__
 from ..core.config import QuantConfig
 from ..core.scheme import Scheme
+from ..core.version import __version__
 from ..errors import LowbitError
 from ..models.arch import set_module
 from ..nn.int8 import INT8_MODULES
@@ -107,15 +107,12 @@ def _bad(folder: Path, why: str) -> LowbitError:
     return LowbitError(f"{folder}: corrupt or incomplete lowbit checkpoint ({why})")
 
 
-def _build(model_type: str, conf: dict, lean: bool):
-    """The empty model (meta tensors): lowbit's lean skeleton where asked and it applies, else transformers'."""
-    if lean:
-        from ..models.lean import LeanCausalLM, Unsupported, lean_config
-
-        try:
-            return LeanCausalLM(lean_config(model_type, conf))
-        except Unsupported:
-            pass
+def _build(model_type: str, conf: dict, skeleton):
+    """The empty model (meta tensors): the skeleton's where one is given and it applies, else transformers'."""
+    if skeleton is not None:
+        model = skeleton(model_type, conf)
+        if model is not None:
+            return model
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -124,9 +121,10 @@ def _build(model_type: str, conf: dict, lean: bool):
         return AutoModelForCausalLM.from_config(config)
 
 
-def load_checkpoint(folder: str | os.PathLike, lean: bool = False):
-    """(model, tokenizer) of a lowbit checkpoint. lean=True: LLaMA-family models as models.lean's skeleton
-    (no transformers import; runs only through the lean decoder) and no tokenizer."""
+def load_checkpoint(folder: str | os.PathLike, skeleton=None):
+    """(model, tokenizer) of a lowbit checkpoint. skeleton(model_type, config dict) -> an empty model, or None
+    where it does not apply (then transformers' class): runtime/lean.py's lean_skeleton for LLaMA-family
+    models (no transformers import; runs only through the lean decoder); with a skeleton, no tokenizer."""
     folder = Path(folder)
     try:
         conf = json.loads((folder / "config.json").read_text())
@@ -141,7 +139,7 @@ def load_checkpoint(folder: str | os.PathLike, lean: bool = False):
     if _sha256(weights) != qc.get("weights_sha256"):
         raise _bad(folder, f"{WEIGHTS} does not match its checksum: truncated or modified")
     try:
-        model = _build(model_type, conf, lean)
+        model = _build(model_type, conf, skeleton)
     except Exception as e:
         raise _bad(folder, f"cannot build {model_type}: {type(e).__name__}: {e}") from None
     modules: dict[str, Scheme] = {}
@@ -184,7 +182,7 @@ def load_checkpoint(folder: str | os.PathLike, lean: bool = False):
         if t.is_meta:
             raise _bad(folder, f"tensor {n} was not stored")
     model.lowbit_quant = {"config": cfg, "modules": modules}
-    if lean:
+    if skeleton is not None:
         return model, None
     try:
         from transformers import AutoTokenizer

@@ -58,7 +58,7 @@ typedef _Float16 f16; /* the K/V cache's element (llama.cpp's default cache type
 
 /* s[t] = scale * dot(q, K[t]) for t < T; K rows of hd float16. Eight positions at a time with eight
  * independent accumulators (one per position), reduced together: a plain dot loop per position is one
- * dependent FMA chain plus a horizontal sum per position, about 5x slower here. */
+ * dependent FMA chain plus a horizontal sum per position, several times slower. */
 static void scores(const float *q, const f16 *K, int T, int hd, float scale, float *s) {
     int t = 0;
 #if defined(__AVX2__) && defined(__F16C__)
@@ -319,7 +319,7 @@ static void linear_q(int bits, int nseg, const uint8_t *const *w, const int *seg
         seg_row0[i + 1] = seg_row0[i] + seg_rows[i];
     }
     /* two threads even for the smallest matrices here: in a decode step every weight comes from memory, and one
-     * core streams ~8 GB/s against ~14 for two (a hot-cache microbenchmark says otherwise) */
+     * core streams far less of it than two (a hot-cache microbenchmark says otherwise) */
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < seg_step[nseg]; i++) {
         int sg = 0;
@@ -334,7 +334,7 @@ static void linear_q(int bits, int nseg, const uint8_t *const *w, const int *seg
         else if (bits == 4)
             for (int r = 0; r < R; r++)
                 rows_q(wr + r * row_bytes, row_bytes, 4, sr + r * ng, szr + r * ng, 1, nb, ng, bpg, xq, d, A, out + r);
-        else /* 8-bit: one row at a time measured ~2x faster than four (register pressure of the sign trick) */
+        else /* 8-bit: one row at a time, faster than four (register pressure of the sign trick) */
             for (int r = 0; r < R; r++)
                 rows_q(wr + r * row_bytes, row_bytes, 8, sr + r * ng, szr + r * ng, 1, nb, ng, bpg, xq, d, A, out + r);
         for (int r = 0; r < R; r++) st(y, y_bf16, (size_t)n0 + r, bias ? out[r] + bias[n0 + r] : out[r]);

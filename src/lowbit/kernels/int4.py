@@ -15,11 +15,9 @@ module and cached. Rounding differs from the reference (the kernel adds the
 zero term instead of subtracting z before scaling), hence a float tolerance in
 the equivalence test.
 
-Measured on this project's CPU (AVX2, 2 threads, torch 2.13): the kernel is fast
-only with bfloat16 activations and few rows — at 1 row of 576 -> 1536 it takes
-0.10 ms against 0.15 ms for the fp32 matmul, while with float32 activations it
-falls to a slow generic loop (1.1 ms), and at 512 rows it is 2.6x slower than
-fp32 even in bf16. So the dispatch sends at most MAX_ROWS rows (decoding) here,
+On an AVX2 CPU the kernel is fast only with bfloat16 activations and few rows: with
+float32 activations it falls to a slow generic loop, and at hundreds of rows it is
+slower than the fp32 matmul even in bf16. So the dispatch sends at most MAX_ROWS rows (decoding) here,
 in bfloat16 (activations rounded to bf16, fp32 accumulation inside the kernel),
 and larger batches (prefill, evaluation) to the reference path.
 """

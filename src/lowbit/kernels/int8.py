@@ -17,8 +17,8 @@ onednn     torch.ops.onednn.qlinear_pointwise on u8 x s8 with int32 accumulation
            7-bit activations (u <= 127, |Qw| <= 128), false for 8-bit ones. Whether
            the fast path is exact for a given activation width is probed once, on
            the worst case, and the reference path is used where it is not (logged
-           once). torch._int_mm is exact but measured ~30x slower than an fp32
-           matmul on this AVX2 CPU, so it is not used.
+           once). torch._int_mm is exact but far slower than an fp32 matmul on
+           AVX2 CPUs, so it is not used.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from ..core.quant import pair_sums
 from . import _log_once, native
 
 # -- activation quantization ------------------------------------------------------------
@@ -144,8 +145,6 @@ def onednn_pairs_exact() -> bool:
 def _pairs_bounded(module) -> bool:
     got = module._kcache.get("pairs_bounded")
     if got is None:
-        from ..nn.int8 import pair_sums
-
         got = module._kcache["pairs_bounded"] = bool(int(pair_sums(module.weight_codes_int8()).max()) <= 128)
     return got
 
@@ -158,7 +157,7 @@ def kernel_for(module) -> str:
                     `onednn_pairs_exact`), which keeps the instruction's int16 pair sums from saturating
     'onednn-sparse' 8-bit activations where one GEMM would saturate: the codes q = u - zp split into
                     c = clamp(q, -64, 63), one exact 7-bit GEMM, plus the rest q - c, nonzero only at a row's
-                    largest values (~0.3-2% of the entries on SmolLM2), added from the transposed weight
+                    largest values (a small share of the entries), added from the transposed weight
                     codes in C (kernels/native.py). Exact while max|u - zp| * sum_k |Qw[n, k]| < 2^24 for
                     every row n (all partial sums are integers below it, in float32; max|u - zp| = 128
                     symmetric, 255 asymmetric), checked once per module.

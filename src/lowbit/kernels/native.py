@@ -10,11 +10,8 @@
 
 Each has a torch reference here (`*_reference`, the same math in torch ops) and an equivalence test.
 The library is compiled once per source, compiler and CPU into the lowbit cache (`cc -O3 -march=native
--ffast-math -fopenmp`, linked without fast-math; about a second) and reused; without a C compiler, or with
+-ffast-math -fopenmp`, linked without fast-math) and reused; without a C compiler, or with
 LOWBIT_NATIVE=0, `lib()` returns None (the reason logged once) and the lean decoder keeps its torch ops.
-
-Measured here (AVX2, 2 threads; bench/speed_table.py): SmolLM2 W4 g128 with a W8 head decodes at about
-2x the speed of the same model through torch's int4 kernel and torch ops.
 """
 from __future__ import annotations
 
@@ -30,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..core.paths import cache_dir
+
 SOURCE = Path(__file__).with_name("decode.c")
 ABI_VERSION = 6
 MAX_HEAD_DIM = 512  # decode.c's per-head accumulator
@@ -43,8 +42,6 @@ def _log(msg: str) -> None:
 
 
 def _cache_dir() -> Path:
-    from ..models.zoo import cache_dir
-
     return cache_dir() / "native"
 
 
@@ -223,7 +220,7 @@ def attn_decode_reference(qkv, cos, sin, kc, vc, pos, nh, nkv, hd, scale, out_dt
 
 
 # ---- ctypes calls: contiguous tensors, float32 or bfloat16 where the C side takes either -----------------
-# (no checks here: this is the per-token hot path; nn/decoder.py sets the buffers up once)
+# (no checks here: this is the per-token hot path; runtime/decoder.py sets the buffers up once)
 
 def _bf(t: torch.Tensor) -> int:
     return int(t.dtype == torch.bfloat16)

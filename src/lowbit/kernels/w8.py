@@ -8,10 +8,10 @@ up to float summation order (a named tolerance in the test). The int8 codes
 are unpacked once per module and cached; activations stay float32 (the kernel's
 bf16 path accumulates in bf16 here and loses accuracy).
 
-Measured on this project's CPU (AVX2, 2 threads, torch 2.13; bench/speed_table.py): slow. SmolLM2 W8
-decodes at 0.78x the float32 model (7.3 vs 9.4 tok/s: ~2 GB/s of int8 weights against ~7.5 GB/s of
-fp32 weights for F.linear), and a 512-token prefill through it ran at 8 tok/s against 291. So the
-dispatch sends at most MAX_ROWS rows (decoding) here and larger batches to the reference path.
+On an AVX2 CPU the kernel is slow: it reads int8 weights at a fraction of the bandwidth F.linear gets
+from fp32 ones, so a W8 model decodes slower than the float32 one, and a prefill through it is far
+slower still. So the dispatch sends at most MAX_ROWS rows (decoding) here and larger batches to the
+reference path.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ class ScaleMapping:
 @dataclass(frozen=True)
 class DecoderLayout:
     """Where the parts of a pre-norm decoder with rotary attention and a gated MLP (the LLaMA family)
-    live, for the lean runtime (nn/decoder.py). Model-level names are full, block-level ones relative."""
+    live, for the lean runtime (runtime/decoder.py). Model-level names are full, block-level ones relative."""
 
     embed: str = "model.embed_tokens"
     final_norm: str = "model.norm"

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
-from ..formats.safetensors_read import read_header, read_tensors
+from .safetensors_read import read_header, read_tensors
 
 
 class LazyWeights:
@@ -57,7 +57,7 @@ class LazyWeights:
             by_file.setdefault(self.files[key], []).append((key, entries))
         for path, items in by_file.items():
             # plain reads into fresh tensors: a mapping of the file would keep every page a copy touched
-            # resident while it lasts (the 113 MB embedding would cost 226 MB), and a tensor viewing it would
+            # resident while it lasts (an embedding would cost twice its size), and a tensor viewing it would
             # keep every page any block ever touched for as long as that tensor (the embeddings) lives
             entries_of = dict(items)
             for key, t in read_tensors(path, entries_of):

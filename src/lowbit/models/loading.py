@@ -1,8 +1,8 @@
-"""MODEL sources: everything `lowbit.load` accepts.
+"""MODEL sources: everything `lowbit.load` accepts (the dispatch over them: formats/load.py).
 
   - an alias of the embedded zoo (`smollm2-135m`)
   - a `.gguf` file (transformers' GGUF loader, dequantized to float; the result
-    is cached as safetensors so later loads take a second, not ~30-50 s)
+    is cached as safetensors so later loads skip the slow conversion)
   - a lowbit checkpoint folder (config.json with quant_method "lowbit")
   - a local Hugging Face folder (config.json + weights)
   - a Hugging Face hub id (`org/name`), when the hub is reachable
@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
+from ..core.paths import cache_dir
 from ..errors import LowbitError
-from .zoo import ZOO, cache_dir, fetch_gguf
+from .zoo import ZOO, fetch_gguf
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -77,7 +78,7 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _load_hf(location: str, dtype: torch.dtype, label: str):
+def load_hf(location: str, dtype: torch.dtype, label: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -97,7 +98,7 @@ def gguf_cache_folder(path: Path) -> Path:
     return cache_dir() / "gguf" / f"{path.stem}-{key}"
 
 
-def _gguf_to_cache(path: Path) -> Path:
+def gguf_to_cache(path: Path) -> Path:
     """Dequantize a GGUF with transformers once; keep the float model as safetensors."""
     folder = gguf_cache_folder(path)
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
@@ -126,29 +127,3 @@ def _gguf_to_cache(path: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32, lean: bool = False, lazy: bool = False):
-    """Load any MODEL source -> (model, tokenizer). The model is in eval mode, without gradients.
-    lean=True (lowbit checkpoints of the LLaMA family): transformers-free skeleton for the lean decoder, no
-    tokenizer (models/lean.py). lazy=True (float models in safetensors: GGUF conversions, local folders):
-    weights stay on disk until materialized part by part (models/lazy.py). Other sources ignore them."""
-    from .lazy import can_load_lazily, load_lazy
-
-    src = resolve(source)
-    if src.kind == "lowbit":
-        from ..formats.checkpoint import load_checkpoint
-
-        model, tok = load_checkpoint(src.location, lean=lean)
-    elif src.kind == "gguf":
-        folder = _gguf_to_cache(Path(src.location))
-        model, tok = load_lazy(folder, dtype, src.name) if lazy else _load_hf(str(folder), dtype, src.name)
-    elif lazy and src.kind == "hf" and can_load_lazily(Path(src.location)):
-        model, tok = load_lazy(Path(src.location), dtype, src.name)
-    else:
-        model, tok = _load_hf(src.location, dtype, src.name)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.lowbit_source = src.name
-    return model, tok

@@ -16,6 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.paths import cache_dir
 from ..errors import LowbitError
 
 
@@ -35,12 +36,6 @@ ZOO: dict[str, ZooEntry] = {
 }
 
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("LOWBIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lowbit")
-    return Path(root)
 
 
 def fetch_gguf(alias: str) -> Path:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..core import rotation
-from ..core.quant import QTensor, quantize, round_scale_up
+from ..core.quant import QTensor, pair_sums, quantize, round_scale_up
 from ..core.scheme import Scheme
 from ..errors import LowbitError
 from .qlinear import QuantLinear
@@ -86,15 +86,6 @@ class ActQuant:
     @classmethod
     def from_dict(cls, d: dict) -> "ActQuant":
         return cls(**d)
-
-
-def pair_sums(t: torch.Tensor) -> torch.Tensor:
-    """|t[:, 2j]| + |t[:, 2j+1]| ([rows, ceil(cols/2)]: int32 for integer codes, float32 for floats; an odd
-    last column pairs with 0)."""
-    a = (t.float() if t.is_floating_point() else t.to(torch.int32)).abs()
-    if a.shape[1] % 2:
-        a = torch.cat([a, torch.zeros_like(a[:, :1])], dim=1)
-    return a[:, 0::2] + a[:, 1::2]
 
 
 def pair_bounded_qtensor(w: torch.Tensor, scheme: Scheme) -> QTensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ...algorithms.gptq import inverse_hessian_factor
+from ...core.gptq import inverse_hessian_factor
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import save_file
 
 from lowbit.errors import LowbitError
-from lowbit.formats.safetensors_read import read_tensors
+from lowbit.models.safetensors_read import read_tensors
 
 
 def test_plain_reads_equal_safetensors(tmp_path):

@@ -8,10 +8,8 @@ thousands of times. Two things keep that both fast and small here:
   512 when a fresh buffer is touched.
 - glibc serves allocations of 1 MiB and more with mmap, so that freeing them returns the memory: its
   default threshold adapts upwards to the buffers a program frees, after which block-sized temporaries come
-  from the heap and stay there (measured: GPTQ on SmolLM2 peaked at 1.16 GB instead of 0.72 GB). What the
-  heap still holds goes back after every decoder block (malloc_trim).
-Measured here, GPTQ W4 g128 of SmolLM2 (32 x 512 tokens, `/usr/bin/time -v lowbit quantize ...`): the 1 MiB
-threshold alone 202 s; with huge pages 171 s, at the same peak RSS.
+  from the heap and stay there (a higher peak for GPTQ on SmolLM2). What the heap still holds goes back
+  after every decoder block (malloc_trim).
 """
 from __future__ import annotations
 

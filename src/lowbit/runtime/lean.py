@@ -1,4 +1,4 @@
-"""LLaMA-family models without transformers' modeling code, for the lean runtime (nn/decoder.py).
+"""LLaMA-family models without transformers' modeling code, for the lean runtime (runtime/decoder.py).
 
 `lowbit.load(checkpoint, lean=True)` builds this skeleton from a lowbit checkpoint's config.json: the same
 module names as transformers' (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., lm_head), so the
@@ -10,8 +10,8 @@ checkpoint's tensors and layer table load unchanged, with plain torch modules:
                                 mlp.{gate,up,down}_proj, mlp.act_fn (SiLU)
       model.norm, model.rotary_emb (default rope: inv_freq = theta^(-2i/d)), lm_head
 
-Its only forward is the LeanDecoder's; what it saves is transformers' import and module graph (~120 MB of a
-process's memory here). Models it does not describe (rope scaling, other activations, q/k norms) raise
+Its only forward is the LeanDecoder's; what it saves is transformers' import and module graph (a large
+share of a small model's process memory). Models it does not describe (rope scaling, other activations, q/k norms) raise
 `Unsupported`, and the caller loads them through transformers instead.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _meta(*shape: int) -> nn.Parameter:
 
 def _linear(i: int, o: int, bias: bool) -> nn.Linear:
     """An nn.Linear with meta tensors, built without its initializer: any op on a meta tensor (normal_, ...)
-    imports torch's meta registrations (sympy, mpmath: ~70 MB of a process's memory)."""
+    imports torch's meta registrations (sympy, mpmath: a large share of a lean process's memory)."""
     m = nn.Linear.__new__(nn.Linear)
     nn.Module.__init__(m)
     m.in_features, m.out_features = i, o
@@ -110,7 +110,7 @@ class LeanCausalLM(nn.Module):
         self.lm_head = _linear(c.hidden_size, c.vocab_size, False)
 
     def forward(self, *args, **kwargs):
-        raise TypeError("a lean model runs through nn.decoder.LeanDecoder (load without lean=True for forward())")
+        raise TypeError("a lean model runs through runtime.decoder.LeanDecoder (load without lean=True for forward())")
 
 
 def lean_config(model_type: str, conf: dict) -> SimpleNamespace:
@@ -136,3 +136,12 @@ def lean_config(model_type: str, conf: dict) -> SimpleNamespace:
     c.rms_norm_eps = conf.get("rms_norm_eps", 1e-6)
     c.tie_word_embeddings = conf.get("tie_word_embeddings", False)
     return c
+
+
+def lean_skeleton(model_type: str, conf: dict) -> LeanCausalLM | None:
+    """The empty LeanCausalLM of a lowbit checkpoint's config (formats/checkpoint.load_checkpoint's skeleton),
+    or None where it does not describe the model."""
+    try:
+        return LeanCausalLM(lean_config(model_type, conf))
+    except Unsupported:
+        return None

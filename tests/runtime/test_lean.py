@@ -1,14 +1,14 @@
-"""models/lean.py: lowbit checkpoints of the LLaMA family load without transformers' model classes and give
+"""runtime/lean.py: lowbit checkpoints of the LLaMA family load without transformers' model classes and give
 the lean decoder the same logits as the transformers-built model."""
 import pytest
 import torch
 
 from lowbit import api
+from lowbit.api import load
 from lowbit.core.config import QuantConfig
 from lowbit.core.scheme import Scheme
-from lowbit.models.lean import LeanCausalLM
-from lowbit.models.loading import load
-from lowbit.nn.decoder import LeanDecoder
+from lowbit.runtime.decoder import LeanDecoder
+from lowbit.runtime.lean import LeanCausalLM
 
 
 def tiny(model_type="llama", **kw):

@@ -7,7 +7,7 @@ import torch
 from lowbit import api
 from lowbit.core.config import QuantConfig
 from lowbit.core.scheme import Scheme
-from lowbit.nn.decoder import FusedLinear, LeanDecoder, unsupported_reason
+from lowbit.runtime.decoder import FusedLinear, LeanDecoder, unsupported_reason
 
 # float32, another order of the same operations (fused matmuls, sdpa): relative to the logits' scale
 FLOAT_RTOL = 1e-4
@@ -142,7 +142,7 @@ def test_refuses_models_it_cannot_run_and_long_sequences(tiny):
 
 
 def test_lean_generation_equals_transformers_generate(tiny):
-    from lowbit.generation import generate
+    from lowbit.runtime.generation import generate
 
     model, tok = tiny
     a = generate(model, tok, "The quick brown", max_new_tokens=12, runtime="lean")
@@ -154,7 +154,7 @@ def test_lean_generation_equals_transformers_generate(tiny):
 
 
 def test_sampling_is_seeded_and_top_p_keeps_the_head():
-    from lowbit.generation import generate_ids, next_token
+    from lowbit.runtime.generation import generate_ids, next_token
 
     model = tiny_llama()
     ids = torch.arange(1, 6).unsqueeze(0)
@@ -169,7 +169,7 @@ def test_sampling_is_seeded_and_top_p_keeps_the_head():
 
 
 def test_generation_stops_at_eos():
-    from lowbit.generation import generate_ids
+    from lowbit.runtime.generation import generate_ids
 
     model = tiny_llama()
     ids = torch.arange(1, 6).unsqueeze(0)

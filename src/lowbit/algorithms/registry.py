@@ -3,6 +3,7 @@
 A handler `fn(model, config, ctx)` replaces the targeted modules of `model` in
 place and returns {module name: Scheme} of what it quantized. `ctx` is a
 `QuantContext`: the tokenizer and, lazily, the calibration token windows.
+Importing this module imports its package, whose __init__ imports (and so registers) the built-in methods.
 """
 from __future__ import annotations
 
@@ -23,14 +24,10 @@ def register_method(name: str) -> Callable[[Handler], Handler]:
 
 
 def get_method(name: str) -> Handler:
-    from .. import algorithms  # noqa: F401  (registers the built-in methods)
-
     if name not in _METHODS:
         raise LowbitError(f"unknown method {name!r} (choose from: {', '.join(sorted(_METHODS))})")
     return _METHODS[name]
 
 
 def method_names() -> list[str]:
-    from .. import algorithms  # noqa: F401
-
     return sorted(_METHODS)

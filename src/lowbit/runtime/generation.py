@@ -1,7 +1,7 @@
 """Text generation with a KV cache, streaming to a callback.
 
 Two runtimes, the same choices of the next token:
-    lean          nn/decoder.py: static cache, fused kernels (LLaMA-family models; the default where it applies)
+    lean          runtime/decoder.py: static cache, fused kernels (LLaMA-family models; the default where it applies)
     transformers  model.generate with transformers' cache (every other model)
 Greedy (temperature 0) takes the argmax; sampling divides the logits by the temperature, keeps
 the smallest set of tokens whose probability reaches top_p, and draws from a generator seeded
@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import LowbitError
+from ..errors import LowbitError
 
 RUNTIMES = ("auto", "lean", "transformers")
 
@@ -32,7 +32,7 @@ def build_prompt(tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
 
 
 def pick_runtime(model: nn.Module, runtime: str = "auto") -> str:
-    from .nn.decoder import unsupported_reason
+    from .decoder import unsupported_reason
 
     if runtime not in RUNTIMES:
         raise LowbitError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
@@ -60,7 +60,7 @@ def generate_ids(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, eos: 
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  on_token: Callable[[int], None] | None = None, decoder=None) -> list[int]:
     """New token ids after the prompt ids [1, M] on the lean runtime (or the given LeanDecoder)."""
-    from .nn.decoder import LeanDecoder
+    from .decoder import LeanDecoder
 
     dec = decoder or LeanDecoder(model, max_len=ids.shape[-1] + max_new_tokens)
     dec.reset()

@@ -1,7 +1,7 @@
 """Read chosen tensors of a .safetensors file with plain reads, into fresh tensors.
 
 safetensors' own reader maps the file: every page a copy touches is then resident (as file pages) until
-the mapping closes, so reading a 113 MB embedding costs 226 MB at its peak. Reading straight into the
+the mapping closes, so reading an embedding costs twice its size at its peak. Reading straight into the
 destination costs the tensor only. The format: an 8-byte little-endian header length, a JSON header
 {name: {"dtype", "shape", "data_offsets": [begin, end]}} (offsets from the end of the header), the data.
 """

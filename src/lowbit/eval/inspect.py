@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .eval.size import weight_stats
-from .models.arch import select_modules
-from .nn.qlinear import QUANT_MODULES
+from ..models.arch import select_modules
+from ..nn.qlinear import QUANT_MODULES
+from .size import weight_stats
 
 
 def layer_table(model: nn.Module) -> tuple[list[dict], dict]:

@@ -1,0 +1,38 @@
+"""The dispatch behind `lowbit.load`: any MODEL source (models/loading.resolve) -> (model, tokenizer).
+
+It sits in formats, above models, because a lowbit checkpoint loads through formats/checkpoint.py.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..models.loading import gguf_to_cache, load_hf, resolve
+from .checkpoint import load_checkpoint
+
+
+def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32, lazy: bool = False, skeleton=None):
+    """Load any MODEL source -> (model, tokenizer). The model is in eval mode, without gradients.
+    skeleton (lowbit checkpoints): the empty model to load into instead of transformers' class, and no
+    tokenizer (formats/checkpoint.load_checkpoint). lazy=True (float models in safetensors: GGUF conversions,
+    local folders): weights stay on disk until materialized part by part (models/lazy.py). Other sources
+    ignore them."""
+    from ..models.lazy import can_load_lazily, load_lazy
+
+    src = resolve(source)
+    if src.kind == "lowbit":
+        model, tok = load_checkpoint(src.location, skeleton=skeleton)
+    elif src.kind == "gguf":
+        folder = gguf_to_cache(Path(src.location))
+        model, tok = load_lazy(folder, dtype, src.name) if lazy else load_hf(str(folder), dtype, src.name)
+    elif lazy and src.kind == "hf" and can_load_lazily(Path(src.location)):
+        model, tok = load_lazy(Path(src.location), dtype, src.name)
+    else:
+        model, tok = load_hf(src.location, dtype, src.name)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.lowbit_source = src.name
+    return model, tok
