@@ -104,6 +104,7 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, overwri
 
 
 def _bad(folder: Path, why: str) -> LowbitError:
+    why = " ".join(why.split())  # one line, whatever transformers' message held
     return LowbitError(f"{folder}: corrupt or incomplete lowbit checkpoint ({why})")
 
 

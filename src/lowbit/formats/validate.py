@@ -218,7 +218,7 @@ def check_config(conf: dict, table: dict[str, TensorInfo] | None, label: str) ->
     if heads and kv and heads % kv:
         raise LowbitError(f"{label}: {key['num_attention_heads']} {heads} is not a multiple of "
                           f"{key['num_key_value_heads']} {kv}")
-    if heads and hidden and not f.get("head_dim") and hidden % heads:
+    if heads and hidden and not f.get("head_dim") and hidden % heads:  # (a given head_dim: any width)
         raise LowbitError(f"{label}: {key['hidden_size']} {hidden} is not a multiple of "
                           f"{key['num_attention_heads']} {heads}")
     if not table:
