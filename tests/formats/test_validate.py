@@ -175,6 +175,9 @@ def test_twenty_thousand_layers_are_refused_before_anything_is_built(ckpt, lean)
     ("num_key_value_heads", 0, r"num_key_value_heads: 0 is not a positive integer"),
     ("intermediate_size", "160", r"intermediate_size: '160' is not a positive integer"),
     ("max_position_embeddings", 1 << 40, r"max_position_embeddings: \d+ exceeds lowbit's limit"),
+    ("rms_norm_eps", "1e-6", r"rms_norm_eps: '1e-6' is not a positive number"),
+    ("rope_theta", -1.0, r"rope_theta: -1.0 is not a positive number"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": float("nan")}, r"rope_parameters\.rope_theta: nan"),
 ])
 def test_config_sizes_are_checked_against_limits_and_the_tensor_table(ckpt, field, value, match):
     rewrite(ckpt, edit_conf=lambda c: c.update({field: value}))

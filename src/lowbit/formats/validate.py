@@ -54,6 +54,8 @@ SYNONYMS = {
     "ffn_dim": "intermediate_size", "n_positions": "max_position_embeddings",
 }
 
+FLOAT_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "factor")  # positive and finite
+
 FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 DTYPE_NAMES = {"F64": torch.float64, **FLOATS, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
                "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -211,6 +213,13 @@ def check_config(conf: dict, table: dict[str, TensorInfo] | None, label: str) ->
                 raise LowbitError(f"{label}: {sub_key}{key}: {value!r} is not a positive integer")
             if value > LIMITS[name]:
                 raise LowbitError(f"{label}: {sub_key}{key}: {value} exceeds lowbit's limit of {LIMITS[name]}")
+    for prefix, sub in (("", conf), ("rope_parameters.", conf.get("rope_parameters")),
+                        ("rope_scaling.", conf.get("rope_scaling"))):
+        for key_ in FLOAT_FIELDS if isinstance(sub, dict) else ():
+            value = sub.get(key_)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 < value < float("inf")):
+                raise LowbitError(f"{label}: {prefix}{key_}: {value!r} is not a positive number")
     f = {k: v for k, (_, v) in _fields(conf).items() if v is not None}
     key = {k: kk for k, (kk, _) in _fields(conf).items()}
     heads, hidden = f.get("num_attention_heads"), f.get("hidden_size")
