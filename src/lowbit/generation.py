@@ -109,6 +109,9 @@ def generate(
     if not 0.0 < top_p <= 1.0:
         raise LowbitError(f"top-p must be in (0, 1], got {top_p}")
     ids = build_prompt(tokenizer, prompt, chat)
+    from .formats.validate import check_token_ids
+
+    check_token_ids(ids, model)
     streamer = None
     if on_text is not None:
         class _Stream(TextStreamer):

@@ -332,3 +332,16 @@ def test_huge_config_json_is_refused(tmp_path):
     d = hf_folder(tmp_path)
     (d / "config.json").write_bytes(b"{" + b" " * (validate.MAX_JSON_BYTES + 1))
     refused(d, r"config\.json: larger than 64 MiB")
+
+
+def test_token_ids_beyond_the_embedding_are_refused(tmp_path):
+    """A tokenizer.json with more tokens than the model's vocab_size: one line, not an IndexError in a forward."""
+    d = hf_folder(tmp_path)
+    tok = make_tokenizer()
+    tok.add_tokens([f"zz{i}" for i in range(40)])  # ids 300..339, the model has 320 embeddings
+    tok.save_pretrained(d)
+    model, tok = load(d)
+    with pytest.raises(LowbitError, match="the tokenizer gives token id 33\\d, but the model has 320 embeddings"):
+        lowbit.generate(model, tok, "a zz39", max_new_tokens=2)
+    with pytest.raises(LowbitError, match="but the model has 320 embeddings"):
+        lowbit.evaluate(model, tok, text="zz39 " * 64, seqlen=16, progress=False)

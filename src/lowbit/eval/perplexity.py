@@ -100,6 +100,9 @@ def evaluate(
     if text is None:
         text, label = read_text(text_path)
     wins = windows(tokenize(tokenizer, text), seqlen, limit_tokens)
+    from ..formats.validate import check_token_ids
+
+    check_token_ids(wins, model)
     nll, count, kl_sum, agree, base_nll = 0.0, 0, 0.0, 0, 0.0
     bar = tqdm(wins, desc="eval", unit="win", file=sys.stderr, disable=not progress, leave=False)
     for w in bar:

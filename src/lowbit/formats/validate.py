@@ -373,3 +373,12 @@ def preflight(folder: Path, label: str) -> dict[str, TensorInfo]:
                           f"codes ({packed}): a lowbit checkpoint without its quantization table")
     check_config(conf, table, str(folder / "config.json"))
     return table
+
+
+def check_token_ids(ids: torch.Tensor, model: nn.Module) -> None:
+    """Token ids from the folder's tokenizer must index the model's embedding: a tokenizer.json of more tokens
+    than vocab_size is refused with one line (not an IndexError deep in a forward)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and ids.numel() and int(ids.max()) >= vocab:
+        raise LowbitError(f"{getattr(model, 'lowbit_source', 'model')}: the tokenizer gives token id {int(ids.max())}, "
+                          f"but the model has {vocab} embeddings (tokenizer and weights do not belong together)")
