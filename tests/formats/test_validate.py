@@ -345,3 +345,16 @@ def test_token_ids_beyond_the_embedding_are_refused(tmp_path):
         lowbit.generate(model, tok, "a zz39", max_new_tokens=2)
     with pytest.raises(LowbitError, match="but the model has 320 embeddings"):
         lowbit.evaluate(model, tok, text="zz39 " * 64, seqlen=16, progress=False)
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+def test_buffers_old_checkpoints_hold_load_as_transformers_loads_them(tmp_path, lazy):
+    """Per-layer rotary_emb.inv_freq of older LLaMA checkpoints: transformers drops them, so does the lazy load."""
+    d = hf_folder(tmp_path)
+    t = tensors(d / "model.safetensors")
+    t["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(9)
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    model, _ = load(d, lazy=lazy)
+    if lazy:
+        model.lowbit_lazy.materialize(model)
+    assert not any(p.is_meta for p in model.parameters())

@@ -332,6 +332,16 @@ def check_skeleton(model: nn.Module, table: dict[str, TensorInfo], aliases: dict
                           "a weight at random)")
 
 
+def without_ignored(model: nn.Module, table: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """The table without the stored tensors that transformers itself drops when it loads this model (its
+    `_keys_to_ignore_on_load_unexpected` patterns; old checkpoints' rotary_emb.inv_freq and position_ids
+    buffers), so that a lazy load accepts what an eager one does."""
+    patterns = [*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()),
+                r"rotary_emb\.inv_freq$", r"(^|\.)position_ids$"]
+    names = set(model.state_dict(keep_vars=True))
+    return {k: v for k, v in table.items() if k in names or not any(re.search(p, k) for p in patterns)}
+
+
 def check_scales(model: nn.Module, label: str) -> None:
     """Scales (and W8A8 activation scales and rotation factors) of quantized modules must be finite: a NaN or
     Inf scale turns every output of its layer into NaN."""

@@ -89,7 +89,7 @@ def load_lazy(folder: Path, dtype: torch.dtype, label: str):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ..formats.validate import check_skeleton, preflight
+    from ..formats.validate import check_skeleton, preflight, without_ignored
 
     table = preflight(folder, label)
     try:
@@ -99,6 +99,7 @@ def load_lazy(folder: Path, dtype: torch.dtype, label: str):
         model.tie_weights()  # from_config leaves tied parameters separate on meta; the file stores one of them
     except Exception as e:  # transformers raises many types; the user gets one line
         raise LowbitError(f"{label}: cannot load model lazily ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    table = without_ignored(model, table)
     check_skeleton(model, table, None, str(folder), implied_ties=True, uniform_floats=False)
     model.lowbit_lazy = LazyWeights(folder, dtype, table)
     try:
