@@ -358,3 +358,21 @@ def test_buffers_old_checkpoints_hold_load_as_transformers_loads_them(tmp_path, 
     if lazy:
         model.lowbit_lazy.materialize(model)
     assert not any(p.is_meta for p in model.parameters())
+
+
+def test_positions_are_bounded_and_checked_against_a_learned_position_table(tmp_path):
+    """GPT-2 style models: the config's positions against wpe's rows; GPT-Neo style models, whose every layer
+    holds a positions x positions mask, within a tighter limit."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=320, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(d)
+    assert load(d)[0].config.n_positions == 64
+    c = json.loads((d / "config.json").read_text())
+    for value, match in ((100000, r"n_positions is 100000, but transformer\.wpe\.weight has 64 rows"),
+                         (1 << 30, r"n_positions: 1073741824 exceeds lowbit's limit of 1048576")):
+        (d / "config.json").write_text(json.dumps({**c, "n_positions": value}))
+        refused(d, match)
+    (d / "config.json").write_text(json.dumps({**c, "model_type": "gpt_neo", "max_position_embeddings": 65536}))
+    refused(d, r"max_position_embeddings: 65536 exceeds lowbit's limit of 8192 for gpt_neo")

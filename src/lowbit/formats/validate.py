@@ -18,6 +18,8 @@ One module for every loader path (lowbit checkpoints eager and lean, Hugging Fac
     check_loading_info(info, label)      what transformers' from_pretrained reports missing/unexpected/mismatched
     preflight(folder, label)             check_custom_code + check_config of a Hugging Face folder, before
                                          transformers reads it
+    without_ignored(model, table)        the stored tensors transformers itself drops (for the lazy check)
+    check_token_ids(ids, model)          token ids from the tokenizer inside the model's embedding
 
 Every failure is one LowbitError line naming the file (and tensor or field) and the cause.
 """
@@ -45,8 +47,12 @@ LIMITS = {
     "num_attention_heads": 4096,
     "num_key_value_heads": 4096,
     "head_dim": 4096,
-    "max_position_embeddings": 1 << 24,
+    "max_position_embeddings": 1 << 20,
 }
+# architectures whose attention layers each hold a [positions, positions] causal-mask buffer: positions bounded
+# so that those buffers stay what the real models need (GPT-Neo 2048, StarCoder 8192)
+QUADRATIC_POSITIONS = {"gpt_neo": 1 << 13, "gpt_bigcode": 1 << 13, "imagegpt": 1 << 13, "openai-gpt": 1 << 13,
+                       "clvp": 1 << 13}
 # other spellings of the same fields (GPT-2, OPT, ...)
 SYNONYMS = {
     "n_embd": "hidden_size", "d_model": "hidden_size", "n_layer": "num_hidden_layers",
@@ -70,15 +76,15 @@ class TensorInfo:
     file: Path
 
 
-def read_json(path: Path, what: str = "") -> dict:
+def read_json(path: Path) -> dict:
     """The JSON object in `path` (at most MAX_JSON_BYTES), or a one-line LowbitError naming the file."""
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_JSON_BYTES + 1)
     except OSError as e:
-        raise LowbitError(f"{path}: cannot read{what}: {e.strerror}") from None
+        raise LowbitError(f"{path}: cannot read: {e.strerror}") from None
     if len(raw) > MAX_JSON_BYTES:
-        raise LowbitError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MiB: not a{what or ' JSON file'}")
+        raise LowbitError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MiB: not a model's JSON file")
     try:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -222,6 +228,10 @@ def check_config(conf: dict, table: dict[str, TensorInfo] | None, label: str) ->
                 raise LowbitError(f"{label}: {prefix}{key_}: {value!r} is not a positive number")
     f = {k: v for k, (_, v) in _fields(conf).items() if v is not None}
     key = {k: kk for k, (kk, _) in _fields(conf).items()}
+    positions, cap = f.get("max_position_embeddings"), QUADRATIC_POSITIONS.get(conf.get("model_type"))
+    if positions is not None and cap is not None and positions > cap:
+        raise LowbitError(f"{label}: {key['max_position_embeddings']}: {positions} exceeds lowbit's limit of {cap} "
+                          f"for {conf.get('model_type')} (a mask of positions x positions per layer)")
     heads, hidden = f.get("num_attention_heads"), f.get("hidden_size")
     kv = f.get("num_key_value_heads")
     if heads and kv and heads % kv:
@@ -249,6 +259,10 @@ def check_config(conf: dict, table: dict[str, TensorInfo] | None, label: str) ->
                                   f"{len(found)} layers ({detail})")
     vocab = f.get("vocab_size")
     for name, info in table.items():
+        if name.endswith(("wpe.weight", "embed_positions.weight", "position_embeddings.weight")) and positions:
+            if len(info.shape) == 2 and not positions <= info.shape[0] <= positions + 2:  # (OPT: 2 more rows)
+                raise LowbitError(f"{label}: {key['max_position_embeddings']} is {positions}, but {name} has "
+                                  f"{info.shape[0]} rows")
         if name.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight")) and len(info.shape) == 2:
             if vocab is not None and info.shape[0] != vocab:
                 raise LowbitError(f"{label}: vocab_size is {vocab}, but {name} has {info.shape[0]} rows")
