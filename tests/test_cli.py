@@ -268,3 +268,95 @@ def test_interrupt_exits_130(cli, tiny_dir, monkeypatch):
     code, stdout, err = cli("eval", tiny_dir)
     assert code == 130
     assert err.strip().splitlines()[-1] == "lowbit: error: interrupted (nothing was written)"
+
+
+# ---- hostile files (issue 24): one line, exit 2, in a separate process (a regression would crash it) ----------
+
+def run_lowbit(*args, stdin=subprocess.DEVNULL, timeout=120):
+    return subprocess.run([sys.executable, "-m", "lowbit", *map(str, args)], capture_output=True, text=True,
+                          stdin=stdin, timeout=timeout)
+
+
+def one_line_error(r, contains, only=True):
+    """Exit 2 and one `lowbit: error:` line naming the cause (with only: nothing else on stderr, not even
+    progress bars: the file is refused before any work)."""
+    lines = [l for l in r.stderr.replace("\r", "\n").strip().splitlines() if l.strip()]
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert lines[-1].startswith("lowbit: error:") and contains in lines[-1], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and sum("error" in l for l in lines) == 1, r.stderr[-2000:]
+    if only:
+        assert len(lines) == 1, r.stderr[-2000:]
+
+
+def wide_checkpoint(tmp_path):
+    """A 128-wide LLaMA (4-bit g64: every linear runs in kernels/decode.c) with biases of 64 floats on k/v."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import lowbit
+    from lowbit import QuantConfig, Scheme
+    from tests.conftest import make_tokenizer
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("llama", vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, attention_bias=True, eos_token_id=0,
+                               bos_token_id=0, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    lowbit.quantize(model, QuantConfig(scheme=Scheme(4, True, "group", 64)))
+    return lowbit.save(model, make_tokenizer(), tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("name,target", [
+    ("model.norm.weight", "model.layers.0.self_attn.k_proj.bias"),  # was: free(): invalid next size / SIGSEGV
+    ("model.layers.0.mlp.down_proj.qweight", "model.layers.0.self_attn.k_proj.bias"),  # was: out-of-bounds reads
+])
+def test_generate_refuses_an_alias_that_would_overflow_the_native_kernels(tmp_path, name, target):
+    from tests.models.test_validate import rewrite
+
+    ckpt = wide_checkpoint(tmp_path)
+    assert run_lowbit("generate", ckpt, "--prompt", "a", "--max-new-tokens", "4").returncode == 0
+    rewrite(ckpt, edit_tensors=lambda t: t.pop(name), edit_qc=lambda qc: qc["aliases"].update({name: target}))
+    one_line_error(run_lowbit("generate", ckpt, "--prompt", "a", "--max-new-tokens", "4"), f"alias {name} -> {target}")
+
+
+@pytest.mark.parametrize("stdin", ["closed", "pipe"])
+@pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])
+def test_custom_code_is_refused_without_a_prompt(tiny_dir, tmp_path, stdin, where):
+    """transformers asked "run the custom code? [y/N]" on stdin; lowbit refuses the folder, reading nothing."""
+    f = tiny_dir / where
+    c = json.loads(f.read_text())
+    c["auto_map"] = {"AutoModelForCausalLM": "evil.Model", "AutoConfig": "evil.Config", "AutoTokenizer": ["evil.Tok", None]}
+    if where == "config.json":
+        c["model_type"] = "evilllama"
+    else:
+        c["tokenizer_class"] = "EvilTok"
+    f.write_text(json.dumps(c))
+    (tiny_dir / "evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('custom code ran')\n")
+    if stdin == "closed":
+        r = run_lowbit("generate", tiny_dir, "--prompt", "a", stdin=subprocess.DEVNULL, timeout=60)
+    else:  # a pipe nobody writes to (and nobody closes): a prompt would wait here
+        p = subprocess.Popen([sys.executable, "-m", "lowbit", "generate", str(tiny_dir), "--prompt", "a"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = p.communicate(timeout=60)
+        finally:
+            p.kill()
+        r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    one_line_error(r, "custom code")
+    assert "[y/N]" not in r.stdout + r.stderr and not (tmp_path / "ran").exists()
+
+
+def test_non_finite_logits_are_an_error(tiny_dir, tmp_path, text_file):
+    """Inf in a weight: `ppl nan` with exit 0 before; generation chose tokens from NaN logits."""
+    from safetensors.torch import save_file
+
+    from tests.models.test_validate import tensors
+
+    t = tensors(tiny_dir / "model.safetensors")
+    t["model.norm.weight"][5] = float("inf")
+    save_file(t, str(tiny_dir / "model.safetensors"), metadata={"format": "pt"})
+    one_line_error(run_lowbit("eval", tiny_dir, "--text", text_file, "--seqlen", "64", "--limit-tokens", "128"),
+                   "perplexity is nan: the model's logits are not finite", only=False)  # (progress bars)
+    for runtime in ("lean", "transformers"):
+        one_line_error(run_lowbit("generate", tiny_dir, "--prompt", "a", "--runtime", runtime),
+                       "the model's logits are not finite", only=False)

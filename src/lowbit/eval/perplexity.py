@@ -52,6 +52,9 @@ def evaluate(
     if text is None:
         text, label = read_text(text_path)
     wins = windows(tokenize(tokenizer, text), seqlen, limit_tokens)
+    from ..models.validate import check_token_ids
+
+    check_token_ids(wins, model)
     nll, count, kl_sum, agree, base_nll = 0.0, 0, 0.0, 0, 0.0
     bar = tqdm(wins, desc="eval", unit="win", file=sys.stderr, disable=not progress, leave=False)
     for w in bar:
@@ -65,6 +68,10 @@ def evaluate(
             base_nll += float(F.nll_loss(logq, target, reduction="sum"))
             kl_sum += float(F.kl_div(logp, logq, log_target=True, reduction="sum"))  # KL(base || model)
             agree += int((logp.argmax(-1) == logq.argmax(-1)).sum())
+        for m, value in ((model, nll), (base, base_nll)):
+            if m is not None and not math.isfinite(value):  # NaN/Inf weights or scales: no number to report
+                raise LowbitError(f"{getattr(m, 'lowbit_source', 'model')}: perplexity is {math.exp(value / count)}: "
+                                  "the model's logits are not finite (NaN or Inf in its weights or scales)")
         bar.set_postfix(ppl=f"{math.exp(nll / count):.3f}")
     out = {
         "ppl": math.exp(nll / count),

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -52,12 +51,9 @@ def resolve(source: str | os.PathLike) -> Source:
         cfg = path / "config.json"
         if not cfg.is_file():
             raise LowbitError(f"{path}: not a model folder (no config.json)")
-        try:
-            meta = json.loads(cfg.read_text())
-        except (OSError, ValueError) as e:
-            raise LowbitError(f"{cfg}: unreadable config.json ({e})") from None
-        if not isinstance(meta, dict):
-            raise LowbitError(f"{cfg}: config.json is not a JSON object")
+        from .validate import read_json
+
+        meta = read_json(cfg)  # bounded size, a JSON object, or one line naming the file
         qc = meta.get("quantization_config") or {}
         if isinstance(qc, dict) and qc.get("quant_method") == "lowbit":
             return Source("lowbit", str(path), name)
@@ -79,14 +75,30 @@ def _one_line(e: BaseException) -> str:
 
 
 def load_hf(location: str, dtype: torch.dtype, label: str):
+    """A Hugging Face folder or hub id through transformers: a local folder is checked first
+    (models/validate.preflight: no custom code, config sizes against its safetensors' tensor table, every
+    weight file inside it); no custom code is ever run, no pickle read, and a weight that the files do not
+    hold (or hold in another shape) is an error, not a random init."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .validate import check_loading_info, preflight
+
+    if Path(location).is_dir():
+        preflight(Path(location), label)
+    from transformers.utils import logging as hf_logging
+
+    prev = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report of missing weights: the error below says it in one line
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=False,
+                                                           use_safetensors=True, output_loading_info=True)
     except Exception as e:  # transformers raises many types; the user gets one line
         raise LowbitError(f"{label}: cannot load model ({_one_line(e)})") from None
+    finally:
+        hf_logging.set_verbosity(prev)
+    check_loading_info(info, label)
     try:
-        tok = AutoTokenizer.from_pretrained(location)
+        tok = AutoTokenizer.from_pretrained(location, trust_remote_code=False)
     except Exception:
         tok = None
     return model, tok
@@ -107,8 +119,9 @@ def gguf_to_cache(path: Path) -> Path:
 
     print(f"lowbit: converting {path.name} to float (once; cached in {folder})", file=sys.stderr)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     except Exception as e:
         raise LowbitError(f"{path}: cannot load GGUF ({_one_line(e)})") from None
     # The weights are plain floats now: drop the GGUF quantizer so the model saves as a normal one.

