@@ -395,7 +395,7 @@ def export_gguf(
             overrides.append((pat, get_type(t).name))
     except (ValueError, re.error) as e:
         raise LowbitError(str(e)) from None
-    check_output(out, overwrite=force)
+    check_output(out, overwrite=force, kind="gguf")
     if gptq and calib is None:
         raise LowbitError("--gptq needs calibration: add --calib default (or --calib FILE)")
     if calib is not None and calib != "default":
@@ -450,9 +450,9 @@ def _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshol
 
         read_text(calib)
     if plot is not None:
-        check_output(plot, overwrite=True)
         if plot.is_dir() or plot.suffix.lower() != ".png":
             raise LowbitError(f"{plot}: --plot needs a .png file path")
+        check_output(plot, overwrite=True, kind="png")  # replaces an earlier plot, nothing else
     m, tok = api.load(model)
     ids, info = calibration_ids(tok, calib, nsamples=nsamples, seqlen=calib_seqlen, seed=seed)
     res = activation_outliers(m, ids, threshold=threshold)

@@ -204,7 +204,7 @@ def export_gguf(model: nn.Module, tok, out: str | os.PathLike, ftype: str = "Q4_
     shapes = {i.name: i.shape for i in infos}
     src = source_gguf_of(model)
 
-    with atomic_path(out, overwrite=overwrite, is_dir=False) as tmp:
+    with atomic_path(out, overwrite=overwrite, is_dir=False, kind="gguf") as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(str(getattr(model, "lowbit_source", None) or getattr(cfg, "_name_or_path", "") or "model"))
