@@ -128,6 +128,14 @@ def tokenize(tokenizer, text: str, chunk: int = TOKENIZE_CHUNK, max_tokens: int 
     return torch.frombuffer(ids, dtype=torch.long)  # shares the array's memory (and keeps it alive)
 
 
+def _exp(x: float) -> float:
+    """exp, inf past float range (a model with huge or infinite logits has an infinite perplexity)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 def windows(ids: torch.Tensor, seqlen: int, limit_tokens: int | None = None) -> torch.Tensor:
     """[n_windows, seqlen] non-overlapping windows (a single shorter one if the text is short)."""
     if seqlen < 2:
@@ -173,9 +181,9 @@ def evaluate(
             base_nll += float(F.nll_loss(logq, target, reduction="sum"))
             kl_sum += float(F.kl_div(logp, logq, log_target=True, reduction="sum"))  # KL(base || model)
             agree += int((logp.argmax(-1) == logq.argmax(-1)).sum())
-        bar.set_postfix(ppl=f"{math.exp(nll / count):.3f}")
+        bar.set_postfix(ppl=f"{_exp(nll / count):.3f}")
     out = {
-        "ppl": math.exp(nll / count),
+        "ppl": _exp(nll / count),
         "tokens": int(wins.numel()),
         "predicted": count,
         "windows": int(wins.shape[0]),
@@ -184,5 +192,5 @@ def evaluate(
         **weight_stats(model),
     }
     if base is not None:
-        out.update(kl=kl_sum / count, top1=agree / count, base_ppl=math.exp(base_nll / count))
+        out.update(kl=kl_sum / count, top1=agree / count, base_ppl=_exp(base_nll / count))
     return out
