@@ -272,11 +272,14 @@ def temp_sibling(out: Path, is_dir: bool, tag: str = "tmp") -> tuple[Path, int]:
 
 @contextmanager
 def locked_temp_dir(target: Path):
-    """A locked temporary folder next to `target` (stale ones of killed runs swept first); removed on exit
-    unless the caller moved it away."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(target.parent)
-    tmp, lock = temp_sibling(target, is_dir=True)
+    """A locked temporary folder next to `target`, in a folder of lowbit's own (its cache: stale temporaries of
+    killed runs, this version's and earlier ones', are swept first); removed on exit unless moved away."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(target.parent, cache=True)
+        tmp, lock = temp_sibling(target, is_dir=True)
+    except OSError as e:
+        raise LowbitError(f"{target.parent}: cannot write ({e.strerror})") from None
     try:
         yield tmp
     finally:
