@@ -229,3 +229,13 @@ def test_cache_is_keyed_by_content_and_atomic(tiny_gguf, tmp_path, cache):
     os.utime(legacy, (time.time() - 7200, time.time() - 7200))
     lowbit.load(g)
     assert not stale.exists() and not legacy.exists() and len(cached(cache)) == 2
+
+
+def test_unwritable_cache_is_one_error(cli, tiny_gguf, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("LOWBIT_CACHE", str(blocker))
+    code, _, err = cli("eval", tiny_gguf, "--limit-tokens", "64", "--seqlen", "32")
+    lines = [l for l in err.splitlines() if l.startswith("lowbit: error:")]
+    assert code == 2 and len(lines) == 1 and "cannot write" in lines[0], err
+    assert blocker.read_text() == "x"
