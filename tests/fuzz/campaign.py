@@ -692,6 +692,8 @@ class Campaign:
                 c.strict = path[0] not in SEMANTIC_CFG
                 if path[0] in DIM_KEYS:
                     c.area = "config-dims"
+                elif path[:2] in (("quantization_config",), ("quantization_config", "quant_method")):
+                    c.area = "hf-weights"  # no longer a lowbit checkpoint: transformers loads the folder
             elif kind == "safetensors":
                 new, desc, c.strict = _safetensors_mutation((m / "model.safetensors").read_bytes(), r)
                 (m / "model.safetensors").write_bytes(new)
