@@ -498,8 +498,11 @@ def _rewrite(src: Path, dst: Path, drop_tensor: str | None = None, drop_kv: str 
         w.add_key_value(k, f.contents(), f.types[0], sub_type=sub)
     if add is not None:
         key, (kind, value) = add
-        w.add_key_value(key, value, {"u32": GGUFValueType.UINT32, "u64": GGUFValueType.UINT64,
-                                     "str": GGUFValueType.STRING}[kind])
+        if kind == "u32[]":
+            w.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=GGUFValueType.UINT32)
+        else:
+            w.add_key_value(key, value, {"u32": GGUFValueType.UINT32, "u64": GGUFValueType.UINT64,
+                                         "str": GGUFValueType.STRING}[kind])
     for t in r.tensors:
         if t.name != drop_tensor:
             w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)

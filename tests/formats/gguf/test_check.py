@@ -140,6 +140,22 @@ def test_embedding_must_match_the_vocabulary_and_widths(tiny_gguf, tmp_path):
             read_model(bad)
 
 
+def test_per_layer_hyperparameters(tiny_gguf, tmp_path):
+    """A per-layer integer array (LFM2's head_count_kv) is accepted, and its values bounded like scalars."""
+    from tests.fuzz.campaign import _rewrite
+
+    r = read_header(tiny_gguf)
+    kv = r.kv["llama.attention.head_count_kv"]
+    p = tmp_path / "per-layer.gguf"
+    for values, ok in (([2, 2], True), ([2, 10 ** 9], False)):
+        _rewrite(tiny_gguf, p, drop_kv=kv.key, add=(kv.key, ("u32[]", values)))
+        if ok:
+            assert read_model(p).kv[kv.key].value == values
+        else:
+            with pytest.raises(LowbitError, match="head_count_kv = 1,000,000,000, more than the limit"):
+                read_model(p)
+
+
 def test_counts_lengths_and_offsets_are_bounded(tiny_gguf, tmp_path):
     r = read_header(tiny_gguf)
     size = tiny_gguf.stat().st_size

@@ -51,7 +51,7 @@ _MIN_TENSOR = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
 class KV:
     key: str
     type: int
-    value: object = None  # scalars; strings up to 4 KiB; None for arrays and longer strings
+    value: object = None  # scalars; strings up to 4 KiB; arrays of up to 4096 numbers; else None
     count: int | None = None  # arrays: number of elements
     elem_type: int | None = None  # arrays: element type
     offset: int = 0  # where the entry (its key's length) starts
@@ -163,6 +163,10 @@ def _value(r: _Reader, t: int, what: str, depth: int, budget: _Budget, kv: KV | 
                            f"bytes, the file has {r.left():,} left")
     if kv is not None:
         kv.count, kv.elem_type = n, et
+    if et in _SCALAR and depth == 0 and n <= 4096 and kv is not None:  # per-layer values: kept, to be checked
+        size = _MIN_SIZE[et]
+        raw = r.take(n * size, what)
+        return [struct.unpack_from(r.order + _SCALAR[et], raw, i * size)[0] for i in range(n)]
     if et in _SCALAR:
         r.skip(n * _MIN_SIZE[et], what)
     elif et == STRING:
@@ -273,11 +277,15 @@ _DIMS = ("block_count", "embedding_length", "feed_forward_length", "context_leng
          "rope.dimension_count", "expert_count", "expert_used_count")
 
 
-def _int(h: Header, key: str, required: bool = False) -> int | None:
+def _int(h: Header, key: str, required: bool = False, per_layer: bool = False) -> int | None:
+    """The integer hyperparameter `key` (None if absent, or a per-layer array where `per_layer` allows one:
+    LFM2's head_count_kv; its elements are bounded with the rest of the metadata)."""
     kv = h.kv.get(key)
     if kv is None:
         if required:
             raise LowbitError(f"{h.path}: GGUF model refused (no {key} in its metadata)")
+        return None
+    if per_layer and kv.type == ARRAY and kv.elem_type in INTEGER:
         return None
     if kv.type not in INTEGER:
         raise LowbitError(f"{h.path}: GGUF model refused (metadata {key} is {TYPE_NAMES[kv.type]}, "
@@ -300,9 +308,14 @@ def check_model(h: Header) -> None:
         raise refuse("no general.architecture string in its metadata")
     a = arch.value
     for key, kv in h.kv.items():
-        if key.startswith(a + ".") and kv.type in INTEGER and kv.value > MAX_HPARAM:
-            raise refuse(f"metadata {key} = {kv.value:,}, more than the limit of {MAX_HPARAM:,}")
-    dims = {k: _int(h, f"{a}.{k}") for k in _DIMS}
+        if not key.startswith(a + "."):
+            continue
+        values = [kv.value] if kv.type in INTEGER else kv.value if kv.elem_type in INTEGER and kv.value else []
+        big = [v for v in values if v > MAX_HPARAM]
+        if big:
+            raise refuse(f"metadata {key} = {big[0]:,}, more than the limit of {MAX_HPARAM:,}")
+    dims = {k: _int(h, f"{a}.{k}", per_layer=k not in ("block_count", "embedding_length", "vocab_size"))
+            for k in _DIMS}
     n_layer = _int(h, f"{a}.block_count", required=True)
     if n_layer > MAX_BLOCKS:
         raise refuse(f"{a}.block_count = {n_layer:,}, more than the limit of {MAX_BLOCKS:,}")
@@ -341,7 +354,8 @@ def check_model(h: Header) -> None:
     head_dim = dims["attention.key_length"] or (n_embd // n_head if n_head else None)
     for i in range(n_layer):
         for suffix, width, what in (("attn_q", n_head, "attention.head_count"),
-                                    ("attn_k", n_kv or n_head, "attention.head_count_kv")):
+                                    ("attn_k", n_kv if n_kv is not None or f"{a}.attention.head_count_kv" in h.kv
+                                     else n_head, "attention.head_count_kv")):
             t = by_name.get(f"blk.{i}.{suffix}.weight")
             if t is None or width is None or head_dim is None:
                 continue
