@@ -85,6 +85,7 @@ class Case:
     inputs: list | None = None  # entries of the case folder made before the run (default: all there)
     gguf_sha: str | None = None  # a mutated GGUF's content sha256 (must not be cached when refused)
     setup: object = None  # callable(case_dir) that builds the inputs
+    timeout: float | None = None  # this case's own (long texts: linear work, minutes on a loaded machine)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -544,6 +545,7 @@ def _text_mutation(seed_text: bytes, case_dir: Path, rng: random.Random, big: bo
         op += f" {L}"
     elif op == "newlines":
         p.write_bytes(b"\n" * L)
+        op += f" {L}"
     elif op == "binary":
         p.write_bytes(bytes(rng.getrandbits(8) for _ in range(rng.choice([10, 1000, 50_000]))))
     elif op == "fifo":
@@ -780,6 +782,8 @@ class Campaign:
             desc, path = _text_mutation((self.seeds / "text.txt").read_bytes(), d, r, self.big)
             c.mutation = desc
             long = desc.startswith(("long_", "newlines"))
+            if long:
+                c.timeout = max(self.timeout, 60 * int(desc.split()[-1]) / 1_000_000)  # 60 s per million chars
             if cmd == "eval":  # (a long text's first 4096 tokens: 8 windows of the tiny model)
                 c.argv = ["eval", hf, "--text", path, "--json", *(["--seqlen", "512", "--limit-tokens", "4096"] if long
                                                                    else ["--seqlen", "32", "--limit-tokens", "96"])]
@@ -873,7 +877,7 @@ class Campaign:
                 c.inputs = sorted(x.name for x in d.iterdir())
             if not c.protect:
                 c.protect = [(x, _tree_state(d / x)) for x in c.inputs]
-            req = self._req(c.argv, d, c.id)
+            req = self._req(c.argv, d, c.id, timeout=c.timeout)
             req["id"] = c.id
             reqs.append(req)
             by_id[c.id] = c
