@@ -9,7 +9,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import SEARCH, _pieces, tokenize

@@ -12,9 +12,7 @@ features" of Dettmers et al. (2022).
 """
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
