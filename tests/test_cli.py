@@ -161,7 +161,7 @@ def test_truncated_gguf_refused(cli, tmp_path):
     p = tmp_path / "m.gguf"
     p.write_bytes(b"GGUF" + b"\x03\0\0\0" + b"\xff" * 20)
     code, stdout, err = cli("quantize", p, tmp_path / "o")
-    assert_clean_error(code, stdout, err, contains="cannot load GGUF")
+    assert_clean_error(code, stdout, err, contains="not a valid GGUF file")
     assert not (tmp_path / "o").exists()
 
 

@@ -100,7 +100,7 @@ def quantize(
     from .algorithms.registry import get_method
     from .core.config import QuantConfig
     from .core.scheme import Scheme
-    from .formats.io import check_output
+    from .core.io import check_output
 
     options: dict = {}
     int8 = method in ("w8a8", "llm-int8")
@@ -408,7 +408,7 @@ def export_gguf(
     from .formats.gguf.blocks import get_type
     from .formats.gguf.export import export_gguf as export
     from .formats.gguf.mixtures import file_type
-    from .formats.io import check_output
+    from .core.io import check_output
     import re
 
     try:
@@ -422,7 +422,7 @@ def export_gguf(
             overrides.append((pat, get_type(t).name))
     except (ValueError, re.error) as e:
         raise LowbitError(str(e)) from None
-    check_output(out, overwrite=force)
+    check_output(out, overwrite=force, kind="gguf")
     if gptq and calib is None:
         raise LowbitError("--gptq needs calibration: add --calib default (or --calib FILE)")
     if calib is not None and calib != "default":
@@ -468,7 +468,7 @@ def _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshol
     from . import api
     from .calibration.data import calibration_ids
     from .eval.outliers import activation_outliers, plot_outliers
-    from .formats.io import check_output
+    from .core.io import check_output
 
     if not threshold > 0:
         raise LowbitError(f"--threshold must be > 0, got {threshold}")
@@ -477,9 +477,9 @@ def _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshol
 
         read_text(calib)
     if plot is not None:
-        check_output(plot, overwrite=True)
         if plot.is_dir() or plot.suffix.lower() != ".png":
             raise LowbitError(f"{plot}: --plot needs a .png file path")
+        check_output(plot, overwrite=True, kind="png")  # replaces an earlier plot, nothing else
     m, tok = api.load(model)
     ids, info = calibration_ids(tok, calib, nsamples=nsamples, seqlen=calib_seqlen, seed=seed)
     res = activation_outliers(m, ids, threshold=threshold)

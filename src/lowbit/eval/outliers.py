@@ -12,9 +12,7 @@ features" of Dettmers et al. (2022).
 """
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -128,12 +126,10 @@ def plot_outliers(result: dict, path, top_dims: int = 12) -> None:
         a2.text(0.5, 0.5, "no dimension reaches the threshold in 6% of the tokens of any layer", ha="center", va="center")
         a2.set_axis_off()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    from ..core.io import atomic_path
+
     try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
+        with atomic_path(path, overwrite=True, is_dir=False, kind="png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)

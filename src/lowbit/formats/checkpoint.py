@@ -31,7 +31,7 @@ from ..errors import LowbitError
 from ..models.arch import set_module
 from ..nn.int8 import INT8_MODULES
 from ..nn.qlinear import QuantEmbedding, QuantLinear
-from .io import atomic_path
+from ..core.io import atomic_path
 
 WEIGHTS = "model.safetensors"
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..models.loading import gguf_to_cache, load_hf, resolve
+from ..models.loading import load_hf, resolve
+from .gguf.convert import gguf_to_cache
 from .checkpoint import load_checkpoint
 
 

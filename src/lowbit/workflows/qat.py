@@ -19,7 +19,7 @@ from ..core.tokens import tokenize
 from ..errors import LowbitError
 from ..eval.perplexity import evaluate
 from ..formats.checkpoint import save_checkpoint
-from ..formats.io import check_output
+from ..core.io import check_output
 from ..formats.load import load_model
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ...errors import LowbitError
-from ..io import atomic_path
+from ...core.io import atomic_path
 from .blocks import TYPES
 from .mixtures import FILE_TYPES, TensorInfo, bits_per_weight, choose_types, file_type
 
@@ -204,7 +204,7 @@ def export_gguf(model: nn.Module, tok, out: str | os.PathLike, ftype: str = "Q4_
     shapes = {i.name: i.shape for i in infos}
     src = source_gguf_of(model)
 
-    with atomic_path(out, overwrite=overwrite, is_dir=False) as tmp:
+    with atomic_path(out, overwrite=overwrite, is_dir=False, kind="gguf") as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(str(getattr(model, "lowbit_source", None) or getattr(cfg, "_name_or_path", "") or "model"))
