@@ -112,10 +112,10 @@ def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: t
     cfg = getattr(model, "config", None)
     if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
         # A quantized head or embedding no longer shares its weight with the other.
-        from .models.arch import ARCHITECTURES
+        from .models.arch import ARCHITECTURES, GENERIC
 
         arch = ARCHITECTURES.get(getattr(cfg, "model_type", ""), None)
-        tied = set(arch.embeddings + arch.head) if arch else {"lm_head"}
+        tied = set(arch.embeddings + arch.head) if arch else set(GENERIC.head)
         if tied & set(modules):
             cfg.tie_word_embeddings = False
             _share_tied_codes(model, [n for n in (arch.embeddings + arch.head if arch else ()) if n in modules])
