@@ -26,6 +26,7 @@ from torch import nn
 
 from ..core.config import QuantConfig
 from ..core.scheme import Scheme
+from ..core.state import QuantRecord, state_of
 from ..core.version import __version__
 from ..errors import LowbitError
 from ..models.arch import set_module
@@ -57,15 +58,10 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return out, aliases
 
 
-def quant_info(model: nn.Module) -> dict:
-    """What `quantize` recorded on the model: {"config": QuantConfig, "modules": {name: Scheme}}."""
-    return getattr(model, "lowbit_quant", None) or {"config": None, "modules": {}}
-
-
 def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    info = quant_info(model)
-    cfg: QuantConfig | None = info["config"]
-    modules: dict[str, Scheme] = info["modules"]
+    record = state_of(model).quant or QuantRecord(None, {})
+    cfg: QuantConfig | None = record.config
+    modules: dict[str, Scheme] = record.modules
     default = cfg.scheme if cfg is not None else None
     layers = {}
     for name, scheme in modules.items():
@@ -181,7 +177,7 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
     for n, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta:
             raise _bad(folder, f"tensor {n} was not stored")
-    model.lowbit_quant = {"config": cfg, "modules": modules}
+    state_of(model).quant = QuantRecord(cfg, modules)
     if skeleton is not None:
         return model, None
     try:

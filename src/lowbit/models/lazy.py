@@ -1,8 +1,9 @@
 """Float models whose weights stay on disk until the part of the model that needs them is reached.
 
-    model, tok = lowbit.load(source, lazy=True)   # every parameter on the meta device; model.lowbit_lazy set
-    model.lowbit_lazy.materialize(model, "model.layers.3.")   # that block's tensors read from the safetensors
-    model.lowbit_lazy.materialize(model)          # everything still missing
+    model, tok = lowbit.load(source, lazy=True)   # every parameter on the meta device
+    lazy = state_of(model).lazy                   # this module's LazyWeights (core/state.py)
+    lazy.materialize(model, block_name + ".")     # that block's tensors read from the safetensors
+    lazy.materialize(model)                       # everything still missing
 
 Calibrated methods that go one decoder block at a time (calibration/sequential.py) materialize the parts
 outside the blocks first, then each block just before they quantize it; the float block is dropped when
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.state import state_of
 from ..errors import LowbitError
 from .safetensors_read import read_header, read_tensors
 
@@ -84,7 +86,7 @@ class LazyWeights:
 
 
 def load_lazy(folder: Path, dtype: torch.dtype, label: str):
-    """(model with meta weights and .lowbit_lazy, tokenizer) of a folder of safetensors."""
+    """(model with meta weights, tokenizer) of a folder of safetensors; the model's state_of(model).lazy reads them."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -96,7 +98,7 @@ def load_lazy(folder: Path, dtype: torch.dtype, label: str):
         lazy = LazyWeights(folder, dtype)
     except Exception as e:  # transformers raises many types; the user gets one line
         raise LowbitError(f"{label}: cannot load model lazily ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    model.lowbit_lazy = lazy
+    state_of(model).lazy = lazy
     try:
         tok = AutoTokenizer.from_pretrained(str(folder))
     except Exception:

@@ -16,6 +16,7 @@ import time
 import torch
 from torch import nn
 
+from ...core.state import state_of
 from ...errors import LowbitError
 from ...models.arch import ARCHITECTURES, Arch, arch_of
 from ..io import atomic_path
@@ -159,7 +160,7 @@ def source_gguf_of(model: nn.Module) -> str | None:
     """The .gguf file a model was loaded from, if any (its tokenizer metadata is copied as is)."""
     from ...models.loading import resolve
 
-    src = getattr(model, "lowbit_source", None)
+    src = state_of(model).source
     if not src:
         return None
     try:
@@ -206,7 +207,7 @@ def export_gguf(model: nn.Module, tok, out: str | os.PathLike, ftype: str = "Q4_
     with atomic_path(out, overwrite=overwrite, is_dir=False) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(str(getattr(model, "lowbit_source", None) or getattr(cfg, "_name_or_path", "") or "model"))
+        w.add_name(str(state_of(model).source or getattr(cfg, "_name_or_path", "") or "model"))
         _hparams(w, cfg, arch)
         w.add_file_type(int(FILE_TYPES[ftype][1]))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
