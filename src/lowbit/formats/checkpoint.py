@@ -30,8 +30,7 @@ from ..core.state import QuantRecord, state_of
 from ..core.version import __version__
 from ..errors import LowbitError
 from ..models.arch import set_module
-from ..nn.int8 import INT8_MODULES
-from ..nn.qlinear import QuantEmbedding, QuantLinear
+from ..nn.kinds import MODULE_KINDS
 from .io import atomic_path
 
 WEIGHTS = "model.safetensors"
@@ -66,7 +65,7 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, overwri
     layers = {}
     for name, scheme in modules.items():
         mod = model.get_submodule(name)
-        entry = {"kind": "embedding" if isinstance(mod, QuantEmbedding) else getattr(mod, "kind", "linear")}
+        entry = {"kind": getattr(mod, "kind", "linear")}  # the on-disk kind names of nn/kinds.py
         if hasattr(mod, "entry"):
             entry.update(mod.entry())
         if scheme != default:
@@ -144,14 +143,9 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
             scheme = Scheme.from_dict(entry["scheme"]) if "scheme" in entry else cfg.scheme
             old = model.get_submodule(name)
             kind = entry.get("kind", "linear")
-            if kind == "embedding":
-                new = QuantEmbedding(old.num_embeddings, old.embedding_dim, scheme, padding_idx=old.padding_idx, device="meta")
-            elif kind in INT8_MODULES:
-                new = INT8_MODULES[kind].from_entry(entry, old, scheme)
-            elif kind != "linear":
+            if kind not in MODULE_KINDS:
                 raise LowbitError(f"unknown layer kind {kind!r} of {name}")
-            else:
-                new = QuantLinear(old.in_features, old.out_features, scheme, bias=old.bias is not None, device="meta")
+            new = MODULE_KINDS[kind].from_entry(entry, old, scheme)
             new.rel_error = entry.get("rel_error")
             set_module(model, name, new)
             modules[name] = scheme
