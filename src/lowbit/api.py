@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .core.config import QuantConfig
+from .core.state import QuantRecord, state_of
 from .errors import LowbitError
 from .eval.perplexity import evaluate
 from .formats.checkpoint import save_checkpoint
@@ -74,9 +75,9 @@ def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: t
     Calibrated methods (gptq, ...) draw windows of calibration text with the
     tokenizer, or take `calib_ids` [nsamples, seqlen] directly. The float weights
     of the quantized layers are released; what was done is recorded in
-    `model.lowbit_quant` and written into checkpoints by `save`.
+    `state_of(model).quant` (core/state.py) and written into checkpoints by `save`.
     """
-    if getattr(model, "lowbit_quant", None) and model.lowbit_quant.get("modules"):
+    if state_of(model).quant is not None and state_of(model).quant.modules:
         raise LowbitError("model is already quantized")
     from .algorithms.registry import get_method
     from .models.arch import get_module, select_modules, set_module
@@ -84,7 +85,7 @@ def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: t
     handler = get_method(config.method)
     torch.manual_seed(config.seed)
     selected = select_modules(model, config.include, config.exclude, tuple(config.overrides))
-    lazy = getattr(model, "lowbit_lazy", None)  # float weights still on disk (models/lazy.py)
+    lazy = state_of(model).lazy  # float weights still on disk (models/lazy.py)
     if lazy is not None:
         from .models.arch import find_blocks
 
@@ -95,7 +96,7 @@ def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: t
         modules = handler(model, config, QuantContext(config, tokenizer, calib_ids))
         if lazy is not None:
             lazy.materialize(model)  # what the method released or never reached
-            del model.lowbit_lazy
+            state_of(model).lazy = None
         # Selected layers a calibrated method does not reach (outside the decoder blocks: lm_head,
         # embeddings) are rounded to nearest with their scheme, as GPTQ/AWQ implementations do.
         rest = [n for n in selected if n not in modules and isinstance(get_module(model, n), (nn.Linear, nn.Embedding))]
@@ -112,14 +113,14 @@ def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: t
     cfg = getattr(model, "config", None)
     if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
         # A quantized head or embedding no longer shares its weight with the other.
-        from .models.arch import ARCHITECTURES
+        from .models.arch import ARCHITECTURES, GENERIC
 
         arch = ARCHITECTURES.get(getattr(cfg, "model_type", ""), None)
-        tied = set(arch.embeddings + arch.head) if arch else {"lm_head"}
+        tied = set(arch.embeddings + arch.head) if arch else set(GENERIC.head)
         if tied & set(modules):
             cfg.tie_word_embeddings = False
             _share_tied_codes(model, [n for n in (arch.embeddings + arch.head if arch else ()) if n in modules])
-    model.lowbit_quant = {"config": config, "modules": modules}
+    state_of(model).quant = QuantRecord(config, modules)
     return model
 
 

@@ -169,10 +169,11 @@ def quantize(
     api.quantize(m, config, tokenizer=tok)
     t_quant = time.time() - t0
     api.save(m, tok, out, overwrite=force)
+    from .core.state import state_of
     from .eval.size import weight_stats
 
     st = weight_stats(m)
-    print(f"quantized {len(m.lowbit_quant['modules'])} layers ({config.scheme.describe()}, {method}) "
+    print(f"quantized {len(state_of(m).quant.modules)} layers ({config.scheme.describe()}, {method}) "
           f"in {t_quant:.1f}s: {st['bpw']:.3f} bits/weight, {st['quantized_bytes'] / 2**20:.1f} MiB -> {out}",
           file=sys.stderr)
 

@@ -6,6 +6,8 @@ import os
 import time
 
 import pytest
+
+from lowbit.core.state import state_of
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -291,7 +293,7 @@ def test_a_sharded_folder_inside_itself_still_loads(tmp_path):
     for kw in ({}, {"lazy": True}):
         m, _ = load(d, **kw)
         if kw:
-            m.lowbit_lazy.materialize(m)
+            state_of(m).lazy.materialize(m)
         assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
 
 
@@ -356,7 +358,7 @@ def test_buffers_old_checkpoints_hold_load_as_transformers_loads_them(tmp_path, 
     save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
     model, _ = load(d, lazy=lazy)
     if lazy:
-        model.lowbit_lazy.materialize(model)
+        state_of(model).lazy.materialize(model)
     assert not any(p.is_meta for p in model.parameters())
 
 

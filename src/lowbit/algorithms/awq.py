@@ -27,7 +27,7 @@ from ..core.config import QuantConfig
 from ..core.gptq import Hessians
 from ..core.quant import compute_qparams, grouped, ungrouped
 from ..core.scheme import Scheme
-from ..models.arch import block_linears, scale_mappings, select_modules, set_module
+from ..models.arch import awq_clips, block_linears, scale_mappings, select_modules, set_module
 from ..nn.qlinear import QuantLinear
 from .gptq import gptq_linears, gptq_options
 from .registry import register_method
@@ -190,7 +190,7 @@ def awq_block(model: nn.Module, config: QuantConfig, selected: set[str], use_gpt
                        f"alpha {alpha:.2f} loss {loss:.4g}", file=sys.stderr)
         # 2. clipping search, then quantization
         for n, lin in linears.items():
-            if opts["awq_clip"] and not n.endswith(("q_proj", "k_proj")):  # as the reference: q/k are not clipped
+            if opts["awq_clip"] and awq_clips(model, n):  # as the reference: q/k are not clipped
                 lin.weight.copy_(search_clip(hess[n].H, lin.weight, config.scheme_for(n)))
         qts = gptq_linears(linears, hess, config, gopts) if use_gptq else {}
         done = {}

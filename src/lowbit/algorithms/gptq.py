@@ -14,7 +14,7 @@ from ..core.config import QuantConfig
 from ..core.gptq import Hessians, gptq_rows
 from ..core.quant import QTensor
 from ..core.scheme import Scheme
-from ..models.arch import block_linears, set_module
+from ..models.arch import block_linears, sequential_groups, set_module
 from ..nn.qlinear import QuantLinear
 from .registry import register_method
 
@@ -116,7 +116,7 @@ def gptq_block(model: nn.Module, config: QuantConfig, selected: set[str], staged
             for n, q in quantized.items():
                 set_module(model, n, q)
             return {n: q.scheme for n, q in quantized.items()}, outputs
-        groups = _sequential_groups(linears) if opts["true_sequential"] else [list(linears)]
+        groups = sequential_groups(model, list(linears)) if opts["true_sequential"] else [list(linears)]
         done = {}
         for names in groups:
             hess = Hessians({n: linears[n] for n in names})
@@ -127,19 +127,6 @@ def gptq_block(model: nn.Module, config: QuantConfig, selected: set[str], staged
         return done
 
     return process
-
-
-def _sequential_groups(linears: dict[str, nn.Module]) -> list[list[str]]:
-    """True-sequential order inside a block: attention inputs, attention output, MLP inputs, MLP output."""
-    order = [("q_proj", "k_proj", "v_proj", "qkv_proj"), ("o_proj",), ("gate_proj", "up_proj", "gate_up_proj"), ("down_proj",)]
-    groups, seen = [], set()
-    for suffixes in order:
-        g = [n for n in linears if n.rsplit(".", 1)[-1] in suffixes]
-        if g:
-            groups.append(g)
-            seen.update(g)
-    rest = [n for n in linears if n not in seen]
-    return groups + ([rest] if rest else [])
 
 
 @register_method("gptq")

@@ -32,6 +32,7 @@ from torch import nn
 from ..core.config import QuantConfig
 from ..core.quant import QTensor, compute_qparams, grouped, quantize_codes, ungrouped
 from ..core.scheme import Scheme
+from ..core.state import QuantRecord, state_of
 from ..errors import LowbitError
 from ..models.arch import get_module, select_modules, set_module
 from ..nn.qlinear import QuantLinear
@@ -178,7 +179,7 @@ def convert(model: nn.Module, config: QuantConfig) -> nn.Module:
             modules[name] = mod.scheme
     for p in model.parameters():
         p.requires_grad_(False)
-    model.lowbit_quant = {"config": config, "modules": modules}
+    state_of(model).quant = QuantRecord(config, modules)
     return model
 
 

@@ -6,6 +6,7 @@ from tqdm.auto import tqdm
 
 from ..core.config import QuantConfig
 from ..core.scheme import Scheme
+from ..core.state import state_of
 from ..errors import LowbitError
 from ..models.arch import get_module, select_modules, set_module
 from ..nn.qlinear import QuantEmbedding, QuantLinear
@@ -23,7 +24,7 @@ def quantize_module(mod: nn.Module, scheme: Scheme) -> nn.Module:
 def _float_module(model: nn.Module, name: str) -> nn.Module:
     """The module `name`, its float weights read from disk first when the model is loaded lazily (one
     layer in memory at a time: the quantized module replaces it and the float weights are freed)."""
-    lazy = getattr(model, "lowbit_lazy", None)
+    lazy = state_of(model).lazy
     if lazy is not None:
         lazy.materialize(model, prefix=name + ".")
     return get_module(model, name)

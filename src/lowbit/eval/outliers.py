@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models.arch import short_name
 from ..nn.qlinear import QuantLinear
 
 MEDIAN_TOKENS = 2048  # tokens per layer kept for the median
@@ -111,7 +112,7 @@ def plot_outliers(result: dict, path, top_dims: int = 12) -> None:
     a1.set_xlabel("linear layer (model order)")
     a1.legend(loc="upper left", fontsize=8)
     ticks = list(range(0, len(layers), max(1, len(layers) // 20)))
-    a1.set_xticks(ticks, [layers[i]["name"].replace("model.layers.", "L") for i in ticks], rotation=60, fontsize=6)
+    a1.set_xticks(ticks, [short_name(layers[i]["name"]) for i in ticks], rotation=60, fontsize=6)
     feats = [f for f in result["features"]][:top_dims]
     if feats:
         width = feats[0]["width"]

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..core.text import read_text
 from ..core.tokens import tokenize
+from ..core.state import state_of
 from ..errors import LowbitError
 from .size import weight_stats
 
@@ -78,7 +79,7 @@ def evaluate(
             agree += int((logp.argmax(-1) == logq.argmax(-1)).sum())
         for m, value in ((model, nll), (base, base_nll)):
             if m is not None and not math.isfinite(value):  # NaN/Inf weights or scales: no number to report
-                raise LowbitError(f"{getattr(m, 'lowbit_source', 'model')}: perplexity is {_exp(value / count)}: "
+                raise LowbitError(f"{state_of(m).source or 'model'}: perplexity is {_exp(value / count)}: "
                                   "the model's logits are not finite (NaN or Inf in its weights or scales)")
         bar.set_postfix(ppl=f"{_exp(nll / count):.3f}")
     out = {

@@ -26,12 +26,12 @@ from torch import nn
 
 from ..core.config import QuantConfig
 from ..core.scheme import Scheme
+from ..core.state import QuantRecord, state_of
 from ..core.version import __version__
 from ..errors import LowbitError
 from ..models.arch import set_module
-from ..nn.int8 import INT8_MODULES
-from ..nn.qlinear import QuantEmbedding, QuantLinear
 from ..core.io import atomic_path
+from ..nn.kinds import MODULE_KINDS
 
 WEIGHTS = "model.safetensors"
 
@@ -57,20 +57,15 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return out, aliases
 
 
-def quant_info(model: nn.Module) -> dict:
-    """What `quantize` recorded on the model: {"config": QuantConfig, "modules": {name: Scheme}}."""
-    return getattr(model, "lowbit_quant", None) or {"config": None, "modules": {}}
-
-
 def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    info = quant_info(model)
-    cfg: QuantConfig | None = info["config"]
-    modules: dict[str, Scheme] = info["modules"]
+    record = state_of(model).quant or QuantRecord(None, {})
+    cfg: QuantConfig | None = record.config
+    modules: dict[str, Scheme] = record.modules
     default = cfg.scheme if cfg is not None else None
     layers = {}
     for name, scheme in modules.items():
         mod = model.get_submodule(name)
-        entry = {"kind": "embedding" if isinstance(mod, QuantEmbedding) else getattr(mod, "kind", "linear")}
+        entry = {"kind": getattr(mod, "kind", "linear")}  # the on-disk kind names of nn/kinds.py
         if hasattr(mod, "entry"):
             entry.update(mod.entry())
         if scheme != default:
@@ -163,14 +158,9 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
             kind = entry.get("kind", "linear")
             if name in modules or not isinstance(old, (nn.Linear, nn.Embedding)):
                 raise LowbitError(f"{name!r} is not a float linear or embedding of the model")
-            if kind == "embedding":
-                new = QuantEmbedding(old.num_embeddings, old.embedding_dim, scheme, padding_idx=old.padding_idx, device="meta")
-            elif kind in INT8_MODULES:
-                new = INT8_MODULES[kind].from_entry(entry, old, scheme)
-            elif kind != "linear":
+            if kind not in MODULE_KINDS:
                 raise LowbitError(f"unknown layer kind {kind!r} of {name}")
-            else:
-                new = QuantLinear(old.in_features, old.out_features, scheme, bias=old.bias is not None, device="meta")
+            new = MODULE_KINDS[kind].from_entry(entry, old, scheme)
             new.rel_error = entry.get("rel_error")
             set_module(model, name, new)
             modules[name] = scheme
@@ -199,7 +189,7 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
         if t.is_meta:
             raise _bad(folder, f"tensor {n} was not stored")
     validate.check_scales(model, str(weights))
-    model.lowbit_quant = {"config": cfg, "modules": modules}
+    state_of(model).quant = QuantRecord(cfg, modules)
     if skeleton is not None:
         return model, None
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.state import state_of
 from ..models.loading import load_hf, resolve
 from .gguf.convert import gguf_to_cache
 from .checkpoint import load_checkpoint
@@ -35,5 +36,5 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32, la
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    model.lowbit_source = src.name
+    state_of(model).source = src.name
     return model, tok

@@ -1,8 +1,9 @@
 """Float models whose weights stay on disk until the part of the model that needs them is reached.
 
-    model, tok = lowbit.load(source, lazy=True)   # every parameter on the meta device; model.lowbit_lazy set
-    model.lowbit_lazy.materialize(model, "model.layers.3.")   # that block's tensors read from the safetensors
-    model.lowbit_lazy.materialize(model)          # everything still missing
+    model, tok = lowbit.load(source, lazy=True)   # every parameter on the meta device
+    lazy = state_of(model).lazy                   # this module's LazyWeights (core/state.py)
+    lazy.materialize(model, block_name + ".")     # that block's tensors read from the safetensors
+    lazy.materialize(model)                       # everything still missing
 
 Calibrated methods that go one decoder block at a time (calibration/sequential.py) materialize the parts
 outside the blocks first, then each block just before they quantize it; the float block is dropped when
@@ -17,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.state import state_of
 from ..errors import LowbitError
-from .safetensors_read import read_header, read_tensors
+from .safetensors_read import read_tensors
 
 
 class LazyWeights:
@@ -83,9 +85,10 @@ class LazyWeights:
 
 
 def load_lazy(folder: Path, dtype: torch.dtype, label: str):
-    """(model with meta weights and .lowbit_lazy, tokenizer) of a folder of safetensors. The folder is checked
-    first (models/validate.py: no custom code, config sizes against the tensor table), then every tensor the
-    files hold against the skeleton: a wrong shape or a missing weight fails here, not in the middle of a run."""
+    """(model with meta weights, tokenizer) of a folder of safetensors; the model's state_of(model).lazy reads
+    them. The folder is checked first (models/validate.py: no custom code, config sizes against the tensor
+    table), then every tensor the files hold against the skeleton: a wrong shape or a missing weight fails
+    here, not in the middle of a run."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -101,7 +104,7 @@ def load_lazy(folder: Path, dtype: torch.dtype, label: str):
         raise LowbitError(f"{label}: cannot load model lazily ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     table = without_ignored(model, table)
     check_skeleton(model, table, None, str(folder), implied_ties=True, uniform_floats=False)
-    model.lowbit_lazy = LazyWeights(folder, dtype, table)
+    state_of(model).lazy = LazyWeights(folder, dtype, table)
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception:

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.state import state_of
+from .arch import EMBEDDING_SUFFIXES, POSITION_SUFFIXES, STALE_BUFFERS
 from ..errors import LowbitError
 
 MAX_JSON_BYTES = 64 << 20  # config.json, tokenizer_config.json, the index: far above any real one
@@ -259,11 +261,11 @@ def check_config(conf: dict, table: dict[str, TensorInfo] | None, label: str) ->
                                   f"{len(found)} layers ({detail})")
     vocab = f.get("vocab_size")
     for name, info in table.items():
-        if name.endswith(("wpe.weight", "embed_positions.weight", "position_embeddings.weight")) and positions:
+        if name.endswith(POSITION_SUFFIXES) and positions:
             if len(info.shape) == 2 and not positions <= info.shape[0] <= positions + 2:  # (OPT: 2 more rows)
                 raise LowbitError(f"{label}: {key['max_position_embeddings']} is {positions}, but {name} has "
                                   f"{info.shape[0]} rows")
-        if name.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight")) and len(info.shape) == 2:
+        if name.endswith(EMBEDDING_SUFFIXES) and len(info.shape) == 2:
             if vocab is not None and info.shape[0] != vocab:
                 raise LowbitError(f"{label}: vocab_size is {vocab}, but {name} has {info.shape[0]} rows")
             projected = "word_embed_proj_dim" in conf or "embedding_size" in conf  # OPT-350m, ALBERT: [vocab, e]
@@ -350,8 +352,7 @@ def without_ignored(model: nn.Module, table: dict[str, TensorInfo]) -> dict[str,
     """The table without the stored tensors that transformers itself drops when it loads this model (its
     `_keys_to_ignore_on_load_unexpected` patterns; old checkpoints' rotary_emb.inv_freq and position_ids
     buffers), so that a lazy load accepts what an eager one does."""
-    patterns = [*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()),
-                r"rotary_emb\.inv_freq$", r"(^|\.)position_ids$"]
+    patterns = [*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()), *STALE_BUFFERS]
     names = set(model.state_dict(keep_vars=True))
     return {k: v for k, v in table.items() if k in names or not any(re.search(p, k) for p in patterns)}
 
@@ -404,5 +405,5 @@ def check_token_ids(ids: torch.Tensor, model: nn.Module) -> None:
     than vocab_size is refused with one line (not an IndexError deep in a forward)."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(vocab, int) and ids.numel() and int(ids.max()) >= vocab:
-        raise LowbitError(f"{getattr(model, 'lowbit_source', 'model')}: the tokenizer gives token id {int(ids.max())}, "
+        raise LowbitError(f"{state_of(model).source or 'model'}: the tokenizer gives token id {int(ids.max())}, "
                           f"but the model has {vocab} embeddings (tokenizer and weights do not belong together)")

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..core.state import state_of
 from ..errors import LowbitError
 
 RUNTIMES = ("auto", "lean", "transformers")
@@ -49,7 +50,7 @@ def check_logits(logits: torch.Tensor, model: nn.Module | None = None, masked: b
     masked: logits after transformers' processors, which set -inf where a token is ruled out."""
     bad = bool(torch.isnan(logits).any() or torch.isposinf(logits).any()) if masked else not bool(torch.isfinite(logits).all())
     if bad:
-        raise LowbitError(f"{getattr(model, 'lowbit_source', 'model')}: the model's logits are not finite "
+        raise LowbitError(f"{state_of(model).source or 'model'}: the model's logits are not finite "
                           "(NaN or Inf in its weights or scales)")
 
 
