@@ -9,7 +9,7 @@ from ..core.scheme import Scheme
 from ..errors import LowbitError
 from ..models.arch import get_module, select_modules, set_module
 from ..nn.qlinear import QuantEmbedding, QuantLinear
-from .registry import register_method
+from .registry import MethodSpec, register
 
 
 def quantize_module(mod: nn.Module, scheme: Scheme) -> nn.Module:
@@ -42,7 +42,6 @@ def replace_linears(model: nn.Module, config: QuantConfig, make, desc: str) -> d
     return done
 
 
-@register_method("rtn")
 def rtn(model: nn.Module, config: QuantConfig, ctx=None) -> dict[str, Scheme]:
     names = select_modules(model, config.include, config.exclude, tuple(config.overrides))
     done: dict[str, Scheme] = {}
@@ -51,3 +50,9 @@ def rtn(model: nn.Module, config: QuantConfig, ctx=None) -> dict[str, Scheme]:
         set_module(model, name, quantize_module(_float_module(model, name), scheme))
         done[name] = scheme
     return done
+
+
+SPEC = register(MethodSpec(
+    name="rtn", run=rtn, help="round to nearest, min/max scales, no data",
+    streams_blocks=True,  # one layer at a time
+))
