@@ -10,7 +10,7 @@ from ..core.state import state_of
 from ..errors import LowbitError
 from ..models.arch import get_module, select_modules, set_module
 from ..nn.qlinear import QuantEmbedding, QuantLinear
-from .registry import register_method
+from .registry import MethodSpec, register
 
 
 def quantize_module(mod: nn.Module, scheme: Scheme) -> nn.Module:
@@ -43,7 +43,6 @@ def replace_linears(model: nn.Module, config: QuantConfig, make, desc: str) -> d
     return done
 
 
-@register_method("rtn")
 def rtn(model: nn.Module, config: QuantConfig, ctx=None) -> dict[str, Scheme]:
     names = select_modules(model, config.include, config.exclude, tuple(config.overrides))
     done: dict[str, Scheme] = {}
@@ -52,3 +51,9 @@ def rtn(model: nn.Module, config: QuantConfig, ctx=None) -> dict[str, Scheme]:
         set_module(model, name, quantize_module(_float_module(model, name), scheme))
         done[name] = scheme
     return done
+
+
+SPEC = register(MethodSpec(
+    name="rtn", run=rtn, help="round to nearest, min/max scales, no data",
+    streams_blocks=True,  # one layer at a time
+))
