@@ -75,6 +75,9 @@ def gguf_to_cache(path: Path) -> Path:
             f"weights of the wrong shape for {', '.join(str(m) for m in mismatched[:3])}"
         raise LowbitError(f"{path}: GGUF model refused ({what}{' ...' if len(missing or mismatched) > 3 else ''}: "
                           "those would be random)")
+    bad = next((n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:  # e.g. a block type changed in the header: its bytes decode to NaN/Inf scales
+        raise LowbitError(f"{path}: GGUF model refused ({bad} holds NaN or Inf after dequantization)")
     # The weights are plain floats now: drop the GGUF quantizer so the model saves as a normal one.
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
