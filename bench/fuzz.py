@@ -3,8 +3,8 @@
     python bench/fuzz.py --cases 2000 [--seed 1] [--jobs 2] [--timeout 60] [--big] [--work DIR] [--keep]
 
 Prints one JSON object: cases by target, exit codes, crashes (signals), other exit codes, tracebacks, hangs,
-over-cap peaks, leftovers, random-weight loads, error-line and OUT-rule violations, the failures expected
-until branch harden-a lands (by finding), and up to 40 unexpected findings. --big adds 4-8 MB texts.
+over-cap peaks, leftovers, random-weight loads, error-line and OUT-rule violations, failures by area, and up
+to 40 findings. --big adds 4-8 MB texts.
 """
 from __future__ import annotations
 

@@ -47,16 +47,8 @@ EVAL = ["--seqlen", "32", "--limit-tokens", "96", "--json"]
 GEN = ["--prompt", "The quick", "--max-new-tokens", "4"]
 UNICODE = "Naïve café — 日本語のテキスト, emojis 🙂🚀 and combining e\u0301.\n"
 
-# harden-a's list: failures of cases in these areas are expected until that branch lands (xfail, reason named)
-HARDEN_A = {
-    "ckpt-tensors": "harden-a: aliases/shape/dtype validation of checkpoint tensors",
-    "config-dims": "harden-a: config dimension bombs",
-    "hf-weights": "harden-a: HF loads with missing weights",
-    "index-paths": "harden-a: index paths",
-    "lazy-sizes": "harden-a: lazy reader sizes",
-    "remote-code": "harden-a: trust_remote_code",
-    "native": "harden-a: native library",
-}
+# the area of a case (for the summary): what part of the loaders it attacks
+AREAS = ("mine", "ckpt-tensors", "config-dims", "hf-weights", "index-paths", "lazy-sizes", "remote-code", "native")
 
 DIM_KEYS = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "vocab_size", "head_dim", "max_position_embeddings"}
@@ -76,7 +68,7 @@ class Case:
     mutation: str
     argv: list
     strict: bool = True  # exit 0 must reproduce the reference output
-    area: str = "mine"  # "mine" or a key of HARDEN_A
+    area: str = "mine"  # one of AREAS
     ref: str | None = None  # reference key ("eval:ckpt", ...)
     out: str | None = None  # OUT (relative to the case folder), allowed to exist after exit 0
     out_kind: str | None = None  # checkpoint | gguf | png
@@ -942,14 +934,11 @@ class Campaign:
         if code == 0 and c.out and not os.path.lexists(d / c.out):
             problems.append("no_output")
         area = c.area
-        if c.command == "generate" and reply["signal"] is not None and area in HARDEN_A:
+        if c.command == "generate" and reply["signal"] is not None:
             area = "native"  # the lean decoder's C kernels crashed on what the loader accepted
-        expected = None
-        if problems and area in HARDEN_A and not {"leftover", "input_changed", "no_output"} & set(problems):
-            expected = HARDEN_A[area]
         return {"id": c.id, "target": c.target, "command": c.command, "mutation": c.mutation, "code": code,
                 "signal": reply["signal"], "timed_out": reply["timed_out"], "peak_rss": reply["peak_rss"],
-                "seconds": reply["seconds"], "problems": problems, "expected_failure": expected,
+                "seconds": reply["seconds"], "problems": problems, "area": area,
                 "error": errors[-1][:300] if errors else None,
                 "stderr_tail": err[-600:] if problems else None, "gguf_sha": c.gguf_sha, "leftovers": left[:5]}
 
@@ -995,17 +984,15 @@ def summarize(results: list[dict], seconds: float) -> dict:
     def count(pred):
         return sum(1 for r in results if pred(r))
 
-    by_target, exits, expected, findings = {}, {}, {}, []
+    by_target, exits, by_area, findings = {}, {}, {}, []
     for r in results:
         by_target[r["target"]] = by_target.get(r["target"], 0) + 1
         k = "timeout" if r["timed_out"] else f"signal {r['signal']}" if r["signal"] is not None else str(r["code"])
         exits[k] = exits.get(k, 0) + 1
         if r["problems"]:
-            if r["expected_failure"]:
-                expected[r["expected_failure"]] = expected.get(r["expected_failure"], 0) + 1
-            else:
-                findings.append({k: r[k] for k in ("id", "target", "command", "mutation", "problems", "error",
-                                                   "stderr_tail")})
+            by_area[r["area"]] = by_area.get(r["area"], 0) + 1
+            findings.append({k: r[k] for k in ("id", "target", "command", "mutation", "problems", "error",
+                                               "stderr_tail")})
     has = lambda name: (lambda r: any(p.startswith(name) for p in r["problems"]))  # noqa: E731
     return {
         "cases": len(results), "seconds": round(seconds, 1), "cases_per_s": round(len(results) / max(seconds, 1e-9), 2),
@@ -1019,7 +1006,6 @@ def summarize(results: list[dict], seconds: float) -> dict:
         "cached_refused_gguf": count(has("cached_refused")),
         "peak_rss_max_mb": round(max((r["peak_rss"] for r in results), default=0) / 2 ** 20),
         "failures": count(lambda r: bool(r["problems"])),
-        "expected_failures_harden_a": expected,
-        "unexpected_failures": len(findings),
+        "failures_by_area": by_area,
         "findings": findings[:40],
     }

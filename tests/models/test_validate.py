@@ -284,6 +284,16 @@ def test_index_paths_stay_inside_the_model_folder(tmp_path, lazy, how):
     refused(d, rf"model\.safetensors\.index\.json: '.*' {match}", lazy=lazy)
 
 
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+@pytest.mark.parametrize("name", ["a" * 5000, "d/" + "b" * 300 + ".safetensors"], ids=["5000", "component-300"])
+def test_index_file_names_longer_than_the_file_system_allows_are_refused(tmp_path, lazy, name):
+    """Fuzz finding: a 5,000-character name in weight_map raised OSError ENAMETOOLONG (exit 1)."""
+    d = hf_folder(tmp_path)
+    shard(d, name)
+    refused(d, r"model\.safetensors\.index\.json: '.*'\.\.\. is not a file name \(longer than the file system allows\)",
+            lazy=lazy)
+
+
 def test_a_sharded_folder_inside_itself_still_loads(tmp_path):
     d = hf_folder(tmp_path)
     t = tensors(d / "model.safetensors")

@@ -128,6 +128,8 @@ def _inside(folder: Path, name, label: str) -> Path:
     """folder/name, refused unless it is a relative path that stays inside the folder (symlinks resolved)."""
     if not isinstance(name, str) or not name or "\0" in name:
         raise LowbitError(f"{label}: {name!r} is not a file name")
+    if len(name) > 4096 or any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in Path(name).parts):
+        raise LowbitError(f"{label}: {name[:40]!r}... is not a file name (longer than the file system allows)")
     if os.path.isabs(name) or ".." in Path(name).parts:
         raise LowbitError(f"{label}: {name!r} points outside the model folder")
     path = folder / name
