@@ -121,3 +121,36 @@ def test_tied_head_and_embedding_quantized_alike_share_their_codes(tiny, tmp_pat
     loaded, _ = lowbit.load(tmp_path / "c")
     assert loaded.lm_head.qweight.data_ptr() == loaded.model.embed_tokens.qweight.data_ptr()
     assert torch.equal(loaded(x).logits, before)
+
+
+def _saved(tiny, tmp_path):
+    m, tok = tiny
+    lowbit.quantize(m, QuantConfig(method="rtn", scheme=Scheme(4, False, "group", 32)))
+    lowbit.save(m, tok, tmp_path / "q")
+    return tmp_path / "q"
+
+
+def test_a_scheme_edited_in_place_is_refused(tiny, tmp_path):
+    """Fuzz finding: group_size 32 -> 33 keeps the scales' shape (ceil(72/33) = ceil(72/32)) and loaded as other
+    weights with exit 0; the table's checksum refuses it."""
+    q = _saved(tiny, tmp_path)
+    conf = json.loads((q / "config.json").read_text())
+    conf["quantization_config"]["scheme"]["group_size"] = 33
+    (q / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(LowbitError, match=r"quantization_config does not match its checksum \(table_sha256\)"):
+        lowbit.load(q)
+
+
+@pytest.mark.parametrize("value", ["0.01", float("nan"), -1.0, True, [0.1]])
+def test_a_bad_rel_error_is_refused(tiny, tmp_path, value):
+    """Fuzz finding: a string rel_error loaded, then `inspect` failed formatting it (exit 1)."""
+    from lowbit.formats.checkpoint import table_sha256
+
+    q = _saved(tiny, tmp_path)
+    conf = json.loads((q / "config.json").read_text())
+    qc = conf["quantization_config"]
+    qc["layers"][next(iter(qc["layers"]))]["rel_error"] = value
+    qc["table_sha256"] = table_sha256(qc)
+    (q / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(LowbitError, match="rel_error of .* not a finite number"):
+        lowbit.load(q)

@@ -127,10 +127,26 @@ def _st_build(header: dict, body: bytes) -> bytes:
 
 
 def _resha(folder: Path) -> None:
+    """Recompute the checkpoint's checksums as lowbit writes them (an edit that keeps them consistent)."""
+    from lowbit.formats.checkpoint import table_sha256
+
     cfg = folder / "config.json"
     conf = json.loads(cfg.read_text())
-    conf["quantization_config"]["weights_sha256"] = _sha(folder / "model.safetensors")
+    qc = conf["quantization_config"]
+    qc["weights_sha256"] = _sha(folder / "model.safetensors")
+    qc["table_sha256"] = table_sha256(qc)
     cfg.write_text(json.dumps(conf, indent=2))
+
+
+def _resign_table(folder: Path) -> None:
+    from lowbit.formats.checkpoint import table_sha256
+
+    cfg = folder / "config.json"
+    conf = json.loads(cfg.read_text())
+    qc = conf.get("quantization_config")
+    if isinstance(qc, dict):
+        qc["table_sha256"] = table_sha256(qc)
+        cfg.write_text(json.dumps(conf, indent=2))
 
 
 def _json_paths(obj, prefix=()):
@@ -681,12 +697,20 @@ class Campaign:
                 conf = json.loads((m / "config.json").read_text())
                 favour = [(k,) for k in DIM_KEYS] + [("tie_word_embeddings",), ("model_type",)] + [
                     ("quantization_config", k) for k in ("quant_method", "method", "scheme", "layers", "aliases",
-                                                         "weights_sha256")] + [
+                                                         "weights_sha256", "table_sha256")] + [
                     ("quantization_config", "scheme", k) for k in ("bits", "group_size", "granularity", "symmetric")]
                 desc, path = _mutate_json(conf, r, favour)
                 (m / "config.json").write_text(json.dumps(conf, indent=2))
-                c.mutation = "config.json " + desc
                 c.strict = path[0] not in SEMANTIC_CFG
+                if path[0] == "quantization_config" and r.random() < 0.5:
+                    # the table's checksum recomputed: the edit reaches the validation behind it. A scheme
+                    # edited consistently is another valid model (a group size of 33 for 32 keeps the scales'
+                    # shape), so its output may differ; it must still load or be refused cleanly.
+                    _resign_table(m)
+                    desc += " (table checksum updated)"
+                    if len(path) > 1 and path[1] in ("scheme", "layers", "overrides", "options", "method"):
+                        c.strict = False
+                c.mutation = "config.json " + desc
                 if path[0] in DIM_KEYS:
                     c.area = "config-dims"
                 elif path[:2] in (("quantization_config",), ("quantization_config", "quant_method")):

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 import lowbit
 from lowbit import QuantConfig, Scheme
 from lowbit.errors import LowbitError
+from lowbit.formats.checkpoint import table_sha256
 from lowbit.api import load
 from tests.conftest import make_tiny_llama, make_tokenizer
 
@@ -38,6 +39,9 @@ def rewrite(ckpt, edit_tensors=None, edit_qc=None, edit_conf=None):
         edit_qc(conf["quantization_config"])
     if edit_conf is not None:
         edit_conf(conf)
+    qc = conf.get("quantization_config")
+    if isinstance(qc, dict):
+        qc["table_sha256"] = table_sha256(qc)  # as checkpoint.py computes it: the checks behind it are tested
     (ckpt / "config.json").write_text(json.dumps(conf))
 
 

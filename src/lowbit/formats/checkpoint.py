@@ -84,6 +84,7 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, overwri
             "aliases": aliases,
             "weights_sha256": _sha256(tmp / WEIGHTS),
         }
+        qc["table_sha256"] = table_sha256(qc)
         conf = model.config.to_dict()
         conf["quantization_config"] = qc
         (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
@@ -96,6 +97,14 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, overwri
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return Path(out)
+
+
+def table_sha256(qc: dict) -> str:
+    """sha256 of the quantization table (method, schemes, layers, aliases, weights checksum): the config.json
+    half of what weights_sha256 is for the tensors. A scheme edited in place (a group size of 33 for 32 gives
+    scales of the same shape) would otherwise load as other weights."""
+    body = {k: v for k, v in qc.items() if k != "table_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _bad(folder: Path, why: str) -> LowbitError:
@@ -131,6 +140,8 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
     try:
         conf = validate.read_json(folder / "config.json")
         qc = conf.pop("quantization_config")
+        if qc.get("table_sha256") != table_sha256(qc):
+            raise LowbitError("quantization_config does not match its checksum (table_sha256): edited or corrupt")
         cfg = QuantConfig.from_dict(qc) if qc.get("method", "none") != "none" else None
         model_type = conf.pop("model_type")
     except (ValueError, KeyError, TypeError, AttributeError, LowbitError) as e:
@@ -161,7 +172,11 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
             if kind not in MODULE_KINDS:
                 raise LowbitError(f"unknown layer kind {kind!r} of {name}")
             new = MODULE_KINDS[kind].from_entry(entry, old, scheme)
-            new.rel_error = entry.get("rel_error")
+            rel = entry.get("rel_error")
+            if rel is not None and (isinstance(rel, bool) or not isinstance(rel, (int, float))
+                                    or not 0 <= rel < float("inf")):
+                raise LowbitError(f"rel_error of {name} is {rel!r}, not a finite number >= 0")
+            new.rel_error = None if rel is None else float(rel)
             set_module(model, name, new)
             modules[name] = scheme
     except (AttributeError, KeyError, TypeError, ValueError, LowbitError) as e:
