@@ -3,7 +3,7 @@
     config.json          the model's config + "quantization_config" (quant_method "lowbit"):
                          method, default scheme, per-layer schemes where they differ,
                          include/exclude, seed, options, lowbit version, checksum
-    model.safetensors    float tensors as they are; per quantized module `<name>.qweight`
+    lowbit.safetensors   float tensors as they are; per quantized module `<name>.qweight`
                          (packed codes), `<name>.scales`, `<name>.qzeros` (asymmetric)
     tokenizer files, generation_config.json
 
@@ -33,7 +33,11 @@ from ..nn.int8 import INT8_MODULES
 from ..nn.qlinear import QuantEmbedding, QuantLinear
 from .io import atomic_path
 
-WEIGHTS = "model.safetensors"
+# Not model.safetensors: transformers, vLLM and the other engines, which cannot run these tensors, then find no
+# weights and refuse the folder, instead of filling the model with random weights (checkpoints written before
+# this change, with model.safetensors, still load here).
+WEIGHTS = "lowbit.safetensors"
+LEGACY_WEIGHTS = "model.safetensors"
 
 
 def _sha256(path: Path) -> str:
@@ -134,6 +138,8 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
     except (OSError, ValueError, KeyError, TypeError, LowbitError) as e:
         raise _bad(folder, f"config.json: {e}") from None
     weights = folder / WEIGHTS
+    if not weights.is_file() and (folder / LEGACY_WEIGHTS).is_file():
+        weights = folder / LEGACY_WEIGHTS
     if not weights.is_file():
         raise _bad(folder, f"{WEIGHTS} is missing")
     if _sha256(weights) != qc.get("weights_sha256"):

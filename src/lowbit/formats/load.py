@@ -11,6 +11,7 @@ import torch
 
 from ..models.loading import gguf_to_cache, load_hf, resolve
 from .checkpoint import load_checkpoint
+from .export import foreign_source, load_foreign
 
 
 def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32, lazy: bool = False, skeleton=None):
@@ -22,7 +23,10 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32, la
     from ..models.lazy import can_load_lazily, load_lazy
 
     src = resolve(source)
-    if src.kind == "lowbit":
+    foreign = foreign_source(src)
+    if foreign:  # a compressed-tensors, GPTQ or AWQ folder: its codes go into lowbit's modules as they are
+        model, tok = load_foreign(src.location, foreign, dtype, skeleton=skeleton)
+    elif src.kind == "lowbit":
         model, tok = load_checkpoint(src.location, skeleton=skeleton)
     elif src.kind == "gguf":
         folder = gguf_to_cache(Path(src.location))
