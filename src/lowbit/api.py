@@ -136,4 +136,12 @@ def save(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite: bool = 
     return save_checkpoint(model, tokenizer, out, overwrite=overwrite)
 
 
-__all__ = ["QuantConfig", "evaluate", "generate", "load", "quantize", "save"]
+def export(model: nn.Module, tokenizer, out: str | os.PathLike, format: str, dtype: str | None = None,
+           overwrite: bool = False, **gguf_options) -> dict:
+    """Write `model` in an engine's format: compressed-tensors, gptq, awq or gguf (formats/export.py)."""
+    from .formats.export import export_model
+
+    return export_model(model, tokenizer, out, format, dtype=dtype, overwrite=overwrite, **gguf_options)
+
+
+__all__ = ["QuantConfig", "evaluate", "export", "generate", "load", "quantize", "save"]

@@ -84,7 +84,7 @@ def pack_int32_reference(rows: list[list[int]], bits: int) -> list[list[int]]:
 # -- export -----------------------------------------------------------------------------------------------
 
 def _weight_args(lin: IntLinear, cols: int, actorder: str | None) -> dict:
-    channel = lin.group >= cols
+    channel = lin.channel
     return {"num_bits": lin.bits, "type": "int", "symmetric": lin.symmetric,
             "strategy": "channel" if channel else "group", "group_size": None if channel else lin.group,
             "dynamic": False, "actorder": actorder if not channel else None, "block_structure": None,
@@ -292,7 +292,8 @@ def load_compressed_tensors(folder: str | os.PathLike, dtype: torch.dtype = torc
                 zeros = torch.full((out_f, G), 1 << (bits - 1), dtype=torch.int32)
             else:
                 zeros = unpack_int32(tensors.get(f"{n}.weight_zero_point").T.contiguous(), bits, out_f).T.contiguous()
-            lin = IntLinear(n, bits, bool(w.get("symmetric", True)), group, u, scales, zeros, bias)
+            lin = IntLinear(n, bits, bool(w.get("symmetric", True)), group, u, scales, zeros, bias,
+                            channel=strategy == "channel")
             m = quant_linear(lin, scheme_of(lin, scales.dtype), dtype)
             used |= {key, f"{n}.weight_scale", f"{n}.weight_zero_point", f"{n}.weight_shape", f"{n}.weight_g_idx",
                      f"{n}.bias"}

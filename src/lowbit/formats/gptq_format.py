@@ -224,7 +224,8 @@ def load_gptq(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, ske
             raise LowbitError(f"{folder}: {n}: zero points outside 0..{(1 << bits) - 1} (a v1 zero point of 0 "
                               "that the format cannot hold)")
         sym = not awq and bool(qc.get("sym", True)) and bool((z == 1 << (bits - 1)).all())
-        lin = IntLinear(n, bits, sym, g, u, scales, z, tensors.get(f"{n}.bias") if f"{n}.bias" in tensors else None)
+        lin = IntLinear(n, bits, sym, g, u, scales, z, tensors.get(f"{n}.bias") if f"{n}.bias" in tensors else None,
+                        channel=group == -1)
         m = quant_linear(lin, scheme_of(lin, scales.dtype), dtype)
         quantized[n], schemes[n] = m, m.scheme
         used |= {f"{n}.{k}" for k in ("qweight", "qzeros", "scales", "g_idx", "bias")}

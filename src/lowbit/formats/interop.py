@@ -47,6 +47,7 @@ class IntLinear:
     scales: torch.Tensor
     zeros: torch.Tensor
     bias: torch.Tensor | None
+    channel: bool = False  # one scale per row (the formats' "channel" strategy, group_size -1)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -75,13 +76,14 @@ def int_linear(name: str, mod: QuantLinear) -> IntLinear:
         if zeros.shape[0] != out:
             zeros = zeros.expand(out, G).contiguous()
     b = mod.bias.detach() if mod.bias is not None else None
-    return IntLinear(name, s.bits, s.symmetric, s.group_len(cols), u, scales.detach(), zeros, b)
+    return IntLinear(name, s.bits, s.symmetric, s.group_len(cols), u, scales.detach(), zeros, b,
+                     channel=s.granularity != "group")
 
 
 def scheme_of(lin: IntLinear, scale_dtype: torch.dtype) -> Scheme:
     cols = lin.shape[1]
     name = next(k for k, v in DTYPES.items() if v == scale_dtype)
-    if lin.group >= cols:
+    if lin.channel:
         return Scheme(bits=lin.bits, symmetric=lin.symmetric, granularity="channel", scale_dtype=name)
     return Scheme(bits=lin.bits, symmetric=lin.symmetric, granularity="group", group_size=lin.group, scale_dtype=name)
 
@@ -107,7 +109,7 @@ def divisor_hint(cols: int) -> str:
 
 def check_group(name: str, mod: QuantLinear, fmt: str) -> None:
     s = mod.scheme
-    if s.granularity == "group" and mod.in_features % s.group_size and s.group_size < mod.in_features:
+    if s.granularity == "group" and mod.in_features % s.group_size:
         raise LowbitError(f"{fmt}: {name} has in_features {mod.in_features}, not a multiple of group size "
                           f"{s.group_size} (engines need whole groups); quantize with --group-size "
                           f"{divisor_hint(mod.in_features)}")
