@@ -40,7 +40,7 @@ def run_vllm(model: str, tokens: dict, new_tokens: int) -> dict:
     ev, prompt = tokens["eval"], tokens["prompt"][0].tolist()
     t0 = time.perf_counter()
     llm = LLM(model=model, dtype="float32", max_model_len=max(ev.shape[1], len(prompt) + new_tokens) + 8,
-              enforce_eager=True, seed=0)
+              enforce_eager=True, seed=0, gpu_memory_utilization=0.15)  # on CPU: the share of RAM reserved
     load_s = time.perf_counter() - t0
     sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
     outs = llm.generate([TokensPrompt(prompt_token_ids=w.tolist()) for w in ev], sp, use_tqdm=False)

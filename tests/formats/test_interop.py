@@ -314,3 +314,24 @@ def test_transformers_loads_the_compressed_tensors_export(tmp_path, scheme):
     lowbit.api.export(model, tok, tmp_path / "ct", "compressed-tensors", dtype="float32")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
     torch.testing.assert_close(hf(X).logits, ref, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_lean_runtime_decodes_an_export(tmp_path, fmt):
+    """A folder in an engine's format loads into the lean skeleton too (no transformers model class) and
+    decodes with the same logits as the transformers-built model of the same folder."""
+    from lowbit.runtime.decoder import LeanDecoder
+    from lowbit.runtime.lean import LeanCausalLM
+
+    model, tok = quantized(Scheme(4, True, "group", 32))
+    lowbit.api.export(model, tok, tmp_path / "e", fmt)
+    full, _ = lowbit.load(tmp_path / "e")
+    lean, _ = lowbit.load(tmp_path / "e", lean=True)
+    assert isinstance(lean, LeanCausalLM)
+    ids = torch.arange(1, 11)
+
+    def run(m):
+        dec = LeanDecoder(m, max_len=16)
+        return torch.cat([dec.forward(ids[:4])] + [dec.forward(ids[t: t + 1]) for t in range(4, len(ids))])
+
+    assert torch.equal(run(lean), run(full))
