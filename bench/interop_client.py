@@ -135,7 +135,8 @@ def run_gptqmodel(model: str, tokens: dict, new_tokens: int) -> dict:
     from gptqmodel import BACKEND, GPTQModel
 
     t0 = time.perf_counter()
-    m = GPTQModel.load(model, backend=BACKEND.TORCH, device="cpu", dtype=torch.float32)
+    # GPTQModel's TorchLinear runs float16/bfloat16 only (it refuses float32): its figures are in bfloat16
+    m = GPTQModel.load(model, backend=BACKEND.TORCH, device="cpu", dtype=torch.bfloat16)
     load_s = time.perf_counter() - t0
     inner = getattr(m, "model", m)
     return {**hf_scores(inner, tokens, new_tokens), "load_s": load_s,
