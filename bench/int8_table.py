@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lowbit  # noqa: E402
 from common import log, report  # noqa: E402
+from lowbit.algorithms.registry import CalibOptions, get_spec  # noqa: E402
 from lowbit.core.text import read_text  # noqa: E402
 from lowbit.core.tokens import tokenize  # noqa: E402
 from lowbit.nn.int8 import W8_CHANNEL, W8_TENSOR  # noqa: E402
@@ -81,7 +82,8 @@ def main() -> None:
         m = copy.deepcopy(base)
         t0 = time.perf_counter()
         if method is not None:
-            opts = dict(options, nsamples=args.nsamples, calib_seqlen=args.calib_seqlen)
+            calibrated = issubclass(get_spec(method).options, CalibOptions)  # unknown option keys are refused
+            opts = dict(options, nsamples=args.nsamples, calib_seqlen=args.calib_seqlen) if calibrated else options
             lowbit.quantize(m, lowbit.QuantConfig(method=method, scheme=scheme, options=opts,
                                                           include=include), tokenizer=tok)
         t_q = time.perf_counter() - t0

@@ -24,6 +24,7 @@ from common import log, report  # noqa: E402
 from lowbit.algorithms.qat import BlockConfig, TrainConfig  # noqa: E402
 from lowbit.core.config import QuantConfig  # noqa: E402
 from lowbit.core.scheme import Scheme  # noqa: E402
+from lowbit.core.state import state_of  # noqa: E402
 from lowbit.workflows.qat import run  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def main() -> None:
         del m, fp
         if args.init != "rtn":
             m, tok = lowbit.load(args.init)
-            score(f"PTQ init ({m.lowbit_quant['config'].method})", m, tok)
+            score(f"PTQ init ({state_of(m).quant.config.method})", m, tok)
             del m
 
     name = (f"QAT{' block-wise' if args.block_epochs else ''} from {'RTN' if args.init == 'rtn' else 'PTQ'}"

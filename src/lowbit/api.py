@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .algorithms.registry import CalibOptions, resolve
 from .core.config import QuantConfig
+from .core.state import QuantRecord, state_of
 from .errors import LowbitError
 from .eval.perplexity import evaluate
 from .formats.checkpoint import save_checkpoint
@@ -20,9 +22,9 @@ from .runtime.lean import lean_skeleton
 class QuantContext:
     """What a method may need beyond the model: the tokenizer and calibration windows.
 
-    Calibration settings come from config.options: "calib" (text file; default
-    WikiText-2 valid), "nsamples" (128), "calib_seqlen" (512); windows are drawn
-    with config.seed. They are tokenized only if a method asks.
+    Calibration settings are the method's typed options (algorithms.registry.CalibOptions: calib, the text
+    file, default WikiText-2 valid; nsamples; calib_seqlen); windows are drawn with config.seed, only if the
+    method asks, and what was drawn is recorded in the options ("calibration").
     """
 
     def __init__(self, config: QuantConfig, tokenizer=None, calib_ids: torch.Tensor | None = None) -> None:
@@ -30,21 +32,19 @@ class QuantContext:
 
     def calib_ids(self) -> torch.Tensor:
         if self._ids is None:
+            from dataclasses import replace
+
             from .calibration.data import calibration_ids
 
+            o = self.config.options
+            if not isinstance(o, CalibOptions):
+                raise LowbitError(f"method {self.config.method!r} has no calibration options")
             if self.tokenizer is None:
                 raise LowbitError(f"method {self.config.method!r} needs calibration text: pass the tokenizer")
-            o = self.config.options
-            self._ids, info = calibration_ids(self.tokenizer, o.get("calib"), nsamples=o.get("nsamples", 128),
-                                              seqlen=o.get("calib_seqlen", 512), seed=self.config.seed)
-            o["calibration"] = info
+            self._ids, info = calibration_ids(self.tokenizer, o.calib, nsamples=o.nsamples, seqlen=o.calib_seqlen,
+                                              seed=self.config.seed)
+            self.config.options = replace(o, calibration=info)
         return self._ids
-
-
-# methods that read the decoder blocks' float weights as they reach them (calibration/sequential.layer_sequential
-# one block at a time; rtn and the uncalibrated int8 methods one layer at a time): with a lazily loaded model
-# the other blocks stay on disk meanwhile
-STREAMS_BLOCKS = ("gptq", "awq", "awq+gptq", "rtn", "w8a8", "llm-int8")
 
 
 def _share_tied_codes(model: nn.Module, names: list[str]) -> None:
@@ -71,31 +71,34 @@ def _share_tied_codes(model: nn.Module, names: list[str]) -> None:
 def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: torch.Tensor | None = None) -> nn.Module:
     """Quantize `model` in place with `config.method`; returns the model.
 
+    The config is checked against its method's spec first, in place (algorithms.registry.resolve): the
+    method's default scheme where none is set, the scheme accepted, config.options typed and validated.
     Calibrated methods (gptq, ...) draw windows of calibration text with the
     tokenizer, or take `calib_ids` [nsamples, seqlen] directly. The float weights
     of the quantized layers are released; what was done is recorded in
-    `model.lowbit_quant` and written into checkpoints by `save`.
+    `state_of(model).quant` (core/state.py) and written into checkpoints by `save`.
     """
-    if getattr(model, "lowbit_quant", None) and model.lowbit_quant.get("modules"):
+    if state_of(model).quant is not None and state_of(model).quant.modules:
         raise LowbitError("model is already quantized")
-    from .algorithms.registry import get_method
     from .models.arch import get_module, select_modules, set_module
 
-    handler = get_method(config.method)
+    spec = resolve(config, preflight=calib_ids is None)
+    if spec.needs_calibration(config.options) and calib_ids is None and tokenizer is None:
+        raise LowbitError(f"method {spec.name!r} needs calibration text: pass the tokenizer (or calib_ids)")
     torch.manual_seed(config.seed)
     selected = select_modules(model, config.include, config.exclude, tuple(config.overrides))
-    lazy = getattr(model, "lowbit_lazy", None)  # float weights still on disk (models/lazy.py)
+    lazy = state_of(model).lazy  # float weights still on disk (models/lazy.py)
     if lazy is not None:
         from .models.arch import find_blocks
 
         # block-sequential methods read each block when they reach it; the rest needs everything now
-        skip = tuple(n + "." for n, _ in find_blocks(model)) if config.method in STREAMS_BLOCKS else ()
+        skip = tuple(n + "." for n, _ in find_blocks(model)) if spec.streams_blocks else ()
         lazy.materialize(model, skip=skip)
     with torch.no_grad():
-        modules = handler(model, config, QuantContext(config, tokenizer, calib_ids))
+        modules = spec.run(model, config, QuantContext(config, tokenizer, calib_ids))
         if lazy is not None:
             lazy.materialize(model)  # what the method released or never reached
-            del model.lowbit_lazy
+            state_of(model).lazy = None
         # Selected layers a calibrated method does not reach (outside the decoder blocks: lm_head,
         # embeddings) are rounded to nearest with their scheme, as GPTQ/AWQ implementations do.
         rest = [n for n in selected if n not in modules and isinstance(get_module(model, n), (nn.Linear, nn.Embedding))]
@@ -112,14 +115,14 @@ def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: t
     cfg = getattr(model, "config", None)
     if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
         # A quantized head or embedding no longer shares its weight with the other.
-        from .models.arch import ARCHITECTURES
+        from .models.arch import ARCHITECTURES, GENERIC
 
         arch = ARCHITECTURES.get(getattr(cfg, "model_type", ""), None)
-        tied = set(arch.embeddings + arch.head) if arch else {"lm_head"}
+        tied = set(arch.embeddings + arch.head) if arch else set(GENERIC.head)
         if tied & set(modules):
             cfg.tie_word_embeddings = False
             _share_tied_codes(model, [n for n in (arch.embeddings + arch.head if arch else ()) if n in modules])
-    model.lowbit_quant = {"config": config, "modules": modules}
+    state_of(model).quant = QuantRecord(config, modules)
     return model
 
 

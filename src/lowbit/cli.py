@@ -5,8 +5,10 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
+from inspect import Parameter, Signature
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 
@@ -48,133 +50,242 @@ def _options(
     pass
 
 
-@app.command()
-def quantize(
-    model: str = typer.Argument(..., help=MODEL_HELP),
-    out: Path = typer.Argument(..., help="Output checkpoint folder (written atomically)."),
-    method: str = typer.Option("rtn", help="Quantization method."),
-    bits: Optional[int] = typer.Option(None, help="Bits per weight, 2..8 [default: 4; 8 for w8a8/llm-int8]."),
-    group_size: Optional[int] = typer.Option(
-        None, help="Columns per scale; -1 = per output channel [default: 128; -1 for w8a8/llm-int8]."),
-    per_tensor: bool = typer.Option(False, help="One weight scale for the whole tensor (w8a8: the naive scheme)."),
-    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (z = 0) or asymmetric (zero point) grid."),
-    include: List[str] = typer.Option([], help="Regex of layers to quantize (repeatable; default: decoder linears)."),
-    exclude: List[str] = typer.Option([], help="Regex of layers to keep in float (repeatable)."),
-    override: List[str] = typer.Option([], help="PATTERN=BITS[/GROUP][/sym|asym]: another scheme for the layers "
-                                                "matching PATTERN, which are quantized too (e.g. 'lm_head=8/-1'; "
-                                                "outside the decoder blocks: rounded to nearest). Repeatable."),
-    seed: int = typer.Option(0, help="Random seed (calibration windows), recorded in the checkpoint."),
-    calib: Optional[Path] = typer.Option(None, help="Calibration text (default: WikiText-2 valid; never the test text)."),
-    nsamples: int = typer.Option(128, help="Calibration windows."),
-    calib_seqlen: int = typer.Option(512, help="Tokens per calibration window."),
-    act_order: bool = typer.Option(True, "--act-order/--no-act-order",
-                                   help="GPTQ: quantize columns by descending Hessian diagonal, with static groups "
-                                        "(default); --no-act-order: natural order, each group fitted when reached."),
-    true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential",
-                                         help="GPTQ: quantize q/k/v, o, gate/up, down in turn inside a block, each "
-                                              "from inputs through the ones before it (default); --no-true-"
-                                              "sequential: every linear from the float block's inputs."),
-    percdamp: float = typer.Option(0.01, help="GPTQ: dampening, as a fraction of the mean Hessian diagonal."),
-    act: str = typer.Option("dynamic", help="w8a8 activations: dynamic (per token), static (per tensor, "
-                                            "calibrated) or tensor (per tensor at run time: naive)."),
-    act_bits: int = typer.Option(8, help="w8a8/llm-int8 activation bits: 8, or 7 (exact on the fast int8 "
-                                         "kernel of CPUs without VNNI)."),
-    act_asym: Optional[bool] = typer.Option(
-        None, "--act-asym/--act-sym",
-        help="w8a8/llm-int8: asymmetric dynamic activations (a zero point per token) or symmetric ones "
-             "[default: symmetric for w8a8; asymmetric for llm-int8, the paper's zeropoint LLM.int8()]."),
-    smooth: Optional[float] = typer.Option(None, help="w8a8: SmoothQuant migration strength alpha in [0, 1]."),
-    rotate: Optional[bool] = typer.Option(
-        None, "--rotate/--no-rotate",
-        help="w8a8: turn every linear's input and weight by one orthogonal Hadamard-based matrix before "
-             "quantizing, spreading outlier channels [default: on for --act dynamic]."),
-    pair_bound: Optional[bool] = typer.Option(
-        None, "--pair-bound/--no-pair-bound",
-        help="w8a8: weight scales such that neighbouring codes sum to at most 128 in magnitude, so 8-bit "
-             "activations run in one exact int8 GEMM on CPUs without VNNI [default: on for 8-bit activations]."),
-    threshold: float = typer.Option(6.0, help="llm-int8: |x| at which an input column is an outlier."),
-    force: bool = typer.Option(False, help="Replace OUT if it exists."),
-) -> None:
+# ----------------------------------------------------------------------------- flags generated from options
+
+
+@dataclass(eq=False)  # keys of {flag: value}, by identity
+class _Flag:
+    """One command-line flag generated from an options field (core.config.option) of one or more methods."""
+
+    param: str  # the command function's parameter name
+    decls: str  # "--nsamples", "--act-order/--no-act-order"
+    type: type  # int, float, bool or str
+    path: tuple[str, ...]  # the field, from the options class down through nested settings: ("train", "lr")
+    help: str
+    defaults: dict[str, Any] = field(default_factory=dict)  # method name (or "" for a command's own) -> default
+
+    def spelled(self, value: Any) -> str:
+        """The flag as given: --no-act-order for False."""
+        names = self.decls.split("/")
+        return names[0] if self.type is not bool or value or len(names) == 1 else names[1]
+
+    def show(self, value: Any) -> str:
+        return self.spelled(value) if self.type is bool else str(value)
+
+
+def _option_fields(cls: type, path: tuple[str, ...] = (), prefix: str = ""):
+    """(decls, type, path, help, default) of every flag-worthy field of the dataclass `cls`, nested ones included."""
+    import types
+    import typing
+    from dataclasses import MISSING, fields, is_dataclass
+
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        md = f.metadata
+        if not md.get("cli"):
+            continue
+        hint = hints[f.name]
+        alts = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        base = [t for t in alts if t is not type(None)]
+        if len(base) == 1 and is_dataclass(base[0]):
+            yield from _option_fields(base[0], path + (f.name,), prefix + md["prefix"])
+            continue
+        if len(base) != 1 or base[0] not in (int, float, bool, str):
+            raise TypeError(f"{cls.__name__}.{f.name}: a command-line option needs one of int, float, bool, str")
+        t = base[0]
+        names = [d.removeprefix("--") for d in md["flag"].split("/")] if md["flag"] else [f.name.replace("_", "-")]
+        if t is bool and len(names) == 1:
+            names.append("no-" + names[0])
+        decls = "/".join(f"--{prefix}{n}" if not n.startswith("no-") else f"--no-{prefix}{n[3:]}" for n in names)
+        default = f.default if f.default is not MISSING else f.default_factory()
+        yield decls, t, path + (f.name,), md["help"], default
+
+
+def _flags(owners: list[tuple[str, type]], taken: set[str]) -> list[_Flag]:
+    """The union of the flags of several options classes [(method name, Options class)]; a flag several methods
+    share (same spelling and type) is one flag that knows each one's default."""
+    out: dict[str, _Flag] = {}
+    for owner, cls in owners:
+        for decls, t, path, help_, default in _option_fields(cls):
+            fl = out.get(decls)
+            if fl is None:
+                param = decls.split("/")[0].removeprefix("--").replace("-", "_")
+                if param in taken:
+                    raise TypeError(f"option {decls} of {owner or cls.__name__} collides with a command's own flag")
+                taken.add(param)
+                fl = out[decls] = _Flag(param, decls, t, path, help_)
+            elif (fl.type, fl.path) != (t, path):
+                raise TypeError(f"option {decls} of {owner} differs from the same flag of {', '.join(fl.defaults)}")
+            fl.defaults[owner] = default
+    return list(out.values())
+
+
+def _per_method(values: dict[str, str]) -> str:
+    """'4; 8 for w8a8, llm-int8': the most common value first, the others with the methods that have them."""
+    by: dict[str, list[str]] = {}
+    for m, v in values.items():
+        by.setdefault(v, []).append(m)
+    order = sorted(by, key=lambda v: -len(by[v]))
+    return "; ".join([order[0]] + [f"{v} for {', '.join(by[v])}" for v in order[1:]])
+
+
+def _flag_help(fl: _Flag, label: bool) -> str:
+    shown = {m: fl.show(d) for m, d in fl.defaults.items() if d is not None}
+    text = (f"({', '.join(fl.defaults)}) " if label else "") + fl.help
+    return text + (f"  [default: {_per_method(shown)}]" if shown else "")
+
+
+def _flag_param(fl: _Flag, label: bool) -> Parameter:
+    """A typer option that defaults to None, "not given": the method's own default applies."""
+    return Parameter(fl.param, Parameter.KEYWORD_ONLY, annotation=Optional[fl.type],
+                     default=typer.Option(None, fl.decls, help=_flag_help(fl, label), show_default=False))
+
+
+def _given_options(flags: list[_Flag], kw: dict) -> dict[_Flag, Any]:
+    given = {fl: kw.pop(fl.param) for fl in flags}
+    return {fl: v for fl, v in given.items() if v is not None}
+
+
+def _nested(given: dict[_Flag, Any]) -> dict:
+    """{flag: value} -> the options mapping: {"nsamples": 4, "train": {"lr": 0.001}}."""
+    out: dict = {}
+    for fl, v in given.items():
+        d = out
+        for key in fl.path[:-1]:
+            d = d.setdefault(key, {})
+        d[fl.path[-1]] = v
+    return out
+
+
+class _GeneratedCommand:
+    """A command whose signature typer reads when it builds the app (every run): its own parameters plus the
+    flags generated from options classes at that moment, so a method registered at any time has its flags.
+    `body(**own parameters, given={flag: value})` runs it."""
+
+    def __init__(self, body: Callable, own: Callable[[], list[Parameter]],
+                 owners: Callable[[], list[tuple[str, type]]], label: bool) -> None:
+        self.body, self.own, self.owners, self.label = body, own, owners, label
+        self.__annotations__: dict = {}  # typing.get_type_hints(): the annotations are the signature's
+        self.__doc__ = body.__doc__
+
+    def _flags(self) -> list[_Flag]:
+        return _flags(self.owners(), {p.name for p in self.own()})
+
+    @property
+    def __signature__(self) -> Signature:
+        return Signature(self.own() + [_flag_param(fl, self.label) for fl in self._flags()])
+
+    def __call__(self, **kw: Any) -> None:
+        given = _given_options(self._flags(), kw)
+        return self.body(**kw, given=given)
+
+
+def _opt(name: str, annotation: Any, info: Any) -> Parameter:
+    return Parameter(name, Parameter.KEYWORD_ONLY, annotation=annotation, default=info)
+
+
+# ----------------------------------------------------------------------------- quantize
+
+
+def _method_specs():
+    from .algorithms.registry import specs
+
+    return specs()
+
+
+def _quantize_params() -> list[Parameter]:
+    specs = _method_specs()
+
+    def defaults(fmt: Callable) -> str:
+        return _per_method({s.name: fmt(s.default_scheme) for s in specs})
+
+    methods = "; ".join(f"{s.name} ({s.help})" if s.help else s.name for s in specs)
+    return [
+        _opt("model", str, typer.Argument(..., help=MODEL_HELP)),
+        _opt("out", Path, typer.Argument(..., help="Output checkpoint folder (written atomically).")),
+        _opt("method", str, typer.Option(specs[0].name, metavar="|".join(s.name for s in specs),
+                                         help=f"Quantization method: {methods}.")),
+        _opt("bits", Optional[int], typer.Option(
+            None, help=f"Bits per weight, 2..8 [default: {defaults(lambda d: str(d.bits))}].", show_default=False)),
+        _opt("group_size", Optional[int], typer.Option(
+            None, help=f"Columns per scale; -1 = per output channel [default: "
+                       f"{defaults(lambda d: str(d.group_size) if d.granularity == 'group' else '-1')}].",
+            show_default=False)),
+        _opt("per_tensor", bool, typer.Option(False, help="One weight scale for the whole tensor (w8a8: the naive "
+                                                          "scheme).")),
+        _opt("sym", Optional[bool], typer.Option(
+            None, "--sym/--asym", help=f"Symmetric (z = 0) or asymmetric (zero point) grid [default: "
+                                       f"{defaults(lambda d: '--sym' if d.symmetric else '--asym')}].",
+            show_default=False)),
+        _opt("include", List[str], typer.Option([], help="Regex of layers to quantize (repeatable; default: decoder "
+                                                         "linears).")),
+        _opt("exclude", List[str], typer.Option([], help="Regex of layers to keep in float (repeatable).")),
+        _opt("override", List[str], typer.Option([], help="PATTERN=BITS[/GROUP][/sym|asym]: another scheme for the "
+                                                          "layers matching PATTERN, which are quantized too (e.g. "
+                                                          "'lm_head=8/-1'; outside the decoder blocks: rounded to "
+                                                          "nearest). Repeatable.")),
+        _opt("seed", int, typer.Option(0, help="Random seed (calibration windows), recorded in the checkpoint.")),
+        _opt("force", bool, typer.Option(False, help="Replace OUT if it exists.")),
+    ]
+
+
+def _scheme_from_flags(default, bits: Optional[int], group_size: Optional[int], sym: Optional[bool],
+                       per_tensor: bool):
+    """The weight scheme from --bits/--group-size/--sym/--per-tensor; what is not given, the method's default."""
+    from .core.scheme import Scheme
+
+    b = default.bits if bits is None else bits
+    s = default.symmetric if sym is None else sym
+    if per_tensor:
+        return Scheme(bits=b, symmetric=s, granularity="tensor", group_size=None)
+    if group_size is None:
+        return Scheme(bits=b, symmetric=s, granularity=default.granularity, group_size=default.group_size)
+    return Scheme.from_cli(b, group_size, s)
+
+
+def _quantize(model: str, out: Path, method: str, bits: Optional[int], group_size: Optional[int], per_tensor: bool,
+              sym: Optional[bool], include: List[str], exclude: List[str], override: List[str], seed: int,
+              force: bool, given: dict) -> None:
     """Quantize MODEL and save a packed lowbit checkpoint to OUT."""
     from . import api
-    from .algorithms.registry import get_method
+    from .algorithms.registry import get_spec, resolve
     from .core.config import QuantConfig
     from .core.scheme import Scheme
-    from .formats.io import check_output
+    from .core.io import check_output
 
-    options: dict = {}
-    int8 = method in ("w8a8", "llm-int8")
-    if int8:
-        if bits not in (None, 8) or not sym or (group_size not in (None, -1)):
-            raise LowbitError(f"{method} stores 8-bit symmetric weights per channel (or --per-tensor): "
-                              "drop --bits/--group-size/--asym")
-        bits, group_size = 8, -1
-        if act_bits not in (7, 8):
-            raise LowbitError(f"--act-bits must be 7 or 8, got {act_bits}")
-        options["act_bits"] = act_bits
-        if act_asym is not None:
-            if act_asym and act == "static":
-                raise LowbitError("--act-asym needs dynamic activations (--act dynamic or tensor)")
-            options["act_symmetric"] = not act_asym
-        if method == "w8a8":
-            from .algorithms.smoothquant import ACT_MODES
-
-            if act not in ACT_MODES:
-                raise LowbitError(f"--act must be one of {', '.join(ACT_MODES)}, got {act!r}")
-            if smooth is not None and not 0.0 <= smooth <= 1.0:
-                raise LowbitError(f"--smooth must be in [0, 1], got {smooth}")
-            if rotate and act == "static":
-                raise LowbitError("--rotate needs activation scales computed at run time (--act dynamic or tensor)")
-            options.update(act=act, smooth=smooth)
-            if rotate is not None:
-                options["rotate"] = rotate
-            if pair_bound is not None:
-                options["pair_bound"] = pair_bound
-        else:
-            if rotate is not None or pair_bound is not None:
-                raise LowbitError("--rotate and --pair-bound are w8a8 options (llm-int8 keeps its outlier columns "
-                                  "in the model's basis)")
-            if not threshold > 0:
-                raise LowbitError(f"--threshold must be > 0, got {threshold}")
-            options["threshold"] = threshold
-    bits = 4 if bits is None else bits
-    group_size = 128 if group_size is None else group_size
-    if method != "rtn" and (not int8 or options.get("smooth") is not None or act == "static"):
-        options.update({"calib": str(calib) if calib else None, "nsamples": nsamples, "calib_seqlen": calib_seqlen})
-        if "gptq" in method:
-            options.update(act_order=act_order, percdamp=percdamp)
-        if method == "gptq":  # awq+gptq quantizes a block's linears together, after its scale search
-            options.update(true_sequential=true_sequential)
-    scheme = Scheme.from_cli(bits, group_size, sym)
-    if per_tensor:
-        scheme = Scheme(bits=bits, symmetric=sym, granularity="tensor", group_size=None)
+    spec = get_spec(method)  # unknown method: refuse before loading anything
+    for fl, value in given.items():
+        if spec.name not in fl.defaults:
+            raise LowbitError(f"{fl.spelled(value)} is not an option of --method {spec.name} "
+                              f"({', '.join(fl.defaults)} {'takes' if len(fl.defaults) == 1 else 'take'} it)")
     overrides = {}
     for o in override:
-        pat, eq, spec = o.rpartition("=")
+        pat, eq, sch = o.rpartition("=")
         if not eq or not pat:
             raise LowbitError(f"--override {o!r}: expected PATTERN=BITS[/GROUP][/sym|asym]")
-        overrides[pat] = Scheme.parse(spec)
-    config = QuantConfig(method=method, scheme=scheme, include=tuple(include), exclude=tuple(exclude),
-                         overrides=overrides, seed=seed, options=options)
-    get_method(method)  # unknown method: refuse before loading anything
-    if calib is not None:
-        from .core.text import read_text
-
-        read_text(calib)  # missing or empty calibration text: refuse before loading anything
+        overrides[pat] = Scheme.parse(sch)
+    config = QuantConfig(method=spec.name, scheme=_scheme_from_flags(spec.default_scheme, bits, group_size, sym,
+                                                                     per_tensor),
+                         include=tuple(include), exclude=tuple(exclude), overrides=overrides, seed=seed,
+                         options=_nested(given))
+    resolve(config, preflight=True)  # scheme, options, calibration text: refuse before loading anything
     check_output(out, overwrite=force)  # unwritable OUT: refuse before the long work
-    from .api import STREAMS_BLOCKS
-
-    m, tok = api.load(model, lazy=method in STREAMS_BLOCKS)  # block-sequential methods: one float block at a time
+    m, tok = api.load(model, lazy=spec.streams_blocks)  # block-sequential methods: one float block at a time
     t0 = time.time()
     api.quantize(m, config, tokenizer=tok)
     t_quant = time.time() - t0
     api.save(m, tok, out, overwrite=force)
+    from .core.state import state_of
     from .eval.size import weight_stats
 
     st = weight_stats(m)
-    print(f"quantized {len(m.lowbit_quant['modules'])} layers ({config.scheme.describe()}, {method}) "
+    print(f"quantized {len(state_of(m).quant.modules)} layers ({config.scheme.describe()}, {spec.name}) "
           f"in {t_quant:.1f}s: {st['bpw']:.3f} bits/weight, {st['quantized_bytes'] / 2**20:.1f} MiB -> {out}",
           file=sys.stderr)
+
+
+app.command("quantize", help=_quantize.__doc__)(
+    _GeneratedCommand(_quantize, _quantize_params, lambda: [(s.name, s.options) for s in _method_specs()], label=True))
 
 
 @app.command("eval")
@@ -274,63 +385,63 @@ def inspect(
           f"model {total['model_bytes']} bytes")
 
 
-@app.command()
-def qat(
-    model: str = typer.Argument(..., help=MODEL_HELP + " The float model (also the teacher with --distill)."),
-    out: Path = typer.Argument(..., help="Output checkpoint folder (packed, like every PTQ checkpoint)."),
-    bits: int = typer.Option(4, help="Bits per weight, 2..8 (ignored with --init: the checkpoint's scheme)."),
-    group_size: int = typer.Option(128, help="Columns per scale; -1 = per output channel."),
-    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric or asymmetric grid."),
-    init: Optional[str] = typer.Option(None, help="Start from this PTQ checkpoint (rtn/gptq/awq) instead of RTN."),
-    train_text: Optional[Path] = typer.Option(None, help="Training text (default: WikiText-2 valid minus its "
-                                                         "last 10%, which is the held-out text). Never the test text."),
-    eval_text: Optional[Path] = typer.Option(None, help="Held-out text for the before/after perplexity."),
-    steps: int = typer.Option(200, help="Optimizer steps."),
-    lr: float = typer.Option(1e-5, help="Peak learning rate of the weights (AdamW, warm-up then cosine)."),
-    scale_lr: Optional[float] = typer.Option(None, help="Learning rate of scales/zero points [default: --lr]."),
-    learn_scales: bool = typer.Option(False, help="Train the scales too (LSQ gradient)."),
-    learn_zeros: bool = typer.Option(False, help="Train the zero points too (asymmetric grids)."),
-    seqlen: int = typer.Option(256, help="Tokens per training window."),
-    batch: int = typer.Option(4, help="Windows per step."),
-    distill: bool = typer.Option(False, help="Loss = KL(float teacher || student) on the next-token distribution."),
-    clip: float = typer.Option(1.0, help="Gradient clipping (global norm)."),
-    save_every: int = typer.Option(50, help="Save the training state every K steps (for --resume)."),
-    resume: bool = typer.Option(False, help="Continue from the state saved next to OUT (OUT.qat-state)."),
-    block_epochs: int = typer.Option(0, help="Block-wise phase first (EfficientQAT's Block-AP): epochs over "
-                                              "--block-samples windows per decoder block; 0 = none."),
-    block_lr: float = typer.Option(1e-3, help="Block-wise phase: peak learning rate of the weights."),
-    block_scale_lr: Optional[float] = typer.Option(None, help="Block-wise phase: learning rate of scales/zero points "
-                                                              "[default: --block-lr]."),
-    block_samples: int = typer.Option(64, help="Block-wise phase: training windows (from the training text)."),
-    block_seqlen: int = typer.Option(512, help="Block-wise phase: tokens per window."),
-    block_batch: int = typer.Option(2, help="Block-wise phase: windows per step."),
-    eval_tokens: int = typer.Option(16384, help="Held-out tokens scored before and after."),
-    include: List[str] = typer.Option([], help="Regex of layers to train quantized (default: decoder linears)."),
-    exclude: List[str] = typer.Option([], help="Regex of layers to keep in float."),
-    seed: int = typer.Option(0, help="Seed of the training windows."),
-    force: bool = typer.Option(False, help="Replace OUT if it exists."),
-) -> None:
+def _qat_params() -> list[Parameter]:
+    from .algorithms.qat import TrainConfig
+
+    save_every = TrainConfig.__dataclass_fields__["save_every"]
+    return [
+        _opt("model", str, typer.Argument(..., help=MODEL_HELP + " The float model (also the teacher with "
+                                                                 "--distill).")),
+        _opt("out", Path, typer.Argument(..., help="Output checkpoint folder (packed, like every PTQ checkpoint).")),
+        _opt("bits", int, typer.Option(4, help="Bits per weight, 2..8 (ignored with --init: the checkpoint's "
+                                               "scheme).")),
+        _opt("group_size", int, typer.Option(128, help="Columns per scale; -1 = per output channel.")),
+        _opt("sym", bool, typer.Option(True, "--sym/--asym", help="Symmetric or asymmetric grid.")),
+        _opt("init", Optional[str], typer.Option(None, help="Start from this PTQ checkpoint (rtn/gptq/awq) instead "
+                                                            "of RTN.")),
+        _opt("train_text", Optional[Path], typer.Option(None, help="Training text (default: WikiText-2 valid minus "
+                                                                   "its last 10%, which is the held-out text). Never "
+                                                                   "the test text.")),
+        _opt("eval_text", Optional[Path], typer.Option(None, help="Held-out text for the before/after perplexity.")),
+        _opt("save_every", int, typer.Option(save_every.default, help=save_every.metadata["help"])),
+        _opt("resume", bool, typer.Option(False, help="Continue from the state saved next to OUT (OUT.qat-state).")),
+        _opt("eval_tokens", int, typer.Option(16384, help="Held-out tokens scored before and after.")),
+        _opt("include", List[str], typer.Option([], help="Regex of layers to train quantized (default: decoder "
+                                                         "linears).")),
+        _opt("exclude", List[str], typer.Option([], help="Regex of layers to keep in float.")),
+        _opt("seed", int, typer.Option(0, help="Seed of the training windows.")),
+        _opt("force", bool, typer.Option(False, help="Replace OUT if it exists.")),
+    ]
+
+
+def _qat(model: str, out: Path, bits: int, group_size: int, sym: bool, init: Optional[str],
+         train_text: Optional[Path], eval_text: Optional[Path], save_every: int, resume: bool, eval_tokens: int,
+         include: List[str], exclude: List[str], seed: int, force: bool, given: dict) -> None:
     """Quantization-aware training (STE fake quantization), then a packed checkpoint."""
-    from .algorithms.qat import BlockConfig, TrainConfig
+    from dataclasses import replace
+
+    from .algorithms.qat import SPEC, BlockConfig, QatOptions
     from .core.config import QuantConfig
     from .core.scheme import Scheme
     from .workflows.qat import run
 
-    if steps < 0 or batch < 1 or seqlen < 2 or not lr > 0 or (steps == 0 and block_epochs < 1):
-        raise LowbitError("need --steps >= 0 (>= 1 without --block-epochs), --batch >= 1, --seqlen >= 2 and --lr > 0")
-    if block_epochs < 0 or block_samples < 1 or block_seqlen < 2 or block_batch < 1 or not block_lr > 0:
-        raise LowbitError("need --block-epochs >= 0, --block-samples >= 1, --block-seqlen >= 2, --block-batch >= 1 "
-                          "and --block-lr > 0")
-    config = QuantConfig(method="qat", scheme=Scheme.from_cli(bits, group_size, sym), include=tuple(include),
+    opts = QatOptions.from_dict(_nested(given), SPEC.name)  # --steps, --lr, --block-*: checked here
+    config = QuantConfig(method=SPEC.name, scheme=Scheme.from_cli(bits, group_size, sym), include=tuple(include),
                          exclude=tuple(exclude), seed=seed)
-    tcfg = TrainConfig(steps=steps, lr=lr, scale_lr=scale_lr, batch=batch, seqlen=seqlen, clip=clip,
-                       distill=distill, seed=seed, save_every=save_every)
-    res = run(model, out, config, tcfg, init=init, train_text=str(train_text) if train_text else None,
-              eval_text=str(eval_text) if eval_text else None, learn_scale=learn_scales, learn_zero=learn_zeros,
-              resume=resume, eval_tokens=eval_tokens, overwrite=force,
-              block=BlockConfig(epochs=block_epochs, lr=block_lr, scale_lr=block_scale_lr, batch=block_batch,
-                                nsamples=block_samples, seqlen=block_seqlen, seed=seed))
+    res = run(model, out, config, replace(opts.train, seed=seed, save_every=save_every), init=init,
+              train_text=str(train_text) if train_text else None, eval_text=str(eval_text) if eval_text else None,
+              learn_scale=opts.learn_scale, learn_zero=opts.learn_zero, resume=resume, eval_tokens=eval_tokens,
+              overwrite=force, block=replace(opts.block or BlockConfig(), seed=seed))
     print(json.dumps(res))
+
+
+def _qat_options() -> list[tuple[str, type]]:
+    from .algorithms.qat import QatOptions
+
+    return [("", QatOptions)]
+
+
+app.command("qat", help=_qat.__doc__)(_GeneratedCommand(_qat, _qat_params, _qat_options, label=False))
 
 
 @app.command()
@@ -408,7 +519,7 @@ def export_gguf(
     from .formats.gguf.blocks import get_type
     from .formats.gguf.export import export_gguf as export
     from .formats.gguf.mixtures import file_type
-    from .formats.io import check_output
+    from .core.io import check_output
     import re
 
     try:
@@ -422,7 +533,7 @@ def export_gguf(
             overrides.append((pat, get_type(t).name))
     except (ValueError, re.error) as e:
         raise LowbitError(str(e)) from None
-    check_output(out, overwrite=force)
+    check_output(out, overwrite=force, kind="gguf")
     if gptq and calib is None:
         raise LowbitError("--gptq needs calibration: add --calib default (or --calib FILE)")
     if calib is not None and calib != "default":
@@ -466,7 +577,7 @@ def export(
     """Write MODEL in an engine's format: its integer codes as they are (gguf: llama.cpp's block types)."""
     from . import api
     from .formats.export import FORMATS
-    from .formats.io import check_output
+    from .core.io import check_output
 
     if format_ not in FORMATS:
         raise LowbitError(f"--format must be one of {', '.join(FORMATS)}; got {format_!r}")
@@ -503,7 +614,7 @@ def _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshol
     from . import api
     from .calibration.data import calibration_ids
     from .eval.outliers import activation_outliers, plot_outliers
-    from .formats.io import check_output
+    from .core.io import check_output
 
     if not threshold > 0:
         raise LowbitError(f"--threshold must be > 0, got {threshold}")
@@ -512,9 +623,9 @@ def _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshol
 
         read_text(calib)
     if plot is not None:
-        check_output(plot, overwrite=True)
         if plot.is_dir() or plot.suffix.lower() != ".png":
             raise LowbitError(f"{plot}: --plot needs a .png file path")
+        check_output(plot, overwrite=True, kind="png")  # replaces an earlier plot, nothing else
     m, tok = api.load(model)
     ids, info = calibration_ids(tok, calib, nsamples=nsamples, seqlen=calib_seqlen, seed=seed)
     res = activation_outliers(m, ids, threshold=threshold)

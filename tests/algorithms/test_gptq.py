@@ -161,7 +161,7 @@ def test_transposed_sweep_matches_the_textbook_loop():
 def test_stacked_sweep_equals_one_sweep_per_linear(act_order, symmetric):
     """Linears that read one input (q, k, v) share H; gptq_linears sweeps them stacked by rows. Rows never
     interact, so codes, params and losses equal one gptq_quantize per linear."""
-    from lowbit.algorithms.gptq import gptq_linears, gptq_options
+    from lowbit.algorithms.gptq import GptqOptions, gptq_linears
     from lowbit.core.gptq import Hessians
     from lowbit.core.config import QuantConfig
 
@@ -176,8 +176,8 @@ def test_stacked_sweep_equals_one_sweep_per_linear(act_order, symmetric):
             hess.observe(n, x)
         hess.observe("o", x.clone())  # another tensor: its own H, not stacked with the others
     assert hess.shared(list(linears)) == [["q", "k", "v"], ["o"]]
-    config = QuantConfig(method="gptq", scheme=scheme, options={"act_order": act_order})
-    got = gptq_linears(linears, hess, config, gptq_options(config))
+    config = QuantConfig(method="gptq", scheme=scheme, options=GptqOptions(act_order=act_order))
+    got = gptq_linears(linears, hess, config, config.options)
     for n, lin in linears.items():
         want, loss = gptq_quantize(lin.weight, hess[n].H, scheme, act_order=act_order)
         qt, got_loss = got[n]

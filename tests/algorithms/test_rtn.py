@@ -4,6 +4,7 @@ from torch import nn
 
 import lowbit
 from lowbit import QuantConfig, Scheme
+from lowbit.core.state import state_of
 from lowbit.errors import LowbitError
 from lowbit.nn.qlinear import QuantEmbedding, QuantLinear
 
@@ -22,7 +23,7 @@ def test_include_exclude(tiny):
     model, _ = tiny
     cfg = QuantConfig(scheme=Scheme(8, True, "channel"), include=(r"mlp",), exclude=(r"layers\.1\.",))
     lowbit.quantize(model, cfg)
-    names = sorted(model.lowbit_quant["modules"])
+    names = sorted(state_of(model).quant.modules)
     assert names == [f"model.layers.0.mlp.{p}_proj" for p in ("down", "gate", "up")]
 
 

@@ -69,3 +69,19 @@ def test_chunked_tokenize_falls_back_when_a_cut_changes_tokens():
 
     whole = inner(" " + TEXT, add_special_tokens=False).input_ids
     assert tokenize(Prefixing(), TEXT, chunk=100).tolist() == whole
+
+
+def test_perplexity_past_float_range_is_infinite(tiny):
+    """A model whose loss is past float range (a GGUF with flipped data bytes): ppl inf, not an OverflowError."""
+    from types import SimpleNamespace
+
+    model, tok = tiny
+
+    def confident(x, **kw):
+        logits = torch.zeros(*x.shape, 320)
+        logits[..., 1] = 1e5  # all mass on one token the text never has next: nll 1e5 per token
+        return SimpleNamespace(logits=logits)
+
+    model.forward = confident
+    res = lowbit.evaluate(model, tok, text=TEXT, seqlen=32, limit_tokens=64, progress=False)
+    assert res["ppl"] == math.inf

@@ -6,6 +6,7 @@ import torch
 
 import lowbit
 from lowbit import QuantConfig, Scheme
+from lowbit.core.state import state_of
 from lowbit.errors import LowbitError
 from lowbit.nn.qlinear import QuantLinear
 
@@ -27,8 +28,8 @@ def test_golden_round_trip_bitwise(tiny, tmp_path, scheme):
     qc = conf["quantization_config"]
     assert qc["quant_method"] == "lowbit" and qc["method"] == "rtn" and qc["seed"] == 7
     assert qc["scheme"] == scheme.to_dict() and "lowbit_version" in qc
-    assert set(qc["layers"]) == set(model.lowbit_quant["modules"])
-    assert loaded.lowbit_quant["config"].scheme == scheme
+    assert set(qc["layers"]) == set(state_of(model).quant.modules)
+    assert state_of(loaded).quant.config.scheme == scheme
 
 
 def test_round_trip_with_quantized_head(tiny, tmp_path):

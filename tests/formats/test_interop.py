@@ -11,6 +11,7 @@ import torch
 
 import lowbit
 from lowbit import QuantConfig, Scheme
+from lowbit.core.state import state_of
 from lowbit.errors import LowbitError
 from lowbit.formats.compressed_tensors import pack_int32, pack_int32_reference, unpack_int32
 from lowbit.formats.gptq_format import awq_pack, awq_unpack, gptq_pack, gptq_pack_reference, gptq_unpack
@@ -130,7 +131,7 @@ def test_export_read_same_logits_and_bytes(tmp_path, fmt, scheme):
     loaded, tok2 = lowbit.load(out)
     assert torch.equal(loaded(X).logits, ref)  # the same codes, scales and float tensors
     assert tok2 is not None
-    mods = lowbit.formats.checkpoint.quant_info(loaded)["modules"]
+    mods = state_of(loaded).quant.modules
     assert len(mods) == 14 and set(mods.values()) == {scheme}
     again = tmp_path / "again"
     lowbit.api.export(loaded, tok2, again, fmt)  # dtype auto: the folder's
@@ -191,7 +192,7 @@ def test_w8a8_int_quantized_round_trip(tmp_path):
     assert g["input_activations"]["dynamic"] is True
     loaded, _ = lowbit.load(tmp_path / "w8")
     assert all(isinstance(loaded.get_submodule(n), W8A8Linear)
-               for n in lowbit.formats.checkpoint.quant_info(loaded)["modules"])
+               for n in state_of(loaded).quant.modules)
     torch.testing.assert_close(loaded(X).logits, ref, rtol=0, atol=1e-4)
     lowbit.api.export(loaded, None, tmp_path / "again", "compressed-tensors")
     assert (tmp_path / "w8" / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
@@ -335,3 +336,24 @@ def test_lean_runtime_decodes_an_export(tmp_path, fmt):
         return torch.cat([dec.forward(ids[:4])] + [dec.forward(ids[t: t + 1]) for t in range(4, len(ids))])
 
     assert torch.equal(run(lean), run(full))
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq", "awq"])
+def test_force_replaces_lowbit_exports_only(cli, tmp_path, fmt):
+    """--force replaces a folder lowbit exported (its producer fields say so), never a foreign one."""
+    scheme = Scheme(4, False, "group", 32) if fmt == "awq" else Scheme(4, True, "group", 32)
+    m, tok = quantized(scheme)
+    lowbit.save(m, tok, tmp_path / "q")
+    code, _, err = cli("export", tmp_path / "q", tmp_path / "o", "--format", fmt)
+    assert code == 0, err
+    code, _, err = cli("export", tmp_path / "q", tmp_path / "o", "--format", fmt)
+    assert code == 2 and "already exists" in err
+    code, _, err = cli("export", tmp_path / "q", tmp_path / "o", "--format", fmt, "--force")
+    assert code == 0, err
+    conf = json.loads((tmp_path / "o" / "config.json").read_text())
+    conf["quantization_config"].pop("producer", None)
+    conf["quantization_config"].pop("meta", None)  # as another tool would have written it
+    (tmp_path / "o" / "config.json").write_text(json.dumps(conf))
+    code, _, err = cli("export", tmp_path / "q", tmp_path / "o", "--format", fmt, "--force")
+    assert code == 2 and "replaces only what lowbit writes" in err
+    assert (tmp_path / "o" / "model.safetensors").is_file()

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from lowbit.core.scheme import Scheme
-from lowbit.kernels import choose_kernel, reference_forward
-from lowbit.kernels.int4 import kernel_group
+from lowbit.kernels import REFERENCE, choose_kernel, reference_forward
+from lowbit.kernels.int4 import Int4Kernel, Int8x2Kernel, kernel_group
 from lowbit.nn.qlinear import QuantLinear
 
 # The kernel runs in bfloat16 activations (8-bit mantissa; fp32 accumulation) and returns bf16:
@@ -29,7 +29,7 @@ def test_int4_equals_reference(K, scheme, G, M):
     torch.manual_seed(K + M)
     lin = nn.Linear(K, 48, bias=True)
     q = QuantLinear.from_linear(lin, scheme)
-    assert kernel_group(q) == G and choose_kernel(q) == ("int4", G)
+    assert kernel_group(q) == G and choose_kernel(q) == Int4Kernel(G)
     x = torch.randn(2, M, K)
     y, ref = q(x), reference_forward(q, x)
     assert y.shape == ref.shape == (2, M, 48)
@@ -53,20 +53,20 @@ def test_many_rows_take_the_reference_path():
 
 def test_shapes_the_kernel_refuses_fall_back():
     q = QuantLinear.from_linear(nn.Linear(72, 16), Scheme(4, True, "group", 32))  # 72 is not a multiple of 32
-    assert choose_kernel(q) == ("reference", None)
+    assert choose_kernel(q) is REFERENCE
     x = torch.randn(2, 72)
     assert torch.equal(q(x), reference_forward(q, x))
     q16 = QuantLinear.from_linear(nn.Linear(256, 36), Scheme(4, True, "group", 32))  # rows not a multiple of 16
-    assert choose_kernel(q16) == ("reference", None)
+    assert choose_kernel(q16) is REFERENCE
     q3 = QuantLinear.from_linear(nn.Linear(256, 16), Scheme(3, True, "group", 32))
-    assert choose_kernel(q3) == ("reference", None)
+    assert choose_kernel(q3) is REFERENCE
 
 
 @needs_kernel
 def test_environment_forces_the_reference(monkeypatch):
     monkeypatch.setenv("LOWBIT_KERNELS", "reference")
     q = QuantLinear.from_linear(nn.Linear(256, 16), Scheme(4, True, "group", 32))
-    assert choose_kernel(q) == ("reference", None)
+    assert choose_kernel(q) is REFERENCE
 
 
 @needs_kernel
@@ -89,7 +89,7 @@ def test_cache_is_rebuilt_after_load(tmp_path):
 def test_8bit_as_two_int4_halves_equals_reference(scheme, G, M):
     torch.manual_seed(M)
     q = QuantLinear.from_linear(nn.Linear(576, 48, bias=True), scheme)
-    assert choose_kernel(q) == ("int8x2", G)
+    assert choose_kernel(q) == Int8x2Kernel(G)
     x = torch.randn(2, M, 576)
     y, ref = q(x), reference_forward(q, x)
     assert y.shape == ref.shape and y.dtype == torch.float32

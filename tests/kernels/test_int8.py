@@ -65,9 +65,9 @@ def test_8bit_activations_are_exact_on_every_path(K_in, kind):
     torch.manual_seed(K_in)
     lin = nn.Linear(K_in, 64, bias=False)
     m = W8A8Linear.from_linear(lin, act=ActQuant("token", bits=8))
-    assert K.kernel_for(m) == _kinds_here(8)[-1]  # the fastest exact one
+    assert K.kernel_for(m).name == _kinds_here(8)[-1]  # the fastest exact one
     if kind != "auto":
-        m._kcache["int8_kernel"] = kind
+        m.kstate.int8 = K.INT8_KERNELS[kind]
     x = torch.randn(9, K_in) * 3
     x[:, 4] = -50.0  # codes at both ends of the range
     x[0, 5] = 80.0
@@ -91,7 +91,7 @@ def test_asymmetric_activations_are_exact_on_every_path(bits, K_in, kind):
     torch.manual_seed(K_in + bits)
     m = W8A8Linear.from_linear(nn.Linear(K_in, 64, bias=False), act=ActQuant("token", bits=bits, symmetric=False))
     if kind != "auto":
-        m._kcache["int8_kernel"] = kind
+        m.kstate.int8 = K.INT8_KERNELS[kind]
     x = torch.randn(9, K_in) * 3
     x[:, 4] = 50.0  # one-signed outlier: zero points far from the middle
     x[0, 5] = -80.0
@@ -226,9 +226,11 @@ def test_a_refusing_kernel_falls_back_to_the_reference(monkeypatch):
     def refuse(*a, **k):
         raise RuntimeError("unsupported shape")
 
-    monkeypatch.setattr(K, "_fast", refuse)
+    for kernel in K.INT8_KERNELS.values():
+        if kernel is not K.INT8_REFERENCE:
+            monkeypatch.setattr(type(kernel), "gemm", refuse)
     assert torch.allclose(m(x), want, rtol=RESCALE_RTOL, atol=1e-5)
-    assert K.kernel_for(m) == "reference"
+    assert K.kernel_for(m) is K.INT8_REFERENCE
 
 
 # -- rotation and pair-bounded weights ---------------------------------------------------
@@ -318,7 +320,7 @@ def test_pair_bounded_weights_run_8bit_activations_in_one_exact_gemm(symmetric, 
     lin = nn.Linear(K_in, 64, bias=False)
     lin.weight.data[:, :2] *= 10  # neighbours both at the maximum
     m = W8A8Linear.from_linear(lin, act=ActQuant("token", bits=8, symmetric=symmetric), pair_bound=True)
-    assert K.kernel_for(m) == "onednn"
+    assert K.kernel_for(m).name == "onednn"
     x = torch.randn(9, K_in) * 3
     x[:, 4] = 50.0
     x[0, 5] = -80.0

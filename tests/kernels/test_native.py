@@ -122,3 +122,234 @@ def test_build_failure_is_reported(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         N.build(tmp_path)
     assert not list(tmp_path.glob("*.so"))  # nothing half-written
+
+
+# ---- the library cache: nothing but the library lowbit built is ever loaded (issue 24) ----------------------
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import stat  # noqa: E402
+import subprocess  # noqa: E402
+
+from lowbit.errors import LowbitError  # noqa: E402
+
+PLANTED = r'''
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen("%s", "w");
+    if (f) { fputs("the planted library ran\n", f); fclose(f); }
+}
+int lb_abi_version(void) { return 6; }
+'''
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def plant(tmp_path, target):
+    """A shared library whose constructor writes a marker file, at `target` (the predictable name)."""
+    marker = tmp_path / "marker"
+    src = tmp_path / "planted.c"
+    src.write_text(PLANTED % marker)
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    subprocess.run([cc, "-shared", "-fPIC", str(src), "-o", str(tmp_path / "planted.so")], check=True)
+    if target.exists() or target.is_symlink():
+        target.unlink()
+    shutil.copy(tmp_path / "planted.so", target)
+    return marker
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One library built by lowbit (and its record), copied into each test's cache."""
+    return N.build(tmp_path_factory.mktemp("native-built"))
+
+
+@pytest.fixture()
+def cache(tmp_path, built, monkeypatch):
+    """A private cache holding the library lowbit built; builds are counted and copy that library (no compiler
+    run per test)."""
+    d = tmp_path / "cache" / "native"
+    d.mkdir(parents=True, mode=0o700)
+    for p in (built, built.with_suffix(".json")):
+        shutil.copy2(p, d / p.name)
+    builds = []
+
+    def fake_compile(cc, cflags, lflags, digest, out_dir, path):
+        builds.append(path)
+        shutil.copy2(built, out_dir / ".tmp.so")
+        os.replace(out_dir / ".tmp.so", path)
+        shutil.copy2(built.with_suffix(".json"), path.with_suffix(".json"))
+
+    monkeypatch.setattr(N, "_compile", fake_compile)
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(N, "_PRIVATE", [])
+    return d, d / built.name, builds
+
+
+def works(handle):
+    return handle.lb_abi_version() == N.ABI_VERSION and hasattr(handle, "lb_linear_q")
+
+
+def test_the_recorded_library_is_reused_not_rebuilt(cache):
+    d, so, builds = cache
+    assert works(N.load(d)) and builds == []
+    rec = json.loads(so.with_suffix(".json").read_text())
+    assert rec["sha256"] == sha(so) and rec["source"] == N._toolchain()[3] and rec["abi"] == N.ABI_VERSION
+
+
+@pytest.mark.parametrize("sidecar", ["kept", "removed"])
+def test_a_planted_library_is_never_loaded(tmp_path, cache, sidecar):
+    """A library of the predictable name in the cache (its constructor writes a marker) is built over, never run."""
+    d, so, builds = cache
+    marker = plant(tmp_path, so)
+    if sidecar == "removed":
+        so.with_suffix(".json").unlink()
+    assert works(N.load(d)) and builds == [so]
+    assert not marker.exists()
+    assert sha(so) == json.loads(so.with_suffix(".json").read_text())["sha256"]
+
+
+def test_lib_never_runs_a_planted_library(tmp_path, cache, monkeypatch):
+    d, so, builds = cache
+    marker = plant(tmp_path, so)
+    monkeypatch.setattr(N, "_LIB", [])
+    assert N.lib() is not None and builds == [so]
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["empty", "tampered", "truncated", "symlink", "sidecar"])
+def test_an_empty_or_altered_library_is_rebuilt(tmp_path, cache, damage):
+    """A 0-byte file used to turn the native ops off for good; an altered one was loaded as it was."""
+    d, so, builds = cache
+    good = so.read_bytes()
+    if damage == "empty":
+        so.write_bytes(b"")
+    elif damage == "tampered":
+        so.write_bytes(good[:4096] + bytes([good[4096] ^ 0xFF]) + good[4097:])
+    elif damage == "truncated":
+        so.write_bytes(good[: len(good) // 2])
+    elif damage == "symlink":
+        marker = plant(tmp_path, tmp_path / "elsewhere.so")
+        so.unlink()
+        os.symlink(tmp_path / "elsewhere.so", so)
+    else:
+        so.with_suffix(".json").write_text(json.dumps({"sha256": "0" * 64, "source": N._toolchain()[3], "abi": 6}))
+    assert works(N.load(d)) and builds == [so]
+    assert not so.is_symlink() and so.read_bytes() == good
+    if damage == "symlink":
+        assert not marker.exists()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="making a file of another user needs root")
+def test_a_library_of_another_user_is_rebuilt(cache):
+    d, so, builds = cache
+    os.chown(so, 12345, 12345)
+    assert works(N.load(d)) and builds == [so] and so.stat().st_uid == os.getuid()
+
+
+@pytest.mark.parametrize("why", ["world-writable", "group-writable", "another user's", "a symlink"])
+def test_a_cache_folder_others_can_write_is_ignored(tmp_path, cache, why):
+    """A planted library with a record that matches it, in a folder someone else could write: not loaded; the
+    library is built in a private temporary folder instead."""
+    d, so, builds = cache
+    if why == "another user's" and os.getuid() != 0:
+        pytest.skip("making a folder of another user needs root")
+    marker = plant(tmp_path, so)
+    rec = {"sha256": sha(so), "source": N._toolchain()[3], "abi": N.ABI_VERSION}
+    so.with_suffix(".json").write_text(json.dumps(rec))
+    if why == "world-writable":
+        os.chmod(d, 0o777)
+    elif why == "group-writable":
+        os.chmod(d, 0o770)
+    elif why == "another user's":
+        os.chown(d, 12345, 12345)
+    else:
+        os.rename(d, tmp_path / "real-native")
+        os.symlink(tmp_path / "real-native", d)
+    with pytest.raises(OSError):
+        N.private_dir(d)
+    path = N.build()
+    assert d not in path.parents and builds == [path]
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700 and path.parent.stat().st_uid == os.getuid()
+    assert works(N.load())
+    assert not marker.exists()
+
+
+def test_a_new_cache_folder_is_private(tmp_path, cache):
+    d = tmp_path / "fresh" / "native"
+    N.private_dir(d)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    os.chmod(d, 0o755)  # made before: tightened (nobody else could write it)
+    N.private_dir(d)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+
+
+# ---- every C call checks its tensors against the dims it passes ------------------------------------------------
+
+def test_add_rmsnorm_and_silu_mul_check_sizes():
+    x, w = torch.randn(576), torch.randn(576)
+    for args in [(x, None, w, 1e-5, torch.empty(575)), (x, torch.randn(64), w, 1e-5, torch.empty(576)),
+                 (x, torch.randn(576).half(), w, 1e-5, torch.empty(576)), (x, None, torch.randn(64), 1e-5, torch.empty(576)),
+                 (torch.randn(576, 2)[:, 0], None, w, 1e-5, torch.empty(576)), (x.double(), None, w, 1e-5, torch.empty(576))]:
+        with pytest.raises(LowbitError, match="native decode ops: add_rmsnorm"):
+            N.add_rmsnorm(L, *args)
+    with pytest.raises(LowbitError, match="silu_mul gate\\|up"):
+        N.silu_mul(L, torch.randn(1000), torch.empty(576))
+
+
+def test_attn_decode_checks_positions_caches_and_buffers():
+    nh, nkv, hd, max_len = 4, 2, 32, 16
+    good = dict(qkv=torch.randn((nh + 2 * nkv) * hd), cos=torch.randn(hd), sin=torch.randn(hd),
+                kc=torch.zeros(nkv, max_len, hd, dtype=torch.float16), vc=torch.zeros(nkv, max_len, hd, dtype=torch.float16),
+                pos=3, nh=nh, nkv=nkv, hd=hd, scale=0.1, scratch=torch.empty(nh * max_len + (nh + nkv) * hd),
+                out=torch.empty(nh * hd))
+    N.attn_decode(L, **good)
+    for bad in [dict(pos=max_len), dict(pos=-1), dict(kc=torch.zeros(nkv, max_len, hd)), dict(hd=1024),
+                dict(vc=torch.zeros(nkv, max_len - 1, hd, dtype=torch.float16)), dict(nh=3),
+                dict(scratch=torch.empty(nh * 2)), dict(qkv=torch.randn(10)), dict(out=torch.empty(8)),
+                dict(cos=torch.randn(hd // 2)), dict(qkv=torch.randn((nh + 2 * nkv) * hd).half())]:
+        with pytest.raises(LowbitError, match="native decode ops"):
+            N.attn_decode(L, **{**good, **bad})
+
+
+def test_linear_q_checks_its_input_and_output():
+    qw = N.QWeight([qlinear(4, True, 64, 128, 48)])
+    N.linear_q(L, qw, torch.randn(128), torch.empty(48))
+    for x, out in [(torch.randn(64), torch.empty(48)), (torch.randn(128), torch.empty(47)),
+                   (torch.randn(128).half(), torch.empty(48)), (torch.randn(128), torch.empty(48, dtype=torch.int32))]:
+        with pytest.raises(LowbitError, match="native decode ops: linear"):
+            N.linear_q(L, qw, x, out)
+
+
+def test_qweight_refuses_codes_that_do_not_match_the_layer():
+    """A qweight aliased to a 64-byte buffer was read 36 rows x 64 bytes deep: now refused when the projection is made."""
+    m = qlinear(4, True, 64, 128, 48)
+    m.qweight = torch.zeros(64, dtype=torch.uint8)
+    with pytest.raises(LowbitError, match="linear codes"):
+        N.QWeight([m])
+    m = qlinear(8, True, None, 128, 48)
+    m.scales = torch.ones(48, 2, dtype=torch.float16)
+    with pytest.raises(LowbitError, match="scales of 2 groups"):
+        N.QWeight([m])
+
+
+def test_int8_split_and_sparse_add_check_their_arrays():
+    u = torch.randint(0, 255, (3, 64), dtype=torch.uint8)
+    with pytest.raises(LowbitError, match="zero points"):
+        N.i8_split(L, u, torch.zeros(2, dtype=torch.int32))
+    uc, rowptr, cols, vals = N.i8_split(L, u, torch.full((3,), 128, dtype=torch.int32))
+    wT = torch.randint(-128, 127, (64, 8), dtype=torch.int8)
+    out = torch.zeros(3, 8)
+    N.i8_sparse_add(L, rowptr, cols, vals, wT, out)
+    assert cols.numel() > 0
+    bad_cols = cols.clone()
+    bad_cols[0] = 64
+    for args in [(rowptr, bad_cols, vals, wT, out), (rowptr[:-1], cols, vals, wT, out),
+                 (rowptr, cols, vals, wT[:, :4], out), (rowptr, cols, vals[:-1], wT, out),
+                 (rowptr.flip(0), cols, vals, wT, out)]:
+        with pytest.raises(LowbitError, match="int8 sparse add"):
+            N.i8_sparse_add(L, *args)

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from lowbit.core.scheme import Scheme
-from lowbit.kernels import choose_kernel, reference_forward
-from lowbit.kernels.w8 import int8_mm, pack_int8, w8_forward
+from lowbit.kernels import REFERENCE, choose_kernel, reference_forward
+from lowbit.kernels.w8 import W8Kernel, int8_mm, pack_int8, w8_forward
 from lowbit.nn.qlinear import QuantLinear
 
 # Same products, another summation order (fp32): relative to the output's scale.
@@ -39,12 +39,12 @@ def test_fused_rows_equal_separate_layers():
 @pytest.mark.parametrize("scheme", [Scheme(8, False, "channel"), Scheme(8, True, "group", 32)])
 def test_other_8bit_schemes_take_the_reference(scheme):
     q = QuantLinear.from_linear(nn.Linear(72, 16), scheme)  # 72 columns: the int4 kernel cannot tile them either
-    assert choose_kernel(q) == ("reference", None)
+    assert choose_kernel(q) is REFERENCE
 
 
 def test_the_kernel_serves_per_channel_rows_the_int4_kernel_cannot_tile():
     q = QuantLinear.from_linear(nn.Linear(72, 16), Scheme(8, True, "channel"))  # 72 columns: no int4 group
-    assert choose_kernel(q) == ("w8", None)
+    assert choose_kernel(q) == W8Kernel()
     x = torch.randn(3, 72)
     assert (q(x) - reference_forward(q, x)).abs().max() <= W8_RTOL * reference_forward(q, x).abs().max()
 

@@ -6,6 +6,7 @@ from lowbit import api
 from lowbit.api import load
 from lowbit.core.config import QuantConfig
 from lowbit.core.scheme import Scheme
+from lowbit.core.state import state_of
 
 
 def state(model):
@@ -15,7 +16,7 @@ def state(model):
 def test_lazy_model_starts_on_meta_and_materializes_tied(tiny_dir):
     model, tok = load(tiny_dir, lazy=True)
     assert tok is not None and all(p.is_meta for p in model.parameters())
-    lazy = model.lowbit_lazy
+    lazy = state_of(model).lazy
     lazy.materialize(model, "model.layers.0.")
     assert not model.model.layers[0].mlp.down_proj.weight.is_meta and model.model.layers[1].mlp.down_proj.weight.is_meta
     lazy.materialize(model)
@@ -37,7 +38,7 @@ def test_lazy_quantization_equals_loaded_quantization(tiny_dir, calib, method):
     api.quantize(full, cfg(), calib_ids=calib)
     lazy, _ = load(tiny_dir, lazy=True)
     api.quantize(lazy, cfg(), calib_ids=calib)
-    assert not hasattr(lazy, "lowbit_lazy") and not any(t.is_meta for t in lazy.state_dict().values())
+    assert state_of(lazy).lazy is None and not any(t.is_meta for t in lazy.state_dict().values())
     a, b = state(full), state(lazy)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -7,7 +7,7 @@ import torch
 from lowbit import api
 from lowbit.core.config import QuantConfig
 from lowbit.core.scheme import Scheme
-from lowbit.runtime.decoder import FusedLinear, LeanDecoder, unsupported_reason
+from lowbit.runtime.decoder import LeanDecoder, fused_linear, unsupported_reason
 
 # float32, another order of the same operations (fused matmuls, sdpa): relative to the logits' scale
 FLOAT_RTOL = 1e-4
@@ -121,7 +121,7 @@ def test_fused_int4_rows_equal_the_separate_layers():
 
     torch.manual_seed(0)
     parts = [QuantLinear.from_linear(nn.Linear(128, n, bias=False), Scheme(4, False, "group", 64)) for n in (64, 32)]
-    fused = FusedLinear(parts, native=False)
+    fused = fused_linear(parts, native=False)
     assert fused.kind == "int4"
     x = torch.randn(MAX_ROWS, 128)
     assert torch.equal(fused(x), torch.cat([p(x) for p in parts], -1))

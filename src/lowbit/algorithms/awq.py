@@ -17,20 +17,33 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.sequential import layer_sequential, observe_inputs
-from ..core.config import QuantConfig
+from ..core.config import QuantConfig, option
 from ..core.gptq import Hessians
 from ..core.quant import compute_qparams, grouped, ungrouped
 from ..core.scheme import Scheme
-from ..models.arch import block_linears, scale_mappings, select_modules, set_module
+from ..errors import LowbitError
+from ..models.arch import awq_clips, block_linears, scale_mappings, select_modules, set_module
 from ..nn.qlinear import QuantLinear
-from .gptq import gptq_linears, gptq_options
-from .registry import register_method
+from .gptq import gptq_linears
+from .registry import CalibOptions, MethodSpec, register
+
+
+@dataclass(frozen=True)
+class AwqOptions(CalibOptions):
+    awq_grid: int = option(20, "Points of the scale search's alpha grid on [0, 1).")
+    awq_clip: bool = option(True, "Then search each group's clipped weight range where it lowers the output "
+                                  "error; --no-awq-clip: keep min/max.")
+
+    def check(self) -> None:
+        if self.awq_grid < 1:
+            raise LowbitError(f"--awq-grid must be >= 1, got {self.awq_grid}")
 
 
 def rtn_dequant(W: torch.Tensor, scheme: Scheme) -> torch.Tensor:
@@ -155,15 +168,9 @@ def search_clip(H: torch.Tensor, W: torch.Tensor, scheme: Scheme, n_grid: int = 
     return ungrouped(wc, rows, cols).to(W.dtype)
 
 
-def awq_options(config: QuantConfig) -> dict:
-    o = {"awq_grid": 20, "awq_clip": True}
-    o.update({k: v for k, v in config.options.items() if k in o})
-    return o
-
-
 def awq_block(model: nn.Module, config: QuantConfig, selected: set[str], use_gptq: bool):
-    opts = awq_options(config)
-    gopts = gptq_options(config)
+    """use_gptq: config.options also holds GPTQ's sweep settings (awq_gptq.AwqGptqOptions)."""
+    opts: AwqOptions = config.options
 
     def process(block_name: str, block: nn.Module, inputs, kw) -> dict[str, Scheme]:
         linears = {n: m for n, m in block_linears(model, block_name, block) if n in selected}
@@ -182,7 +189,7 @@ def awq_block(model: nn.Module, config: QuantConfig, selected: set[str], use_gpt
                 continue
             lins = [linears[n] for n in names]
             s, alpha, loss = search_scale(hess[names[0]].H, means[names[0]], lins,
-                                          [config.scheme_for(n) for n in names], opts["awq_grid"])
+                                          [config.scheme_for(n) for n in names], opts.awq_grid)
             apply_scale(prev, lins, s)
             for n in names:  # their inputs are now x / s, so H = 2/n Σ x xᵀ becomes H / (s sᵀ)
                 hess[n].H.div_(torch.outer(s, s).to(hess[n].H.dtype))
@@ -190,9 +197,9 @@ def awq_block(model: nn.Module, config: QuantConfig, selected: set[str], use_gpt
                        f"alpha {alpha:.2f} loss {loss:.4g}", file=sys.stderr)
         # 2. clipping search, then quantization
         for n, lin in linears.items():
-            if opts["awq_clip"] and not n.endswith(("q_proj", "k_proj")):  # as the reference: q/k are not clipped
+            if opts.awq_clip and awq_clips(model, n):  # as the reference: q/k are not clipped
                 lin.weight.copy_(search_clip(hess[n].H, lin.weight, config.scheme_for(n)))
-        qts = gptq_linears(linears, hess, config, gopts) if use_gptq else {}
+        qts = gptq_linears(linears, hess, config, opts) if use_gptq else {}
         done = {}
         for n, lin in linears.items():
             scheme = config.scheme_for(n)
@@ -203,18 +210,18 @@ def awq_block(model: nn.Module, config: QuantConfig, selected: set[str], use_gpt
     return process
 
 
-def _run(model: nn.Module, config: QuantConfig, ctx, use_gptq: bool) -> dict[str, Scheme]:
+def run_awq(model: nn.Module, config: QuantConfig, ctx, use_gptq: bool) -> dict[str, Scheme]:
     ids = ctx.calib_ids()
     selected = set(select_modules(model, config.include, config.exclude, tuple(config.overrides)))
     proc = awq_block(model, config, selected, use_gptq)
     return layer_sequential(model, ids, proc, desc="awq+gptq" if use_gptq else "awq")
 
 
-@register_method("awq")
 def awq(model: nn.Module, config: QuantConfig, ctx) -> dict[str, Scheme]:
-    return _run(model, config, ctx, use_gptq=False)
+    return run_awq(model, config, ctx, use_gptq=False)
 
 
-@register_method("awq+gptq")
-def awq_gptq(model: nn.Module, config: QuantConfig, ctx) -> dict[str, Scheme]:
-    return _run(model, config, ctx, use_gptq=True)
+SPEC = register(MethodSpec(
+    name="awq", run=awq, options=AwqOptions, help="activation-aware scales and clipping, then rounding to nearest",
+    calibration=True, streams_blocks=True,  # layer-sequential: one block at a time
+))

@@ -4,19 +4,45 @@ layer-sequential calibration pipeline.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.sequential import Irregular, layer_sequential, observe_inputs, probe_groups, run_block_staged
-from ..core.config import QuantConfig
+from ..core.config import Options, QuantConfig, option
 from ..core.gptq import Hessians, gptq_rows
 from ..core.quant import QTensor
 from ..core.scheme import Scheme
-from ..models.arch import block_linears, set_module
+from ..errors import LowbitError
+from ..models.arch import block_linears, sequential_groups, set_module
 from ..nn.qlinear import QuantLinear
-from .registry import register_method
+from .registry import CalibOptions, MethodSpec, register
+
+
+@dataclass(frozen=True)
+class GptqSweepOptions(Options):
+    """The GPTQ sweep's settings (gptq, and awq+gptq after its scale search)."""
+
+    blocksize: int = option(128, "Columns per lazy-update block of the GPTQ sweep.")
+    percdamp: float = option(0.01, "GPTQ dampening, as a fraction of the mean Hessian diagonal.")
+    # act-order by default: on SmolLM2 at W4 g128 sym it gives a lower perplexity than natural order (README)
+    act_order: bool = option(True, "Quantize columns by descending Hessian diagonal, with static groups; "
+                                   "--no-act-order: natural order, each group fitted when reached.")
+
+    def check(self) -> None:
+        if self.blocksize < 1:
+            raise LowbitError(f"--blocksize must be >= 1, got {self.blocksize}")
+        if not self.percdamp >= 0:
+            raise LowbitError(f"--percdamp must be >= 0 (a fraction of the mean Hessian diagonal), got {self.percdamp}")
+
+
+@dataclass(frozen=True)
+class GptqOptions(CalibOptions, GptqSweepOptions):
+    true_sequential: bool = option(True, "Quantize q/k/v, o, gate/up, down in turn inside a block, each from "
+                                         "inputs through the ones before it; --no-true-sequential: every linear "
+                                         "from the float block's inputs.")
 
 
 def _split_rows(qt: QTensor, sizes: list[int]) -> list[QTensor]:
@@ -30,7 +56,7 @@ def _split_rows(qt: QTensor, sizes: list[int]) -> list[QTensor]:
     return out
 
 
-def gptq_linears(linears: dict[str, nn.Module], hess: Hessians, config: QuantConfig, opts: dict
+def gptq_linears(linears: dict[str, nn.Module], hess: Hessians, config: QuantConfig, opts: GptqSweepOptions
                  ) -> dict[str, tuple[QTensor, float]]:
     """GPTQ each linear with its H; linears with the same H and scheme (q/k/v, gate/up) in one stacked sweep:
     the same codes as one sweep each, one Cholesky and one column loop instead of several."""
@@ -43,20 +69,12 @@ def gptq_linears(linears: dict[str, nn.Module], hess: Hessians, config: QuantCon
             by_scheme.setdefault(key, (scheme, []))[1].append(n)
         for scheme, names in by_scheme.values():
             W = torch.cat([linears[n].weight.detach() for n in names]) if len(names) > 1 else linears[names[0]].weight
-            qt, row_loss = gptq_rows(W, hess[names[0]].H, scheme, opts["blocksize"], opts["percdamp"],
-                                     opts["act_order"])
+            qt, row_loss = gptq_rows(W, hess[names[0]].H, scheme, opts.blocksize, opts.percdamp, opts.act_order)
             sizes = [linears[n].out_features for n in names]
             parts = _split_rows(qt, sizes) if len(names) > 1 else [qt]
             for n, part, loss in zip(names, parts, row_loss.split(sizes)):
                 out[n] = (part, float(loss.sum()))
     return out
-
-
-def gptq_options(config: QuantConfig) -> dict:
-    # act-order by default: on SmolLM2 at W4 g128 sym it gives a lower perplexity than natural order (README)
-    o = {"blocksize": 128, "percdamp": 0.01, "act_order": True, "true_sequential": True}
-    o.update({k: v for k, v in config.options.items() if k in o})
-    return o
 
 
 def gptq_block(model: nn.Module, config: QuantConfig, selected: set[str], staged: bool = True):
@@ -66,7 +84,7 @@ def gptq_block(model: nn.Module, config: QuantConfig, selected: set[str], staged
     with the groups before it already quantized -- in one staged pass over the samples that also yields the
     block's outputs (calibration/sequential.run_block_staged), or, for a block whose calls depend on the data,
     in one statistics pass per group. Otherwise every H comes from the float block, in one pass."""
-    opts = gptq_options(config)
+    opts: GptqOptions = config.options
 
     def quantize_group(names: list[str], linears, hess) -> dict[str, QuantLinear]:
         results = gptq_linears({n: linears[n] for n in names}, hess, config, opts)
@@ -110,13 +128,13 @@ def gptq_block(model: nn.Module, config: QuantConfig, selected: set[str], staged
 
     def process(block_name: str, block: nn.Module, inputs, kw):
         linears = {n: m for n, m in block_linears(model, block_name, block) if n in selected}
-        result = run_staged(block_name, block, linears, inputs, kw) if opts["true_sequential"] and staged else None
+        result = run_staged(block_name, block, linears, inputs, kw) if opts.true_sequential and staged else None
         if result is not None:
             quantized, outputs = result
             for n, q in quantized.items():
                 set_module(model, n, q)
             return {n: q.scheme for n, q in quantized.items()}, outputs
-        groups = _sequential_groups(linears) if opts["true_sequential"] else [list(linears)]
+        groups = sequential_groups(model, list(linears)) if opts.true_sequential else [list(linears)]
         done = {}
         for names in groups:
             hess = Hessians({n: linears[n] for n in names})
@@ -129,22 +147,14 @@ def gptq_block(model: nn.Module, config: QuantConfig, selected: set[str], staged
     return process
 
 
-def _sequential_groups(linears: dict[str, nn.Module]) -> list[list[str]]:
-    """True-sequential order inside a block: attention inputs, attention output, MLP inputs, MLP output."""
-    order = [("q_proj", "k_proj", "v_proj", "qkv_proj"), ("o_proj",), ("gate_proj", "up_proj", "gate_up_proj"), ("down_proj",)]
-    groups, seen = [], set()
-    for suffixes in order:
-        g = [n for n in linears if n.rsplit(".", 1)[-1] in suffixes]
-        if g:
-            groups.append(g)
-            seen.update(g)
-    rest = [n for n in linears if n not in seen]
-    return groups + ([rest] if rest else [])
-
-
-@register_method("gptq")
 def gptq(model: nn.Module, config: QuantConfig, ctx) -> dict[str, Scheme]:
     from ..models.arch import select_modules
 
     selected = set(select_modules(model, config.include, config.exclude, tuple(config.overrides)))
     return layer_sequential(model, ctx.calib_ids(), gptq_block(model, config, selected), desc="gptq")
+
+
+SPEC = register(MethodSpec(
+    name="gptq", run=gptq, options=GptqOptions, help="error-compensating rounding from calibration Hessians",
+    calibration=True, streams_blocks=True,  # layer-sequential: one block at a time
+))

@@ -16,21 +16,40 @@ second matmul, so it costs about nothing.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
-from ..core.config import QuantConfig
+from ..core.config import QuantConfig, option, option_like
 from ..core.scheme import Scheme
+from ..errors import LowbitError
 from ..nn.int8 import Int8OutlierLinear
-from .registry import register_method
+from .registry import INT8_WEIGHTS, MethodSpec, register
 from .rtn import replace_linears
-from .smoothquant import act_from_options
+from .w8a8 import ActOptions, act_quant
 
 
-@register_method("llm-int8")
-def llm_int8(model: nn.Module, config: QuantConfig, ctx=None) -> dict[str, Scheme]:
-    o = config.options
+@dataclass(frozen=True)
+class LlmInt8Options(ActOptions):
     # per token, at run time; act_bits and act_symmetric as in w8a8, but zeropoint (asymmetric) by default
-    act = act_from_options({"act_symmetric": False, **o, "act": "dynamic"})
-    threshold = float(o.get("threshold", 6.0))
+    act_symmetric: bool = option_like(ActOptions, "act_symmetric", False)
+    threshold: float = option(6.0, "|x| at which an input column is an outlier (multiplied in float).")
+
+    def check(self) -> None:
+        if not self.threshold > 0:
+            raise LowbitError(f"--threshold must be > 0, got {self.threshold}")
+
+
+def llm_int8(model: nn.Module, config: QuantConfig, ctx=None) -> dict[str, Scheme]:
+    o: LlmInt8Options = config.options
+    act = act_quant("dynamic", o.act_bits, o.act_symmetric)
     return replace_linears(model, config, lambda lin, scheme: Int8OutlierLinear.from_linear(
-        lin, scheme, act=act, threshold=threshold), desc="llm-int8")
+        lin, scheme, act=act, threshold=o.threshold), desc="llm-int8")
+
+
+SPEC = register(MethodSpec(
+    name="llm-int8", run=llm_int8, options=LlmInt8Options,
+    help="int8 weights and activations, outlier input columns in float",
+    default_scheme=Scheme(bits=8, symmetric=True, granularity="channel", group_size=None), schemes=INT8_WEIGHTS,
+    streams_blocks=True,  # one layer at a time
+))

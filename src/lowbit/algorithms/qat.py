@@ -17,24 +17,27 @@ Loading, scoring and saving around the training: workflows/qat.py.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import QuantConfig
+from ..core.config import Options, QuantConfig, option
 from ..core.quant import QTensor, compute_qparams, grouped, quantize_codes, ungrouped
 from ..core.scheme import Scheme
+from ..core.state import QuantRecord, state_of
 from ..errors import LowbitError
 from ..models.arch import get_module, select_modules, set_module
 from ..nn.qlinear import QuantLinear
+from .registry import CalibOptions, MethodSpec, register
 
 
 MIN_SCALE = 1e-5  # learned scales stay above this: still > 0 once stored as fp16 (its subnormals end at 6e-8)
@@ -169,8 +172,8 @@ def prepare(model: nn.Module, config: QuantConfig, learn_scale: bool = False, le
     return done
 
 
-def convert(model: nn.Module, config: QuantConfig) -> nn.Module:
-    """Replace every FakeQuantLinear by the packed QuantLinear it stands for; record the quantization."""
+def pack(model: nn.Module) -> dict[str, Scheme]:
+    """Replace every FakeQuantLinear by the packed QuantLinear it stands for; returns {name: scheme}."""
     modules: dict[str, Scheme] = {}
     for name, mod in list(model.named_modules()):
         if isinstance(mod, FakeQuantLinear):
@@ -178,7 +181,13 @@ def convert(model: nn.Module, config: QuantConfig) -> nn.Module:
             modules[name] = mod.scheme
     for p in model.parameters():
         p.requires_grad_(False)
-    model.lowbit_quant = {"config": config, "modules": modules}
+    return modules
+
+
+def convert(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """pack(), and record the quantization."""
+    modules = pack(model)
+    state_of(model).quant = QuantRecord(config, modules)
     return model
 
 
@@ -187,17 +196,17 @@ def convert(model: nn.Module, config: QuantConfig) -> nn.Module:
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    lr: float = 1e-5
-    scale_lr: float | None = None  # default: lr
-    batch: int = 4
-    seqlen: int = 256
-    warmup: int | None = None  # default: 5% of steps
-    clip: float = 1.0
-    weight_decay: float = 0.0
-    distill: bool = False
-    seed: int = 0
-    save_every: int = 50
+    steps: int = option(200, "Optimizer steps.")
+    lr: float = option(1e-5, "Peak learning rate of the weights (AdamW, warm-up then cosine).")
+    scale_lr: float | None = option(None, "Learning rate of scales/zero points [default: --lr].")
+    batch: int = option(4, "Windows per step.")
+    seqlen: int = option(256, "Tokens per training window.")
+    warmup: int | None = option(None, "Warm-up steps [default: 5% of --steps].")
+    clip: float = option(1.0, "Gradient clipping (global norm).")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    distill: bool = option(False, "Loss = KL(float teacher || student) on the next-token distribution.")
+    seed: int = option(0, "Seed of the training windows (the config's seed).", cli=False)
+    save_every: int = option(50, "Save the training state every K steps (for --resume).", cli=False)  # lowbit qat
 
     def lr_factor(self, step: int) -> float:
         warm = self.warmup if self.warmup is not None else max(1, self.steps // 20)
@@ -352,13 +361,15 @@ def train(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, cfg:
 class BlockConfig:
     """Block-wise training (Block-AP of EfficientQAT, Chen et al. 2024, after OmniQuant): each decoder
     block's fake-quant weights and scales learn to reproduce the float block's output, one block at a time."""
-    epochs: int = 0  # 0: no block-wise phase
-    lr: float = 1e-4
-    scale_lr: float | None = None  # default: lr
-    batch: int = 2  # windows per step
-    nsamples: int = 64  # training windows
-    seqlen: int = 512
-    seed: int = 0
+    epochs: int = option(0, "Block-wise phase first (EfficientQAT's Block-AP): epochs over --block-samples "
+                            "windows per decoder block; 0 = none.")
+    lr: float = option(1e-3, "Block-wise phase: peak learning rate of the weights.")
+    scale_lr: float | None = option(None, "Block-wise phase: learning rate of scales/zero points [default: "
+                                          "--block-lr].")
+    batch: int = option(2, "Block-wise phase: windows per step.")
+    nsamples: int = option(64, "Block-wise phase: training windows (from the training text).", flag="--samples")
+    seqlen: int = option(512, "Block-wise phase: tokens per window.")
+    seed: int = option(0, "Seed of the training windows (the config's seed).", cli=False)
 
     def steps_per_block(self) -> int:
         return self.epochs * math.ceil(self.nsamples / self.batch)
@@ -498,3 +509,59 @@ def _train_one_block(name: str, block: nn.Module, q_in: list[torch.Tensor], targ
     block.eval()
     return {"block": name, "steps": step, "mse_before": before, "mse_after": mse(),
             "train_loss_last": sum(losses[-5:]) / len(losses[-5:])}
+
+
+# ----------------------------------------------------------------------------- options, the method
+
+
+@dataclass(frozen=True)
+class QatOptions(Options):
+    """QAT's settings, as `lowbit qat` records them (workflows/qat.py fills in what it did)."""
+
+    train: TrainConfig = option(TrainConfig(), "End-to-end phase.")
+    block: BlockConfig | None = option(None, "Block-wise phase (recorded where it ran).", prefix="block-")
+    learn_scale: bool = option(False, "Train the scales too (LSQ gradient).", flag="--learn-scales")
+    learn_zero: bool = option(False, "Train the zero points too (asymmetric grids).", flag="--learn-zeros")
+    init: str | None = option(None, "The PTQ checkpoint training started from.", cli=False)
+    train_text: str | None = option(None, "The training text's file name.", cli=False)
+    tokens_seen: int | None = option(None, "Tokens of the end-to-end phase.", cli=False)
+
+    def check(self) -> None:
+        t, b = self.train, self.block
+        blockwise = b is not None and b.epochs >= 1
+        if t.steps < 0 or t.batch < 1 or t.seqlen < 2 or not t.lr > 0 or (t.steps == 0 and not blockwise):
+            raise LowbitError("need --steps >= 0 (>= 1 without --block-epochs), --batch >= 1, --seqlen >= 2 and "
+                              "--lr > 0")
+        if b is not None and (b.epochs < 0 or b.nsamples < 1 or b.seqlen < 2 or b.batch < 1 or not b.lr > 0):
+            raise LowbitError("need --block-epochs >= 0, --block-samples >= 1, --block-seqlen >= 2, "
+                              "--block-batch >= 1 and --block-lr > 0")
+
+
+@dataclass(frozen=True)
+class QatMethodOptions(CalibOptions, QatOptions):
+    """`lowbit quantize --method qat`: QAT's settings, trained on the calibration windows."""
+
+
+def quantize_qat(model: nn.Module, config: QuantConfig, ctx) -> dict[str, Scheme]:
+    """`quantize --method qat`: fake-quant training in place on the calibration windows (their tokens one after
+    the other as the training text), then packed. Distillation and the block-wise phase learn from a float copy
+    of the model taken first. `lowbit qat` (workflows/qat.py) adds held-out scores, --init and --resume."""
+    ids = ctx.calib_ids().reshape(-1)
+    o: QatMethodOptions = config.options  # after calib_ids(), which records what it drew in them
+    tcfg = replace(o.train, seed=config.seed)
+    block = replace(o.block, seed=config.seed) if o.block is not None and o.block.epochs >= 1 else None
+    teacher = copy.deepcopy(model) if tcfg.distill or block is not None else None
+    prepare(model, config, learn_scale=o.learn_scale, learn_zero=o.learn_zero)
+    with torch.enable_grad():
+        if block is not None:
+            train_blockwise(model, teacher, ids, block)
+        train(model, teacher if tcfg.distill else None, ids, tcfg)
+    config.options = replace(o, train=tcfg, block=block, tokens_seen=tcfg.steps * tcfg.batch * tcfg.seqlen)
+    return pack(model)
+
+
+SPEC = register(MethodSpec(
+    name="qat", run=quantize_qat, options=QatMethodOptions,
+    help="quantization-aware training on the calibration windows, see also lowbit qat",
+    calibration=True,  # the whole model trains at once: no block streaming
+))

@@ -6,10 +6,11 @@ from tqdm.auto import tqdm
 
 from ..core.config import QuantConfig
 from ..core.scheme import Scheme
+from ..core.state import state_of
 from ..errors import LowbitError
 from ..models.arch import get_module, select_modules, set_module
 from ..nn.qlinear import QuantEmbedding, QuantLinear
-from .registry import register_method
+from .registry import MethodSpec, register
 
 
 def quantize_module(mod: nn.Module, scheme: Scheme) -> nn.Module:
@@ -23,7 +24,7 @@ def quantize_module(mod: nn.Module, scheme: Scheme) -> nn.Module:
 def _float_module(model: nn.Module, name: str) -> nn.Module:
     """The module `name`, its float weights read from disk first when the model is loaded lazily (one
     layer in memory at a time: the quantized module replaces it and the float weights are freed)."""
-    lazy = getattr(model, "lowbit_lazy", None)
+    lazy = state_of(model).lazy
     if lazy is not None:
         lazy.materialize(model, prefix=name + ".")
     return get_module(model, name)
@@ -42,7 +43,6 @@ def replace_linears(model: nn.Module, config: QuantConfig, make, desc: str) -> d
     return done
 
 
-@register_method("rtn")
 def rtn(model: nn.Module, config: QuantConfig, ctx=None) -> dict[str, Scheme]:
     names = select_modules(model, config.include, config.exclude, tuple(config.overrides))
     done: dict[str, Scheme] = {}
@@ -51,3 +51,9 @@ def rtn(model: nn.Module, config: QuantConfig, ctx=None) -> dict[str, Scheme]:
         set_module(model, name, quantize_module(_float_module(model, name), scheme))
         done[name] = scheme
     return done
+
+
+SPEC = register(MethodSpec(
+    name="rtn", run=rtn, help="round to nearest, min/max scales, no data",
+    streams_blocks=True,  # one layer at a time
+))

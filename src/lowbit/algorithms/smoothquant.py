@@ -1,4 +1,4 @@
-"""W8A8 (int8 weights and activations) with optional SmoothQuant (Xiao et al. 2022).
+"""SmoothQuant (Xiao et al. 2022): smoothing folded into the model, and the calibrated path of W8A8 (w8a8.py).
 
 SmoothQuant moves activation outliers into the weights: for every input channel j
 of a group of linears fed by one op (data mappings in models/arch.py),
@@ -8,19 +8,6 @@ of a group of linears fed by one op (data mappings in models/arch.py),
 then the feeding op (a norm, or the rows of a linear) is divided by s and the
 linears' input columns multiplied by s: the float model is unchanged and
 max|X_j / s_j| = max|X_j|^(1-α) max|W_j|^(1-α) is flatter across channels.
-
-Method "w8a8" (options): act "dynamic" (per token, default), "static" (one scale
-per tensor from calibration), "tensor" (per tensor, computed at run time — the
-naive scheme); act_bits 8 or 7; act_symmetric (False: a zero point per token or
-tensor, dynamic only); smooth α (None = no smoothing); rotate (default: on for "dynamic", off for the
-naive "tensor"; refused for "static"): every linear's input and weight are turned by
-an orthogonal Hadamard-based R (core/rotation.py, QuaRot-style but online, per linear) before
-quantization, so x Wᵀ = (x R)(W R)ᵀ is unchanged in float and the outlier channels are spread over
-all channels; pair_bound (default: on for 8-bit activations): weight scales chosen so that neighbouring
-codes sum to at most 128 in magnitude (nn/int8.pair_bounded_qtensor), which lets AVX2 CPUs without VNNI
-run 8-bit activations in one exact u8 x s8 GEMM. Calibration
-(layer-sequential, max |x| per input channel of each linear) runs only when the
-activations are static or smoothing is asked for.
 """
 from __future__ import annotations
 
@@ -34,13 +21,8 @@ from ..calibration.sequential import layer_sequential, observe_inputs
 from ..core.config import QuantConfig
 from ..core.scheme import Scheme
 from ..errors import LowbitError
-from ..models.arch import block_linears, input_groups, scale_mappings, select_modules, set_module
-from ..nn.int8 import ActQuant, W8A8Linear
+from ..models.arch import block_linears, scale_mappings, select_modules, set_module
 from .awq import apply_scale
-from .registry import register_method
-from .rtn import replace_linears
-
-ACT_MODES = {"dynamic": ("token", False), "static": ("tensor", True), "tensor": ("tensor", False)}
 
 
 def smooth_factors(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -80,16 +62,8 @@ def channel_amax(block: nn.Module, linears: dict[str, nn.Module], inputs, kw) ->
     return amax
 
 
-def act_from_options(o: dict) -> ActQuant:
-    mode = o.get("act", "dynamic")
-    if mode not in ACT_MODES:
-        raise LowbitError(f"--act must be one of {', '.join(ACT_MODES)}, got {mode!r}")
-    gran, static = ACT_MODES[mode]
-    return ActQuant(granularity=gran, static=static, bits=int(o.get("act_bits", 8)),
-                    symmetric=bool(o.get("act_symmetric", True)))
-
-
-def _calibrated(model: nn.Module, config: QuantConfig, ctx, make, alpha: float | None, desc: str) -> dict[str, Scheme]:
+def calibrated_linears(model: nn.Module, config: QuantConfig, ctx, make, alpha: float | None, desc: str
+                       ) -> dict[str, Scheme]:
     """Layer-sequential: per-channel max |x| of every selected linear's input, smoothing, then `make`."""
     selected = set(select_modules(model, config.include, config.exclude, tuple(config.overrides)))
     ids = ctx.calib_ids()
@@ -113,37 +87,6 @@ def _calibrated(model: nn.Module, config: QuantConfig, ctx, make, alpha: float |
     if rest:
         raise LowbitError(f"{desc}: calibrated activation quantization covers decoder-block linears only; "
                           f"exclude {rest[0]}")
-    return done
-
-
-@register_method("w8a8")
-def w8a8(model: nn.Module, config: QuantConfig, ctx) -> dict[str, Scheme]:
-    o = config.options
-    act = act_from_options(o)
-    alpha = o.get("smooth")
-    alpha = None if alpha is None else float(alpha)
-
-    rotate = o.get("rotate")
-    rotate = (act.granularity == "token") if rotate is None else bool(rotate)
-    if rotate and act.static:
-        raise LowbitError("--rotate needs activation scales computed at run time (--act dynamic or tensor): "
-                          "static scales are calibrated on unrotated inputs")
-
-    pair_bound = o.get("pair_bound")
-    pair_bound = (act.bits == 8) if pair_bound is None else bool(pair_bound)
-
-    def make(lin: nn.Linear, scheme: Scheme, amax: float | None = None) -> W8A8Linear:
-        return W8A8Linear.from_linear(lin, scheme, act=act, input_amax=amax, rotate=rotate, pair_bound=pair_bound)
-
-    groups = input_groups(model)  # before the linears are replaced (the mappings name nn.Linear modules)
-    if act.static or alpha is not None:
-        done = _calibrated(model, config, ctx, make, alpha, desc="smoothquant" if alpha is not None else "w8a8")
-    else:
-        done = replace_linears(model, config, make, desc="w8a8")
-    for name, share in groups.items():
-        mod = model.get_submodule(name)
-        if isinstance(mod, W8A8Linear):
-            mod.share = share  # q/k/v (gate/up) quantize their common input once: kernels/int8.quantized_input
     return done
 
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..core.memory import release_free_memory
 from ..core.scheme import Scheme
+from ..core.state import state_of
 from ..models.arch import find_blocks
 from ..nn.qlinear import dequantized_weights
 
@@ -304,7 +305,7 @@ BlockFn = Callable[[str, nn.Module, list[torch.Tensor], dict], "dict[str, Scheme
 def layer_sequential(model: nn.Module, ids: torch.Tensor, process_block: BlockFn, desc: str = "calibrate") -> dict[str, Scheme]:
     """Drive `process_block` over the decoder blocks in order; returns everything it quantized."""
     blocks = find_blocks(model)
-    lazy = getattr(model, "lowbit_lazy", None)  # a lazily loaded model: read each float block when reached
+    lazy = state_of(model).lazy  # a lazily loaded model: read each float block when reached
     t0 = time.time()
     inputs, kw = capture_block_inputs(model, blocks[0][1], ids)
     if lazy is not None:  # embeddings and head are not needed again until the end: back to disk

@@ -12,18 +12,17 @@ CALIB_TEXT = DATA / "wikitext-2-valid-tokenized.txt"  # calibration (never the t
 
 
 def read_text(path: str | os.PathLike | None = None) -> tuple[str, str]:
-    """(text, label). Default: WikiText-2 raw test. Refuses missing, unreadable or empty files."""
+    """(text, label). Default: WikiText-2 raw test. Refuses missing, unreadable or empty files, and anything
+    that is not a regular file (FIFOs, devices, folders) or is larger than TEXT_LIMIT, before reading it."""
+    from .inputs import TEXT_LIMIT, read_regular
+
     p = Path(path).expanduser() if path is not None else TEST_TEXT
+    data = read_regular(p, TEXT_LIMIT, what="text file")
     try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LowbitError(f"{p}: no such text file") from None
-    except IsADirectoryError:
-        raise LowbitError(f"{p}: is a folder, not a text file") from None
-    except UnicodeDecodeError:
-        raise LowbitError(f"{p}: not UTF-8 text") from None
-    except OSError as e:
-        raise LowbitError(f"{p}: cannot read ({e.strerror})") from None
-    if not text.strip():
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LowbitError(f"{p}: not UTF-8 text (invalid byte at offset {e.start})") from None
+    del data
+    if not text or text.isspace():  # (no stripped copy of a large text)
         raise LowbitError(f"{p}: text file is empty")
     return text, str(p)

@@ -12,14 +12,13 @@ features" of Dettmers et al. (2022).
 """
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models.arch import short_name
 from ..nn.qlinear import QuantLinear
 
 MEDIAN_TOKENS = 2048  # tokens per layer kept for the median
@@ -113,7 +112,7 @@ def plot_outliers(result: dict, path, top_dims: int = 12) -> None:
     a1.set_xlabel("linear layer (model order)")
     a1.legend(loc="upper left", fontsize=8)
     ticks = list(range(0, len(layers), max(1, len(layers) // 20)))
-    a1.set_xticks(ticks, [layers[i]["name"].replace("model.layers.", "L") for i in ticks], rotation=60, fontsize=6)
+    a1.set_xticks(ticks, [short_name(layers[i]["name"]) for i in ticks], rotation=60, fontsize=6)
     feats = [f for f in result["features"]][:top_dims]
     if feats:
         width = feats[0]["width"]
@@ -128,12 +127,10 @@ def plot_outliers(result: dict, path, top_dims: int = 12) -> None:
         a2.text(0.5, 0.5, "no dimension reaches the threshold in 6% of the tokens of any layer", ha="center", va="center")
         a2.set_axis_off()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    from ..core.io import atomic_path
+
     try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
+        with atomic_path(path, overwrite=True, is_dir=False, kind="png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)

@@ -16,8 +16,17 @@ from tqdm.auto import tqdm
 
 from ..core.text import read_text
 from ..core.tokens import tokenize
+from ..core.state import state_of
 from ..errors import LowbitError
 from .size import weight_stats
+
+
+def _exp(x: float) -> float:
+    """exp, inf past float range (a model with huge or infinite logits has an infinite perplexity)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 def windows(ids: torch.Tensor, seqlen: int, limit_tokens: int | None = None) -> torch.Tensor:
@@ -51,7 +60,10 @@ def evaluate(
     label = "<text>"
     if text is None:
         text, label = read_text(text_path)
-    wins = windows(tokenize(tokenizer, text), seqlen, limit_tokens)
+    wins = windows(tokenize(tokenizer, text, max_tokens=limit_tokens), seqlen, limit_tokens)
+    from ..models.validate import check_token_ids
+
+    check_token_ids(wins, model)
     nll, count, kl_sum, agree, base_nll = 0.0, 0, 0.0, 0, 0.0
     bar = tqdm(wins, desc="eval", unit="win", file=sys.stderr, disable=not progress, leave=False)
     for w in bar:
@@ -65,9 +77,13 @@ def evaluate(
             base_nll += float(F.nll_loss(logq, target, reduction="sum"))
             kl_sum += float(F.kl_div(logp, logq, log_target=True, reduction="sum"))  # KL(base || model)
             agree += int((logp.argmax(-1) == logq.argmax(-1)).sum())
-        bar.set_postfix(ppl=f"{math.exp(nll / count):.3f}")
+        for m, value in ((model, nll), (base, base_nll)):
+            if m is not None and not math.isfinite(value):  # NaN/Inf weights or scales: no number to report
+                raise LowbitError(f"{state_of(m).source or 'model'}: perplexity is {_exp(value / count)}: "
+                                  "the model's logits are not finite (NaN or Inf in its weights or scales)")
+        bar.set_postfix(ppl=f"{_exp(nll / count):.3f}")
     out = {
-        "ppl": math.exp(nll / count),
+        "ppl": _exp(nll / count),
         "tokens": int(wins.numel()),
         "predicted": count,
         "windows": int(wins.shape[0]),
@@ -76,5 +92,5 @@ def evaluate(
         **weight_stats(model),
     }
     if base is not None:
-        out.update(kl=kl_sum / count, top1=agree / count, base_ppl=math.exp(base_nll / count))
+        out.update(kl=kl_sum / count, top1=agree / count, base_ppl=_exp(base_nll / count))
     return out

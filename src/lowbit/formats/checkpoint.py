@@ -26,12 +26,12 @@ from torch import nn
 
 from ..core.config import QuantConfig
 from ..core.scheme import Scheme
+from ..core.state import QuantRecord, state_of
 from ..core.version import __version__
 from ..errors import LowbitError
 from ..models.arch import set_module
-from ..nn.int8 import INT8_MODULES
-from ..nn.qlinear import QuantEmbedding, QuantLinear
-from .io import atomic_path
+from ..core.io import atomic_path
+from ..nn.kinds import MODULE_KINDS
 
 # Not model.safetensors: transformers, vLLM and the other engines, which cannot run these tensors, then find no
 # weights and refuse the folder, instead of filling the model with random weights (checkpoints written before
@@ -61,20 +61,15 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return out, aliases
 
 
-def quant_info(model: nn.Module) -> dict:
-    """What `quantize` recorded on the model: {"config": QuantConfig, "modules": {name: Scheme}}."""
-    return getattr(model, "lowbit_quant", None) or {"config": None, "modules": {}}
-
-
 def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    info = quant_info(model)
-    cfg: QuantConfig | None = info["config"]
-    modules: dict[str, Scheme] = info["modules"]
+    record = state_of(model).quant or QuantRecord(None, {})
+    cfg: QuantConfig | None = record.config
+    modules: dict[str, Scheme] = record.modules
     default = cfg.scheme if cfg is not None else None
     layers = {}
     for name, scheme in modules.items():
         mod = model.get_submodule(name)
-        entry = {"kind": "embedding" if isinstance(mod, QuantEmbedding) else getattr(mod, "kind", "linear")}
+        entry = {"kind": getattr(mod, "kind", "linear")}  # the on-disk kind names of nn/kinds.py
         if hasattr(mod, "entry"):
             entry.update(mod.entry())
         if scheme != default:
@@ -108,6 +103,7 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, overwri
 
 
 def _bad(folder: Path, why: str) -> LowbitError:
+    why = " ".join(why.split())  # one line, whatever transformers' message held
     return LowbitError(f"{folder}: corrupt or incomplete lowbit checkpoint ({why})")
 
 
@@ -122,51 +118,63 @@ def _build(model_type: str, conf: dict, skeleton):
 
     config = AutoConfig.for_model(model_type, **conf)
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
 
 
 def load_checkpoint(folder: str | os.PathLike, skeleton=None):
     """(model, tokenizer) of a lowbit checkpoint. skeleton(model_type, config dict) -> an empty model, or None
     where it does not apply (then transformers' class): runtime/lean.py's lean_skeleton for LLaMA-family
-    models (no transformers import; runs only through the lean decoder); with a skeleton, no tokenizer."""
+    models (no transformers import; runs only through the lean decoder); with a skeleton, no tokenizer.
+
+    Nothing is trusted before it is checked (models/validate.py): the config's sizes against limits and the
+    tensor table, every stored tensor against the skeleton the config and layer table imply, the aliases,
+    finite scales; no custom code."""
+    from ..models import validate
+
     folder = Path(folder)
     try:
-        conf = json.loads((folder / "config.json").read_text())
+        conf = validate.read_json(folder / "config.json")
         qc = conf.pop("quantization_config")
         cfg = QuantConfig.from_dict(qc) if qc.get("method", "none") != "none" else None
         model_type = conf.pop("model_type")
-    except (OSError, ValueError, KeyError, TypeError, LowbitError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, LowbitError) as e:
         raise _bad(folder, f"config.json: {e}") from None
+    validate.check_custom_code(folder, {**conf, "model_type": model_type})
     weights = folder / WEIGHTS
     if not weights.is_file() and (folder / LEGACY_WEIGHTS).is_file():
         weights = folder / LEGACY_WEIGHTS
     if not weights.is_file():
         raise _bad(folder, f"{WEIGHTS} is missing")
+    table = validate.tensor_table(folder, weights.name)  # headers checked against the file; the file inside the folder
     if _sha256(weights) != qc.get("weights_sha256"):
         raise _bad(folder, f"{WEIGHTS} does not match its checksum: truncated or modified")
+    validate.check_config(conf, table, str(folder / "config.json"))
     try:
         model = _build(model_type, conf, skeleton)
     except Exception as e:
         raise _bad(folder, f"cannot build {model_type}: {type(e).__name__}: {e}") from None
     modules: dict[str, Scheme] = {}
     try:
-        for name, entry in qc.get("layers", {}).items():
+        layers = qc.get("layers", {})
+        if not isinstance(layers, dict):
+            raise LowbitError("layers is not a table")
+        for name, entry in layers.items():
             scheme = Scheme.from_dict(entry["scheme"]) if "scheme" in entry else cfg.scheme
             old = model.get_submodule(name)
             kind = entry.get("kind", "linear")
-            if kind == "embedding":
-                new = QuantEmbedding(old.num_embeddings, old.embedding_dim, scheme, padding_idx=old.padding_idx, device="meta")
-            elif kind in INT8_MODULES:
-                new = INT8_MODULES[kind].from_entry(entry, old, scheme)
-            elif kind != "linear":
+            if name in modules or not isinstance(old, (nn.Linear, nn.Embedding)):
+                raise LowbitError(f"{name!r} is not a float linear or embedding of the model")
+            if kind not in MODULE_KINDS:
                 raise LowbitError(f"unknown layer kind {kind!r} of {name}")
-            else:
-                new = QuantLinear(old.in_features, old.out_features, scheme, bias=old.bias is not None, device="meta")
+            new = MODULE_KINDS[kind].from_entry(entry, old, scheme)
             new.rel_error = entry.get("rel_error")
             set_module(model, name, new)
             modules[name] = scheme
-    except (AttributeError, KeyError, TypeError, LowbitError) as e:
+    except (AttributeError, KeyError, TypeError, ValueError, LowbitError) as e:
         raise _bad(folder, f"layer table: {e}") from None
+    aliases = qc.get("aliases", {})
+    # every tensor against the module it fills, before any is read (a wrong size here would reach C)
+    validate.check_skeleton(model, table, aliases, str(weights))
     try:
         with safe_open(str(weights), framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
@@ -176,7 +184,6 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:
         raise _bad(folder, str(e).splitlines()[0]) from None
-    aliases = qc.get("aliases", {})
     missing = [k for k in result.missing_keys if k not in aliases]
     if missing or result.unexpected_keys:
         raise _bad(folder, f"missing tensors {missing[:3]} unexpected {result.unexpected_keys[:3]}")
@@ -187,19 +194,20 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
     for n, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta:
             raise _bad(folder, f"tensor {n} was not stored")
-    model.lowbit_quant = {"config": cfg, "modules": modules}
+    validate.check_scales(model, str(weights))
+    state_of(model).quant = QuantRecord(cfg, modules)
     if skeleton is not None:
         return model, None
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(folder))
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception:
         tok = None
     try:
         from transformers import GenerationConfig
 
-        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+        model.generation_config = GenerationConfig.from_pretrained(str(folder), trust_remote_code=False)
     except Exception:
         pass
     return model, tok

@@ -34,8 +34,8 @@ from ..core.version import __version__
 from ..errors import LowbitError
 from ..nn.int8 import W8A8Linear
 from ..nn.qlinear import QuantLinear
-from .checkpoint import quant_info
-from .interop import (DTYPES, IntLinear, Tensors, assemble, check_group, dtype_name, empty_model, export_dtype,
+from ..core.state import QuantRecord, state_of
+from .interop import (option, DTYPES, IntLinear, Tensors, assemble, check_group, dtype_name, empty_model, export_dtype,
                       finish, float_state, int_linear, matches, quant_linear, quantized_modules, read_config,
                       scheme_of, source_dtype, w8a8_linear, write_folder)
 
@@ -110,13 +110,13 @@ def _act_args(m: W8A8Linear) -> dict:
 
 
 def _actorder(model: nn.Module) -> str | None:
-    cfg: QuantConfig | None = quant_info(model)["config"]
+    cfg: QuantConfig | None = (state_of(model).quant or QuantRecord(None)).config
     if cfg is None:
         return None
-    src = cfg.options.get("source") or {}
+    src = option(cfg, "source") or {}
     if src.get("format") == FMT:
         return src.get("actorder")
-    if cfg.method in ("gptq", "awq+gptq") and cfg.options.get("act_order", True):
+    if cfg.method in ("gptq", "awq+gptq") and option(cfg, "act_order", True):
         return "weight"  # static groups: columns quantized in act order, groups in the natural order
     return None
 

@@ -29,9 +29,9 @@ from torch import nn
 
 from ..errors import LowbitError
 from ..nn.int8 import W8A8Linear
-from .checkpoint import quant_info
+from ..core.state import QuantRecord, state_of
 from .compressed_tensors import pack_int32, unpack_int32
-from .interop import (IntLinear, Tensors, assemble, check_group, dtype_name, empty_model, export_dtype, finish,
+from .interop import (option, IntLinear, Tensors, assemble, check_group, dtype_name, empty_model, export_dtype, finish,
                       float_state, int_linear, producer, quant_linear, quantized_modules, read_config, scheme_of,
                       source_dtype, write_folder)
 
@@ -109,13 +109,13 @@ def _uniform(mods: dict[str, nn.Module], fmt: str):
 
 
 def _static_groups(model: nn.Module) -> bool:
-    cfg = quant_info(model)["config"]
+    cfg = (state_of(model).quant or QuantRecord(None)).config
     if cfg is None:
         return False
-    src = cfg.options.get("source") or {}
+    src = option(cfg, "source") or {}
     if src.get("format") == "gptq":
         return bool(src.get("static_groups", False))
-    return cfg.method in ("gptq", "awq+gptq") and bool(cfg.options.get("act_order", True))
+    return cfg.method in ("gptq", "awq+gptq") and bool(option(cfg, "act_order", True))
 
 
 def export_gptq(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str | None = None,
@@ -158,7 +158,7 @@ def export_gptq(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     group = -1 if s.granularity == "channel" else s.group_size
     if awq:
         qc = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
-              "modules_to_not_convert": None}
+              "modules_to_not_convert": None, "meta": {"quantizer": [producer().replace(" ", ":")]}}
     else:
         qc = {"quant_method": "gptq", "bits": s.bits, "group_size": group, "desc_act": False, "sym": s.symmetric,
               "static_groups": _static_groups(model), "true_sequential": True, "lm_head": False,

@@ -27,11 +27,20 @@ from ..errors import LowbitError
 from ..models.arch import ARCHITECTURES, set_module
 from ..nn.int8 import ActQuant, Int8OutlierLinear, W8A8Linear
 from ..nn.qlinear import QuantEmbedding, QuantLinear
-from .checkpoint import quant_info
-from .io import atomic_path
+from ..core.state import QuantRecord, state_of
+from ..core.io import atomic_path
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ENGINE_GROUPS = (32, 64, 128, 256)  # group sizes the engines' int4/int8 kernels tile
+
+
+def option(cfg, key: str, default=None):
+    """One option of a recorded QuantConfig: its options are a mapping (read from a checkpoint or an imported
+    folder) or the method's typed Options object (quantized in this process)."""
+    if cfg is None:
+        return default
+    opts = cfg.options
+    return opts.get(key, default) if isinstance(opts, dict) else getattr(opts, key, default)
 
 
 @dataclass
@@ -118,8 +127,8 @@ def check_group(name: str, mod: QuantLinear, fmt: str) -> None:
 def quantized_modules(model: nn.Module, fmt: str) -> dict[str, nn.Module]:
     """{name: module} of the quantized layers, refusing what no engine format holds (quantized embeddings or
     head, LLM.int8()'s float outlier columns)."""
-    info = quant_info(model)
-    names = list(info["modules"]) or [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    record = state_of(model).quant or QuantRecord(None)
+    names = list(record.modules) or [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
     if not names:
         raise LowbitError(f"{fmt}: the model is not quantized (quantize it first, or export it as gguf)")
     cfg = getattr(model, "config", None)
@@ -163,8 +172,8 @@ def export_dtype(model: nn.Module, dtype: str | None, scale_dtypes: set[torch.dt
         if dtype not in DTYPES:
             raise LowbitError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
         return DTYPES[dtype]
-    cfg = quant_info(model)["config"]
-    src = (cfg.options.get("source") or {}) if cfg is not None else {}
+    cfg = (state_of(model).quant or QuantRecord(None)).config
+    src = option(cfg, "source") or {}
     if src.get("dtype") in DTYPES:
         return DTYPES[src["dtype"]]
     if len(scale_dtypes) == 1:
@@ -362,7 +371,7 @@ def matches(name: str, targets: list[str], cls_name: str = "Linear") -> bool:
 
 
 def finish(model: nn.Module, folder: Path, schemes: dict, source: dict, skeleton):
-    """Record the layers' schemes (read by quant_info) and load tokenizer and generation config."""
+    """Record the layers' schemes (state_of(model).quant) and load tokenizer and generation config."""
     from collections import Counter
 
     from ..core.config import QuantConfig
@@ -371,7 +380,7 @@ def finish(model: nn.Module, folder: Path, schemes: dict, source: dict, skeleton
     cfg = QuantConfig(method="import", scheme=default,
                       overrides={f"^{n}$".replace(".", r"\."): s for n, s in schemes.items() if s != default},
                       options={"source": source})
-    model.lowbit_quant = {"config": cfg, "modules": dict(schemes)}
+    state_of(model).quant = QuantRecord(cfg, dict(schemes))
     if skeleton is not None:
         return model, None
     try:

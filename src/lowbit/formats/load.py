@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ..models.loading import gguf_to_cache, load_hf, resolve
+from ..core.state import state_of
+from ..models.loading import load_hf, resolve
+from .gguf.convert import gguf_to_cache
 from .checkpoint import load_checkpoint
 from .export import foreign_source, load_foreign
 
@@ -38,5 +40,5 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32, la
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    model.lowbit_source = src.name
+    state_of(model).source = src.name
     return model, tok

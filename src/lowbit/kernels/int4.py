@@ -11,7 +11,7 @@ lowbit's codes are u = Q - qmin and w = s (u - z_u), so per lowbit group
 A lowbit group of g columns (the last one possibly shorter) is cut into g / G
 kernel groups that repeat its scale, with G the largest allowed size dividing
 both g and K; so g128 on K = 576 runs with G = 64. Packing is done once per
-module and cached. Rounding differs from the reference (the kernel adds the
+module (kept in module.kstate.packed). Rounding differs from the reference (the kernel adds the
 zero term instead of subtracting z before scaling), hence a float tolerance in
 the equivalence test.
 
@@ -23,7 +23,11 @@ and larger batches (prefill, evaluation) to the reference path.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from .reference import Kernel, qlinear_forward as reference_forward
 
 KERNEL_GROUPS = (256, 128, 64, 32)
 MAX_ROWS = 16  # rows of x up to which the kernel beats dequantize + fp32 matmul here
@@ -105,9 +109,9 @@ def int8x2_mm(x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, G: int) 
 
 
 def int8x2_forward(module, x: torch.Tensor, G: int) -> torch.Tensor:
-    cached = module._kcache.get("int8x2")
+    cached = module.kstate.packed
     if cached is None:
-        cached = module._kcache["int8x2"] = pack_int8_as_int4x2(module, G, torch.bfloat16)
+        cached = module.kstate.packed = pack_int8_as_int4x2(module, G, torch.bfloat16)
     lead = x.shape[:-1]
     y = int8x2_mm(x.reshape(-1, x.shape[-1]), *cached, G)
     if module.bias is not None:
@@ -122,10 +126,9 @@ def int4_mm(x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, G: int) ->
 
 def int4_forward(module, x: torch.Tensor, G: int) -> torch.Tensor:
     dtype = torch.bfloat16  # the kernel's fast path (see the module docstring)
-    key = ("int4", dtype)
-    cached = module._kcache.get(key)
+    cached = module.kstate.packed
     if cached is None:
-        cached = module._kcache[key] = pack_int4(module, G, dtype)
+        cached = module.kstate.packed = pack_int4(module, G, dtype)
     packed, sz = cached
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -133,3 +136,35 @@ def int4_forward(module, x: torch.Tensor, G: int) -> torch.Tensor:
     if module.bias is not None:
         y = y + module.bias.to(dtype)
     return y.to(x.dtype).reshape(*lead, module.out_features)
+
+
+@dataclass(frozen=True, repr=True)
+class Int4Kernel(Kernel):
+    """4-bit codes through torch's int4 matmul with kernel groups of `group` columns (decode-sized inputs)."""
+
+    group: int
+    name = "int4"
+
+    def pack(self, modules) -> tuple[torch.Tensor, torch.Tensor]:
+        return pack_int4(modules, self.group, torch.bfloat16)
+
+    def forward(self, module, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // x.shape[-1] <= MAX_ROWS:
+            return int4_forward(module, x, self.group)
+        return reference_forward(module, x)
+
+
+@dataclass(frozen=True, repr=True)
+class Int8x2Kernel(Kernel):
+    """8-bit codes as two 4-bit halves through torch's int4 matmul (decode-sized inputs)."""
+
+    group: int
+    name = "int8x2"
+
+    def pack(self, modules) -> tuple[torch.Tensor, torch.Tensor]:
+        return pack_int8_as_int4x2(modules, self.group, torch.bfloat16)
+
+    def forward(self, module, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // x.shape[-1] <= MAX_ROWS:
+            return int8x2_forward(module, x, self.group)
+        return reference_forward(module, x)

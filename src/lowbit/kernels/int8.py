@@ -5,13 +5,14 @@
     acc = (u - zp) @ Qw^T            int32 [M, N]
     y   = acc * sw * sx (+ bias)
 
-kernel_for() picks, per module: onednn (one GEMM), onednn-sparse (8-bit activations on CPUs where
-one GEMM would saturate: a 7-bit GEMM operand plus a sparse rest, in C), onednn-split (the same without
-the C library: two halves of 7 bits in one GEMM of twice the rows), or reference.
+kernel_for() picks one kernel object per module, once (kept in module.kstate): OneDNN (one GEMM),
+OneDNNSparse (8-bit activations on CPUs where one GEMM would saturate: a 7-bit GEMM operand plus a sparse
+rest, in C), OneDNNSplit (the same without the C library: two halves of 7 bits in one GEMM of twice the
+rows), or the reference (Int8Gemm); every call then goes to its gemm().
 
 reference  the codes in float64 through BLAS: every int32 accumulator is exact.
 onednn     torch.ops.onednn.qlinear_pointwise on u8 x s8 with int32 accumulation,
-           prepacked weight cached on the module. On CPUs without VNNI the
+           prepacked weight kept in module.kstate. On CPUs without VNNI the
            u8 x s8 instruction (vpmaddubsw) adds pairs of products in *saturating*
            int16, so it is exact only while 2 * max(u) * max|Qw| <= 32767: true for
            7-bit activations (u <= 127, |Qw| <= 128), false for 8-bit ones. Whether
@@ -143,110 +144,150 @@ def onednn_pairs_exact() -> bool:
 
 
 def _pairs_bounded(module) -> bool:
-    got = module._kcache.get("pairs_bounded")
-    if got is None:
-        got = module._kcache["pairs_bounded"] = bool(int(pair_sums(module.weight_codes_int8()).max()) <= 128)
-    return got
+    st = module.kstate
+    if st.pairs_bounded is None:
+        st.pairs_bounded = bool(int(pair_sums(module.weight_codes_int8()).max()) <= 128)
+    return st.pairs_bounded
 
 
-def kernel_for(module) -> str:
-    """How this module's integer matmul runs here:
+def _packed(module) -> torch.Tensor:
+    st = module.kstate
+    if st.onednn is None:
+        st.onednn = torch.ops.onednn.qlinear_prepack(module.weight_codes_int8(), None)
+    return st.onednn
 
-    'onednn'        one u8 x s8 GEMM; exact for the module's activation width on this CPU, or exact because
-                    the module's weight codes are pair-bounded (|Qw[n, 2j]| + |Qw[n, 2j+1]| <= 128, see
-                    `onednn_pairs_exact`), which keeps the instruction's int16 pair sums from saturating
-    'onednn-sparse' 8-bit activations where one GEMM would saturate: the codes q = u - zp split into
-                    c = clamp(q, -64, 63), one exact 7-bit GEMM, plus the rest q - c, nonzero only at a row's
-                    largest values (a small share of the entries), added from the transposed weight
-                    codes in C (kernels/native.py). Exact while max|u - zp| * sum_k |Qw[n, k]| < 2^24 for
-                    every row n (all partial sums are integers below it, in float32; max|u - zp| = 128
-                    symmetric, 255 asymmetric), checked once per module.
-    'onednn-split'  the same without the C library: u = 128 b + r with r < 128 and b in {0, 1}, both
-                    halves in one GEMM of 2M rows (exact: u <= 127), combined as
-                    acc = R + 128 B - 128 rowsum(Qw), exact while 127 * sum_k |Qw[n, k]| < 2^24.
-    'reference'     the codes through float64 BLAS
-    """
-    kind = module._kcache.get("int8_kernel")
+
+def _transposed(module) -> torch.Tensor:
+    """The int8 weight codes as [K, N], contiguous (kept): rows the sparse rest adds from."""
+    st = module.kstate
+    if st.codes_t is None:
+        st.codes_t = module.weight_codes_int8().T.contiguous()
+    return st.codes_t
+
+
+def _weight_sums(module) -> tuple[torch.Tensor, int]:
+    """(Σ_k Qw[n, k] as float64 [N], max_n Σ_k |Qw[n, k]|), kept."""
+    st = module.kstate
+    if st.sums is None:
+        qw = module.weight_codes_int8()
+        st.sums = (qw.sum(dim=1, dtype=torch.int64).double(), int(qw.abs().sum(dim=1, dtype=torch.int64).max()))
+    return st.sums
+
+
+class Int8Gemm:
+    """How a module's integer matmul runs: gemm(module, u, zp, sw) -> float32 [M, N] = ((u - zp) @ Qw^T) * sw,
+    or None where this kernel is not exact for the call (then the reference runs it). This base is the
+    reference: the codes through float64 BLAS, every int32 accumulator exact."""
+
+    name = "reference"
+
+    def gemm(self, module, u: torch.Tensor, zp: int | torch.Tensor, sw: torch.Tensor) -> torch.Tensor | None:
+        return int8_gemm_reference(u, zp, module.weight_codes_int8()).float() * sw
+
+    def __repr__(self) -> str:
+        return f"<int8 kernel {self.name}>"
+
+
+class OneDNN(Int8Gemm):
+    """One u8 x s8 GEMM; exact for the module's activation width on this CPU, or exact because the module's
+    weight codes are pair-bounded (|Qw[n, 2j]| + |Qw[n, 2j+1]| <= 128, see `onednn_pairs_exact`), which
+    keeps the instruction's int16 pair sums from saturating. Per-row zero points: the GEMM on u itself, the
+    zero points' share subtracted after (`_exact_sums`)."""
+
+    name = "onednn"
+
+    def gemm(self, module, u, zp, sw):
+        if not isinstance(zp, torch.Tensor):
+            return _onednn_call(u.contiguous(), zp, _packed(module), sw)
+        return _exact_sums(module, u, zp, sw, one_gemm=True)
+
+
+class OneDNNSparse(Int8Gemm):
+    """8-bit activations where one GEMM would saturate: the codes q = u - zp split into c = clamp(q, -64, 63),
+    one exact 7-bit GEMM, plus the rest q - c, nonzero only at a row's largest values (a small share of the
+    entries), added from the transposed weight codes in C (kernels/native.py). Exact while
+    max|u - zp| * sum_k |Qw[n, k]| < 2^24 for every row n (all partial sums are integers below it, in
+    float32; max|u - zp| = 128 symmetric, 255 asymmetric), checked once per module."""
+
+    name = "onednn-sparse"
+
+    def gemm(self, module, u, zp, sw):  # q = u - zp = c + e: c in [-64, 63] through the GEMM, the sparse e in C
+        M = u.shape[0]
+        L = native.lib()
+        zr = (zp.to(torch.int32).expand(M, 1).reshape(M) if isinstance(zp, torch.Tensor)
+              else torch.full((M,), zp, dtype=torch.int32))
+        uc, rowptr, cols, vals = native.i8_split(L, u.contiguous(), zr.contiguous())
+        acc = _onednn_call(uc, 64, _packed(module), _ones(sw.shape[0]))  # exact integer sums in float32
+        if vals.numel():
+            native.i8_sparse_add(L, rowptr, cols, vals, _transposed(module), acc)
+        return acc.mul_(sw)
+
+
+class OneDNNSplit(Int8Gemm):
+    """The same without the C library: u = 128 b + r with r < 128 and b in {0, 1}, both halves in one GEMM
+    of 2M rows (exact: u <= 127), combined as acc = R + 128 B - 128 rowsum(Qw), exact while
+    127 * sum_k |Qw[n, k]| < 2^24."""
+
+    name = "onednn-split"
+
+    def gemm(self, module, u, zp, sw):
+        return _exact_sums(module, u, zp, sw, one_gemm=False)
+
+
+INT8_KERNELS: dict[str, Int8Gemm] = {k.name: k for k in (Int8Gemm(), OneDNN(), OneDNNSparse(), OneDNNSplit())}
+INT8_REFERENCE = INT8_KERNELS["reference"]
+
+
+def kernel_for(module) -> Int8Gemm:
+    """How this module's integer matmul runs here (one of INT8_KERNELS, chosen once per module): OneDNN where
+    one GEMM is exact, else for 8-bit activations OneDNNSparse (with the C library) or OneDNNSplit where the
+    weight sums allow, else the reference."""
+    kind = module.kstate.int8
     if kind is not None:
         return kind
-    kind = "reference"
+    kind = INT8_REFERENCE
     if onednn_exact(module.act.bits) or (module.act.bits == 8 and _pairs_bounded(module) and onednn_pairs_exact()):
-        kind = "onednn"
+        kind = INT8_KERNELS["onednn"]
     elif module.act.bits == 8 and onednn_exact(7):
         l1 = _weight_sums(module)[1]
         if l1 * (128 if module.act.symmetric else 255) < 2**24 and native.lib() is not None:  # max |u - zp|
-            kind = "onednn-sparse"
+            kind = INT8_KERNELS["onednn-sparse"]
         elif l1 * 127 < 2**24:
-            kind = "onednn-split"
+            kind = INT8_KERNELS["onednn-split"]
         else:
             _log_once(f"int8: a {module.out_features}x{module.in_features} layer's weight sums are too large for "
                       "the exact split path; using the reference path for it")
     elif not _onednn_available():
         _log_once("int8: oneDNN is not available in this torch build; using the reference path")
-    module._kcache["int8_kernel"] = kind
+    module.kstate.int8 = kind
     return kind
-
-
-def _packed(module) -> torch.Tensor:
-    packed = module._kcache.get("onednn")
-    if packed is None:
-        packed = module._kcache["onednn"] = torch.ops.onednn.qlinear_prepack(module.weight_codes_int8(), None)
-    return packed
 
 
 def int8_linear_scaled(module, u: torch.Tensor, zp: int | torch.Tensor) -> torch.Tensor:
     """float32 [M, N] = ((u - zp) @ Qw^T) * sw through the module's kernel; zp an int, or one per row
     (float32 [M, 1] of integers: asymmetric activations)."""
     sw = module.weight_scale()
-    kind = kernel_for(module)
-    if kind != "reference":
-        try:
-            y = _fast(module, kind, u, zp, sw)
-            if y is not None:
-                return y
-        except RuntimeError as e:  # a shape or layout the kernel refuses: the reference path, from now on
-            _log_once(f"int8: oneDNN refused a {module.out_features}x{module.in_features} layer "
-                      f"({str(e).splitlines()[0][:80]}); using the reference path for it")
-            module._kcache["int8_kernel"] = "reference"
-    return int8_gemm_reference(u, zp, module.weight_codes_int8()).float() * sw
+    kernel = module.kstate.int8 or kernel_for(module)
+    try:
+        y = kernel.gemm(module, u, zp, sw)
+    except RuntimeError as e:  # a shape or layout the kernel refuses: the reference path, from now on
+        _log_once(f"int8: oneDNN refused a {module.out_features}x{module.in_features} layer "
+                  f"({str(e).splitlines()[0][:80]}); using the reference path for it")
+        module.kstate.int8 = INT8_REFERENCE
+        y = None
+    return y if y is not None else INT8_REFERENCE.gemm(module, u, zp, sw)
 
 
-def _transposed(module) -> torch.Tensor:
-    """The int8 weight codes as [K, N], contiguous (cached): rows the sparse rest adds from."""
-    wT = module._kcache.get("codes_t")
-    if wT is None:
-        wT = module._kcache["codes_t"] = module.weight_codes_int8().T.contiguous()
-    return wT
-
-
-def _weight_sums(module) -> tuple[torch.Tensor, int]:
-    """(Σ_k Qw[n, k] as float64 [N], max_n Σ_k |Qw[n, k]|), cached."""
-    got = module._kcache.get("colsum")
-    if got is None:
-        qw = module.weight_codes_int8()
-        got = module._kcache["colsum"] = (qw.sum(dim=1, dtype=torch.int64).double(),
-                                          int(qw.abs().sum(dim=1, dtype=torch.int64).max()))
-    return got
-
-
-def _fast(module, kind: str, u: torch.Tensor, zp: int | torch.Tensor, sw: torch.Tensor) -> torch.Tensor | None:
-    """The oneDNN paths; None where none is exact for this call (then the reference path runs)."""
-    per_row = isinstance(zp, torch.Tensor)
-    if kind == "onednn" and not per_row:
-        return _onednn_call(u.contiguous(), zp, _packed(module), sw)
+def _exact_sums(module, u: torch.Tensor, zp: int | torch.Tensor, sw: torch.Tensor, one_gemm: bool
+                ) -> torch.Tensor | None:
+    """(u - zp) @ Qw^T * sw from GEMMs on zero-point-free codes (one on u where `one_gemm` and its sums stay
+    exact in float32, else one on u's two 7-bit halves), the zero points' share subtracted after; None where
+    the weight sums are too large for either."""
     M = u.shape[0]
-    if kind == "onednn-sparse":  # q = u - zp = c + e: c in [-64, 63] through the GEMM, the sparse e in C
-        L = native.lib()
-        zr = (zp.to(torch.int32).expand(M, 1).reshape(M) if per_row else torch.full((M,), zp, dtype=torch.int32))
-        uc, rowptr, cols, vals = native.i8_split(L, u.contiguous(), zr.contiguous())
-        acc = _onednn_call(uc, 64, _packed(module), _ones(sw.shape[0]))  # exact integer sums in float32
-        if vals.numel():
-            native.i8_sparse_add(L, rowptr, cols, vals, _transposed(module), acc)
-        return acc.mul_(sw)
     colsum, l1 = _weight_sums(module)
     # every sum below is an integer of magnitude <= 255 * l1: exact in float32 when that is < 2^24
     dt = torch.float32 if l1 * 255 < 2**24 else torch.float64
-    if kind == "onednn" and l1 * ((1 << module.act.bits) - 1) < 2**24:  # one GEMM; its sums are exact in fp32
+    if one_gemm and l1 * ((1 << module.act.bits) - 1) < 2**24:  # one GEMM; its sums are exact in fp32
         acc = _onednn_call(u.contiguous(), 0, _packed(module), _ones(sw.shape[0])).to(dt)
     elif l1 * 127 < 2**24:
         # u = 128 b + r with r < 128 and b in {0, 1}: both halves in one GEMM of 2M rows (exact: u <= 127)
@@ -255,7 +296,7 @@ def _fast(module, kind: str, u: torch.Tensor, zp: int | torch.Tensor, sw: torch.
         acc = out[:M].add_(out[M:], alpha=128.0)
     else:
         return None
-    if per_row:
+    if isinstance(zp, torch.Tensor):
         acc.sub_(zp.to(dt) * colsum.to(dt))  # [M, 1] x [N]
     else:
         acc.sub_(colsum.to(dt), alpha=float(zp))

@@ -10,16 +10,22 @@
 
 Each has a torch reference here (`*_reference`, the same math in torch ops) and an equivalence test.
 The library is compiled once per source, compiler and CPU into the lowbit cache (`cc -O3 -march=native
--ffast-math -fopenmp`, linked without fast-math) and reused; without a C compiler, or with
-LOWBIT_NATIVE=0, `lib()` returns None (the reason logged once) and the lean decoder keeps its torch ops.
+-ffast-math -fopenmp`, linked without fast-math) and reused: from a folder only this user can
+write, and only while its sha256 is the one recorded when it was built (see `build`; anything else there is
+built again, never loaded). Without a C compiler, or with LOWBIT_NATIVE=0, `lib()` returns None (the reason
+logged once) and the lean decoder keeps its torch ops. Every call checks its tensors' dtypes, contiguity and
+sizes against the dims it passes first: the C side trusts no size.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
+import json
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -28,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.paths import cache_dir
+from ..errors import LowbitError
 
 SOURCE = Path(__file__).with_name("decode.c")
 ABI_VERSION = 6
@@ -53,8 +60,21 @@ def _cpu_key() -> str:
     return platform.machine() + flags
 
 
-def build(out_dir: Path | None = None) -> Path:
-    """Compile decode.c into a shared library (cached by source, compiler and CPU) and return its path."""
+# ---- the library's cache: a folder only this user can write, a hash of every library built ----------------
+#
+# A library is loaded only from a private folder (owned by this user, no group/world write, created 0700, no
+# folder above it that anyone may rename it in), only if it is a regular file of this user (no link followed)
+# whose sha256 equals the one recorded next to it when it was built (lowbit_decode_KEY.json: the hash of the
+# library and of the source + compiler + flags + CPU it was built from), and it is loaded from the very file
+# descriptor that was hashed. A library that is missing, empty, foreign, a link or altered is built again (to a
+# temporary name, then renamed over it). A cache folder that fails the checks is ignored: the library is built
+# in a private temporary folder for this process.
+
+_PRIVATE: list[Path] = []  # this process's temporary build folder, where the cache is unusable
+
+
+def _toolchain() -> tuple[str, list[str], list[str], str]:
+    """(compiler, compile flags, link flags, digest of source + compiler + flags + CPU)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise OSError("no C compiler (cc/gcc) on PATH")
@@ -62,21 +82,143 @@ def build(out_dir: Path | None = None) -> Path:
     # crtfastmath.o, which turns on flush-to-zero for the whole process (torch included) when the library loads
     cflags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
     lflags = ["-shared", "-fopenmp", "-lmvec", "-lm"]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *cflags, *lflags, _cpu_key()]).encode()).hexdigest()[:16]
-    out_dir = out_dir or _cache_dir()
-    path = out_dir / f"lowbit_decode_{key}.so"
-    if path.exists():
-        return path
-    out_dir.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *cflags, *lflags, _cpu_key()]).encode()).hexdigest()
+    return cc, cflags, lflags, digest
+
+
+def private_dir(d: Path) -> Path:
+    """d, created 0700 where missing; OSError unless it is a folder (not a link) of this user that no one else
+    can write, under folders that no other user can rename it in."""
+    d = Path(d).absolute()
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    uid = os.getuid()
+    st = os.lstat(d)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise OSError(f"{d} is not a folder (a link?)")
+    if st.st_uid != uid:
+        raise OSError(f"{d} belongs to another user (uid {st.st_uid})")
+    if st.st_mode & 0o022:
+        raise OSError(f"{d} is writable by group or others")
+    for a in d.parents:
+        ast = os.stat(a)
+        if ast.st_uid not in (uid, 0) or (ast.st_mode & 0o002 and not ast.st_mode & stat.S_ISVTX):
+            raise OSError(f"{a}, above {d.name}, belongs to another user or anyone may write to it")
+    if st.st_mode & 0o077:
+        os.chmod(d, 0o700)
+    return d
+
+
+def _cache_or_private() -> Path:
+    try:
+        return private_dir(_cache_dir())
+    except OSError as e:
+        if not _PRIVATE:
+            _log(f"native decode ops: cache folder ignored ({e}); building in a private temporary folder")
+            d = Path(tempfile.mkdtemp(prefix="lowbit-native-"))
+            atexit.register(shutil.rmtree, d, True)
+            _PRIVATE.append(d)
+        return _PRIVATE[0]
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _open_own(path: Path) -> tuple[int, os.stat_result] | None:
+    """(read-only descriptor, stat) of a regular, non-empty file of this user at `path` (a link is not
+    followed), or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size == 0:
+        os.close(fd)
+        return None
+    return fd, st
+
+
+def _fd_sha256(fd: int) -> str:
+    h = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while chunk := os.read(fd, 1 << 20):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _open_verified(path: Path, digest: str) -> int | None:
+    """A descriptor of the library at `path` if it is the one recorded at build time for `digest`, else None."""
+    got = _open_own(_sidecar(path))
+    if got is None:
+        return None
+    fd, st = got
+    try:
+        rec = json.loads(os.read(fd, 4096)) if st.st_size < 4096 else None
+    except ValueError:
+        rec = None
+    finally:
+        os.close(fd)
+    if not isinstance(rec, dict) or rec.get("source") != digest or rec.get("abi") != ABI_VERSION:
+        return None
+    got = _open_own(path)
+    if got is None:
+        return None
+    fd = got[0]
+    if _fd_sha256(fd) != rec.get("sha256"):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _compile(cc: str, cflags: list[str], lflags: list[str], digest: str, out_dir: Path, path: Path) -> None:
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         obj, so = os.path.join(tmp, "decode.o"), os.path.join(tmp, "decode.so")
         for cmd in ([cc, *cflags, "-c", str(SOURCE), "-o", obj], [cc, obj, "-o", so, *lflags]):
-            r = subprocess.run(cmd, capture_output=True, text=True)
+            r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
             if r.returncode != 0:
                 err = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
                 raise OSError(f"{cc} failed on {SOURCE.name}: {err}")
+        fd = os.open(so, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            sha = _fd_sha256(fd)
+        finally:
+            os.close(fd)
+        side = os.path.join(tmp, "decode.json")
+        with open(side, "w") as f:
+            json.dump({"sha256": sha, "source": digest, "abi": ABI_VERSION}, f)
         os.replace(so, path)  # whole file or nothing
+        os.replace(side, _sidecar(path))  # recorded after the library: a crash between leaves a mismatch (rebuilt)
+
+
+def build(out_dir: Path | None = None) -> Path:
+    """Compile decode.c into a shared library (cached by source, compiler and CPU, in a private folder) and
+    return its path: the cached one where it is the library recorded at build time, else built again."""
+    cc, cflags, lflags, digest = _toolchain()
+    out_dir = private_dir(out_dir) if out_dir is not None else _cache_or_private()
+    path = out_dir / f"lowbit_decode_{digest[:16]}.so"
+    fd = _open_verified(path, digest)
+    if fd is not None:
+        os.close(fd)
+        return path
+    _compile(cc, cflags, lflags, digest, out_dir, path)
     return path
+
+
+def load(out_dir: Path | None = None):
+    """The library built (or found) by `build`, loaded through the descriptor of the file whose hash was checked
+    (no window in which another file can take its place). OSError where it cannot be built or stays unverified."""
+    digest = _toolchain()[3]
+    for _ in range(2):  # a library changed between build and load is built once more
+        path = build(out_dir)
+        fd = _open_verified(path, digest)
+        if fd is None:
+            continue
+        try:
+            proc = f"/proc/self/fd/{fd}"
+            return ctypes.CDLL(proc if os.path.exists(proc) else str(path))
+        finally:
+            os.close(fd)
+    raise OSError(f"{path}: does not match the hash recorded when it was built")
 
 
 def lib():
@@ -88,7 +230,7 @@ def lib():
         _log("native decode ops: off (LOWBIT_NATIVE=0)")
     else:
         try:
-            handle = ctypes.CDLL(str(build()))
+            handle = load()
             if handle.lb_abi_version() != ABI_VERSION:
                 raise OSError("ABI version mismatch")
             p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
@@ -102,7 +244,7 @@ def lib():
             for fn in (handle.lb_add_rmsnorm, handle.lb_silu_mul, handle.lb_attn_decode, handle.lb_linear_q,
                        handle.lb_i8_sparse_add):
                 fn.restype = None
-        except OSError as e:
+        except (OSError, AttributeError) as e:
             _log(f"native decode ops unavailable ({e}); the lean decoder uses torch ops")
             handle = None
     _LIB.append(handle)
@@ -136,8 +278,30 @@ class QWeight:
         self.bias = (None if all(b is None for b in biases) else
                      torch.cat([b.float() if b is not None else torch.zeros(m.out_features)
                                 for b, m in zip(biases, modules)]).contiguous())
+        self.ng = self.s.shape[1] if self.s.dim() == 2 else 0
+        self._check()
         self._w_ptrs = (ctypes.c_void_p * len(self.weights))(*[w.data_ptr() for w in self.weights])
         self._rows = (ctypes.c_int * len(self.rows))(*self.rows)
+
+    def _check(self) -> None:
+        """What lb_linear_q will read, against the dims it is told (it trusts none): the layout it tiles
+        (K and G in whole blocks of 64 (4-bit) or 32 columns), each segment's codes exactly [rows, K/2 or K]
+        uint8, s and sz' [N, ceil(K/G)] float32, the bias [N], every size within a C int."""
+        K, G, bits = self.K, self.G, self.bits
+        step = 64 if bits == 4 else 32
+        if bits not in (4, 8) or not 0 < K <= MAX_K or K % step or G < step or G % step:
+            raise LowbitError(f"native linear: {bits}-bit codes of {K} columns in groups of {G} do not tile")
+        row_bytes = K // 2 if bits == 4 else K
+        for w, r in zip(self.weights, self.rows):
+            _need(w, (torch.uint8,), r * row_bytes, "linear codes")
+            if tuple(w.shape) != (r, row_bytes) or r < 1:
+                raise LowbitError(f"native linear: codes {list(w.shape)}, need [{r}, {row_bytes}]")
+        if self.N >= 1 << 31 or self.ng != -(-K // G):
+            raise LowbitError(f"native linear: {self.N} rows, scales of {self.ng} groups for {K} columns / {G}")
+        _need(self.s, _F32, self.N * self.ng, "linear scales")
+        _need(self.sz, _F32, self.N * self.ng, "linear zero terms")
+        if self.bias is not None:
+            _need(self.bias, _F32, self.N, "linear bias")
 
     @staticmethod
     def applies(modules) -> bool:
@@ -220,30 +384,100 @@ def attn_decode_reference(qkv, cos, sin, kc, vc, pos, nh, nkv, hd, scale, out_dt
 
 
 # ---- ctypes calls: contiguous tensors, float32 or bfloat16 where the C side takes either -----------------
-# (no checks here: this is the per-token hot path; runtime/decoder.py sets the buffers up once)
+# The C side trusts no size: before every call, each tensor's dtype, contiguity and element count are checked
+# against the dims the call passes (`_need`: attribute reads only, no data scans).
+
+_F32 = (torch.float32,)
+_IO = (torch.float32, torch.bfloat16)
+INT_MAX = (1 << 31) - 1
+MAX_K = 1 << 20  # decode.c keeps a row's int8 activations (K bytes) and per-block floats on the stack
+
+
+def _bad(t: torch.Tensor, dtypes: tuple, n: int, what: str) -> LowbitError:
+    return LowbitError(f"native decode ops: {what} is {t.dtype} {list(t.shape)}"
+                       f"{'' if t.is_contiguous() else ' (not contiguous)'}{'' if t.is_cpu else ' (not on the CPU)'}, "
+                       f"the call needs {n} contiguous {' or '.join(str(d).replace('torch.', '') for d in dtypes)} "
+                       "elements on the CPU")
+
+
+def _need(t: torch.Tensor, dtypes: tuple, n: int, what: str) -> None:
+    """t must be a contiguous CPU tensor of exactly n elements of one of `dtypes`."""
+    if t.dtype not in dtypes or t.numel() != n or not t.is_contiguous() or not t.is_cpu:
+        raise _bad(t, dtypes, n, what)
+
+
+def _f32(t: torch.Tensor, n: int, what: str) -> None:
+    """`_need` for float32 (the decode path's checks: one dtype read each)."""
+    if t.dtype is not torch.float32 or t.numel() != n or not t.is_contiguous() or not t.is_cpu:
+        raise _bad(t, _F32, n, what)
+
+
+def _io(t: torch.Tensor, n: int, what: str) -> int:
+    """`_need` for a float32 or bfloat16 tensor; returns the C side's bf16 flag."""
+    d = t.dtype
+    if (d is not torch.float32 and d is not torch.bfloat16) or t.numel() != n or not t.is_contiguous() or not t.is_cpu:
+        raise _bad(t, _IO, n, what)
+    return d is torch.bfloat16
+
 
 def _bf(t: torch.Tensor) -> int:
     return int(t.dtype == torch.bfloat16)
 
 
 def add_rmsnorm(L, x, y, w, eps: float, out) -> None:
-    L.lb_add_rmsnorm(x.data_ptr(), None if y is None else y.data_ptr(), 0 if y is None else _bf(y), w.data_ptr(),
-                     eps, x.numel(), out.data_ptr(), _bf(out))
+    n = x.numel()
+    if n > INT_MAX:
+        raise LowbitError(f"native decode ops: add_rmsnorm of {n} elements")
+    _f32(x, n, "add_rmsnorm x")
+    y_bf = 0 if y is None else _io(y, n, "add_rmsnorm y")
+    _f32(w, n, "add_rmsnorm weight")
+    out_bf = _io(out, n, "add_rmsnorm out")
+    L.lb_add_rmsnorm(x.data_ptr(), None if y is None else y.data_ptr(), y_bf, w.data_ptr(), eps, n, out.data_ptr(),
+                     out_bf)
 
 
 def silu_mul(L, gu, out) -> None:
-    L.lb_silu_mul(gu.data_ptr(), _bf(gu), out.numel(), out.data_ptr(), _bf(out))
+    n = out.numel()
+    if n > INT_MAX // 2:
+        raise LowbitError(f"native decode ops: silu_mul of {n} elements")
+    gu_bf = _io(gu, 2 * n, "silu_mul gate|up")
+    out_bf = _io(out, n, "silu_mul out")
+    L.lb_silu_mul(gu.data_ptr(), gu_bf, n, out.data_ptr(), out_bf)
 
 
 def attn_decode(L, qkv, cos, sin, kc, vc, pos: int, nh: int, nkv: int, hd: int, scale: float, scratch, out) -> None:
-    L.lb_attn_decode(qkv.data_ptr(), _bf(qkv), cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(),
-                     pos, kc.shape[1], nh, nkv, hd, scale, scratch.data_ptr(), out.data_ptr(), _bf(out))
+    shape = kc.shape
+    if (len(shape) != 3 or shape != vc.shape or shape[0] != nkv or shape[2] != hd or not 0 <= pos < shape[1]
+            or not 0 < hd <= MAX_HEAD_DIM or hd % 2 or nkv < 1 or nh < 1 or nh % nkv
+            or kc.numel() > INT_MAX or (nh + 2 * nkv) * hd > INT_MAX):
+        raise LowbitError(f"native decode ops: attention of {nh}/{nkv} heads of {hd} at position {pos} on caches "
+                          f"{list(kc.shape)}, {list(vc.shape)}")
+    in_bf = _io(qkv, (nh + 2 * nkv) * hd, "attention q|k|v")
+    _f32(cos, hd, "attention cos")
+    _f32(sin, hd, "attention sin")
+    n = kc.numel()
+    if kc.dtype is not torch.float16 or not kc.is_contiguous() or not kc.is_cpu:
+        raise _bad(kc, (torch.float16,), n, "attention K cache")
+    if vc.dtype is not torch.float16 or not vc.is_contiguous() or not vc.is_cpu:
+        raise _bad(vc, (torch.float16,), n, "attention V cache")
+    need = nh * (pos + 1) + (nh + nkv) * hd
+    if scratch.numel() < need:
+        raise LowbitError(f"native decode ops: attention scratch of {scratch.numel()} floats, {need} needed at "
+                          f"position {pos}")
+    _f32(scratch, scratch.numel(), "attention scratch")
+    out_bf = _io(out, nh * hd, "attention out")
+    L.lb_attn_decode(qkv.data_ptr(), in_bf, cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(),
+                     pos, shape[1], nh, nkv, hd, scale, scratch.data_ptr(), out.data_ptr(), out_bf)
 
 
 def i8_split(L, u: torch.Tensor, zp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """u uint8 [M, K], zp int32 [M] -> (uc uint8 [M, K], rowptr int64 [M+1], cols int32, vals float32): q = u - zp
     as c = clamp(q, -64, 63) (uc = c + 64) plus the rest q - c in CSR (see decode.c)."""
+    if u.dim() != 2 or u.shape[0] > INT_MAX or u.shape[1] > INT_MAX:
+        raise LowbitError(f"native int8 split: codes {list(u.shape)}")
     M, K = u.shape
+    _need(u, (torch.uint8,), M * K, "int8 split codes")
+    _need(zp, (torch.int32,), M, "int8 split zero points")
     uc = torch.empty_like(u)
     rowptr = torch.empty(M + 1, dtype=torch.int64)
     cols = torch.empty(M * K, dtype=torch.int32)  # capacity; only the pages written are touched
@@ -266,15 +500,31 @@ def i8_split_reference(u: torch.Tensor, zp: torch.Tensor) -> tuple[torch.Tensor,
 
 def i8_sparse_add(L, rowptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, wT: torch.Tensor,
                   out: torch.Tensor) -> None:
-    """out [M, N] float32 += the CSR rows (rowptr, cols, vals) times wT (int8 [K, N], contiguous)."""
+    """out [M, N] float32 += the CSR rows (rowptr, cols, vals) times wT (int8 [K, N], contiguous). Prefill only:
+    besides the sizes, the CSR's row pointers and columns are checked against the arrays they index."""
+    if out.dim() != 2 or wT.dim() != 2 or wT.shape[1] != out.shape[1] or out.shape[0] > INT_MAX or out.shape[1] > INT_MAX:
+        raise LowbitError(f"native int8 sparse add: out {list(out.shape)}, weight codes {list(wT.shape)}")
+    (M, N), nnz = out.shape, cols.numel()
+    _need(out, _F32, M * N, "int8 sparse add out")
+    _need(wT, (torch.int8,), wT.numel(), "int8 sparse add weight codes")
+    _need(rowptr, (torch.int64,), M + 1, "int8 sparse add row pointers")
+    _need(cols, (torch.int32,), nnz, "int8 sparse add columns")
+    _need(vals, _F32, nnz, "int8 sparse add values")
+    if (int(rowptr[0]) != 0 or int(rowptr[-1]) != nnz or bool((rowptr[1:] < rowptr[:-1]).any())
+            or (nnz and not 0 <= int(cols.min()) <= int(cols.max()) < wT.shape[0])):
+        raise LowbitError("native int8 sparse add: row pointers or columns outside their arrays")
     L.lb_i8_sparse_add(out.shape[0], out.shape[1], rowptr.data_ptr(), cols.data_ptr(), vals.data_ptr(),
                        wT.data_ptr(), out.data_ptr())
 
 
 def linear_q(L, qw: QWeight, x, out) -> None:
-    """out [N] = x [K] Wᵀ (+ bias); x and out bf16 or float32."""
+    """out [N] = x [K] Wᵀ (+ bias); x and out bf16 or float32. What qw holds (codes, scales, zero terms, bias,
+    the pointer and row arrays) was checked against K, G and the rows when it was made (QWeight._check) and is
+    not replaced after; here the tensors of this call."""
+    x_bf = _io(x, qw.K, "linear input")
+    out_bf = _io(out, qw.N, "linear out")
     L.lb_linear_q(qw.bits, len(qw.rows), qw._w_ptrs, qw._rows, qw.s.data_ptr(), qw.sz.data_ptr(), qw.K, qw.G,
-                  x.data_ptr(), _bf(x), None if qw.bias is None else qw.bias.data_ptr(), out.data_ptr(), _bf(out))
+                  x.data_ptr(), x_bf, None if qw.bias is None else qw.bias.data_ptr(), out.data_ptr(), out_bf)
 
 
 __all__ = ["lib", "build", "QWeight", "linear_q", "i8_split", "i8_split_reference", "i8_sparse_add", "linear_q_reference", "quantize_act_reference", "add_rmsnorm", "silu_mul", "attn_decode", "add_rmsnorm_reference",

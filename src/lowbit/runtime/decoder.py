@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LowbitError
+from ..kernels.int4 import MAX_ROWS, Int4Kernel, Int8x2Kernel, int4_mm, int8x2_mm
+from ..kernels.w8 import W8Kernel, int8_mm
 from ..models.arch import decoder_layout, find_blocks, get_module
 
 
@@ -48,132 +50,213 @@ def unsupported_reason(model: nn.Module) -> str | None:
 
 
 class FusedLinear:
-    """y = x [W_1; W_2; ...]ᵀ (+ b) for linears that read the same input, as one call where a kernel allows."""
+    """y = x [W_1; W_2; ...]ᵀ (+ b) for linears that read the same input, as one call where a kernel allows.
 
-    def __init__(self, modules: list[nn.Module], native: bool = True) -> None:
-        from ..kernels import choose_kernel
-        from ..nn.qlinear import QuantLinear
+    One class per kind, picked once by fused_linear() (the first of KINDS whose applies() holds); then every
+    call goes to that object: __call__(x [M, K]) -> [M, sum N], decode_fn() (a call for one decode row),
+    nbytes(). This base is "parts": every module called on its own, outputs concatenated."""
 
+    kind = "parts"
+    bf16_io = False  # whether decode_fn takes and returns bfloat16 (the int4 kinds)
+
+    def __init__(self, modules: list[nn.Module]) -> None:
         self.modules = modules
-        self.kind = "parts"
         self.bias = None
-        use_native = native
-        if all(type(m) is QuantLinear for m in modules) and len({(m.scheme, m.in_features) for m in modules}) == 1:
-            from ..kernels import native
 
-            kinds = {choose_kernel(m) for m in modules}
-            if use_native and native.QWeight.applies(modules) and native.lib() is not None:
-                self.kind = "native"  # kernels/decode.c's matvec: decode rows (prefill calls the modules)
-                self.qw = native.QWeight(modules)
-            elif len(kinds) == 1:
-                kind, arg = kinds.pop()
-                if kind == "int4":
-                    from ..kernels.int4 import pack_int4
-
-                    self.kind, self.group = "int4", arg
-                    self.packed, self.sz = pack_int4(modules, arg, torch.bfloat16)
-                elif kind == "int8x2":
-                    from ..kernels.int4 import pack_int8_as_int4x2
-
-                    self.kind, self.group = "int8x2", arg
-                    self.packed, self.sz = pack_int8_as_int4x2(modules, arg, torch.bfloat16)
-                elif kind == "w8":
-                    from ..kernels.w8 import pack_int8
-
-                    self.kind = "w8"
-                    self.w, self.scale = pack_int8(modules)
-                if self.kind != "parts" and any(m.bias is not None for m in modules):
-                    self.bias = torch.cat([m.bias.float() if m.bias is not None else torch.zeros(m.out_features)
-                                           for m in modules])
-        elif all(type(m) is nn.Linear for m in modules):
-            self.kind = "float"
-
-    @property
-    def bf16_io(self) -> bool:
-        """Whether this projection's kernel takes and returns bfloat16 (the int4 kernel) on decode."""
-        return self.kind in ("int4", "int8x2")
+    @staticmethod
+    def applies(modules: list[nn.Module], native: bool) -> bool:
+        return True
 
     def decode_fn(self):
-        """A call for one decode row x [1, K] (bf16 for the int4 kinds, else float32), with as few ops as the
-        kind allows; returns [1, N] in the same dtype (native: float32, in a buffer reused by the next call)."""
-        if self.kind == "native":
-            from ..kernels import native
-
-            L, qw = native.lib(), self.qw
-            out = torch.empty(1, qw.N)  # reused: the decode step consumes it before the next call
-
-            def native_fn(x):
-                native.linear_q(L, qw, x, out)
-                return out
-            return native_fn
-        op = torch.ops.aten._weight_int4pack_mm_for_cpu
-        bias = None if self.bias is None else self.bias.to(torch.bfloat16 if self.bf16_io else torch.float32)
-        if self.kind == "int4":
-            packed, G, sz = self.packed, self.group, self.sz
-
-            def int4(x):  # bf16 rows (all-int4 blocks); float32 rows where other projections set the dtype
-                if x.dtype == torch.bfloat16:
-                    y = op(x, packed, G, sz)
-                else:
-                    y = op(x.to(torch.bfloat16), packed, G, sz).to(x.dtype)
-                return y if bias is None else y + bias.to(y.dtype)
-            return int4
-        if self.kind == "int8x2":
-            packed, G, sz = self.packed, self.group, self.sz
-
-            def int8x2(x):
-                y = op(x.to(torch.bfloat16), packed, G, sz)
-                n = y.shape[-1] // 2
-                y = (y[:, :n].float() + y[:, n:].float()).to(x.dtype)
-                return y if bias is None else y + bias.to(y.dtype)
-            return int8x2
+        """A call for one decode row x [1, K] (bf16 where bf16_io, else float32), with as few ops as the kind
+        allows; returns [1, N] in the same dtype (native: float32, in a buffer reused by the next call)."""
         return self
 
+    def _tensors(self) -> list[torch.Tensor]:
+        """The weight data one call reads (the fused copy where there is one, else the modules')."""
+        return [b for m in self.modules for b in (*m.parameters(), *m.buffers())]
+
     def nbytes(self) -> int:
-        """Bytes of weight data one call reads (the fused copy where there is one, else the modules')."""
-        if self.kind == "native":
-            return self.qw.nbytes()
-        if self.kind in ("int4", "int8x2"):
-            t = [self.packed, self.sz]
-        elif self.kind == "w8":
-            t = [self.w, self.scale]
-        else:
-            t = [b for m in self.modules for b in (*m.parameters(), *m.buffers())]
-        t += [self.bias] if self.bias is not None else []
+        """Bytes of weight data one call reads."""
+        t = self._tensors() + ([self.bias] if self.bias is not None else [])
         return sum(x.numel() * x.element_size() for x in t)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [M, K] -> [M, sum N]
-        if self.kind == "native" and x.shape[0] == 1:
+        if len(self.modules) == 1:
+            return self.modules[0](x)
+        return torch.cat([m(x) for m in self.modules], -1)
+
+
+class FloatLinear(FusedLinear):
+    """Float nn.Linear layers: F.linear on their weights."""
+
+    kind = "float"
+
+    @staticmethod
+    def applies(modules, native):
+        return all(type(m) is nn.Linear for m in modules)
+
+    def __call__(self, x):
+        if len(self.modules) == 1:
+            m = self.modules[0]
+            return F.linear(x, m.weight, m.bias)
+        return torch.cat([F.linear(x, m.weight, m.bias) for m in self.modules], -1)
+
+
+def _same_quant(modules) -> bool:
+    """QuantLinears (exactly) of one scheme and input width: what the fused kinds stack."""
+    from ..nn.qlinear import QuantLinear
+
+    return all(type(m) is QuantLinear for m in modules) and len({(m.scheme, m.in_features) for m in modules}) == 1
+
+
+def _kernel(modules):
+    """The one kernels.choose_kernel choice of QuantLinears that can be stacked, or None."""
+    from ..kernels import choose_kernel
+
+    if not _same_quant(modules):
+        return None
+    kinds = {choose_kernel(m) for m in modules}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+class NativeLinear(FusedLinear):
+    """kernels/decode.c's matvec on the codes in place: decode rows (prefill calls the modules)."""
+
+    kind = "native"
+
+    @staticmethod
+    def applies(modules, native):
+        from ..kernels import native as nat
+
+        return native and _same_quant(modules) and nat.QWeight.applies(modules) and nat.lib() is not None
+
+    def __init__(self, modules):
+        from ..kernels import native
+
+        super().__init__(modules)
+        self.qw = native.QWeight(modules)
+
+    def decode_fn(self):
+        from ..kernels import native
+
+        L, qw = native.lib(), self.qw
+        out = torch.empty(1, qw.N)  # reused: the decode step consumes it before the next call
+
+        def native_fn(x):
+            native.linear_q(L, qw, x, out)
+            return out
+        return native_fn
+
+    def nbytes(self):
+        return self.qw.nbytes()
+
+    def __call__(self, x):
+        if x.shape[0] == 1:
             from ..kernels import native
 
             y = torch.empty(1, self.qw.N, dtype=x.dtype)
             native.linear_q(native.lib(), self.qw, x.contiguous(), y)
             return y
-        if self.kind == "int4":
-            from ..kernels.int4 import MAX_ROWS, int4_mm
+        return super().__call__(x)
 
-            if x.shape[0] <= MAX_ROWS:
-                y = int4_mm(x, self.packed, self.sz, self.group)
-                return y if self.bias is None else y + self.bias.to(y.dtype)
-        elif self.kind == "int8x2":
-            from ..kernels.int4 import MAX_ROWS, int8x2_mm
 
-            if x.shape[0] <= MAX_ROWS:
-                y = int8x2_mm(x, self.packed, self.sz, self.group)
-                return y if self.bias is None else y + self.bias.to(y.dtype)
-        elif self.kind == "w8":
-            from ..kernels.w8 import int8_mm
+class _Packed(FusedLinear):
+    """Modules of one kernels/ kind (`kernel_class`), packed once, side by side, into that kernel's layout;
+    their biases concatenated (float32; zeros for modules without one)."""
 
-            y = int8_mm(x, self.w, self.scale).to(x.dtype)
+    kernel_class: type | None = None  # the kernels/ kind these modules must all have chosen
+
+    @classmethod
+    def applies(cls, modules, native):
+        return type(_kernel(modules)) is cls.kernel_class
+
+    def __init__(self, modules):
+        super().__init__(modules)
+        self.kernel = _kernel(modules)
+        self.packed = self.kernel.pack(modules)
+        if any(m.bias is not None for m in modules):
+            self.bias = torch.cat([m.bias.float() if m.bias is not None else torch.zeros(m.out_features)
+                                   for m in modules])
+
+    def _tensors(self):
+        return list(self.packed)
+
+
+class Int4Linear(_Packed):
+    """4-bit layers through torch's int4 matmul (at most kernels.int4.MAX_ROWS rows; more: the modules)."""
+
+    kernel_class = Int4Kernel
+    kind = "int4"
+    bf16_io = True
+
+    def decode_fn(self):
+        op = torch.ops.aten._weight_int4pack_mm_for_cpu
+        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+        (packed, sz), G = self.packed, self.kernel.group
+
+        def int4(x):  # bf16 rows (all-int4 blocks); float32 rows where other projections set the dtype
+            if x.dtype == torch.bfloat16:
+                y = op(x, packed, G, sz)
+            else:
+                y = op(x.to(torch.bfloat16), packed, G, sz).to(x.dtype)
+            return y if bias is None else y + bias.to(y.dtype)
+        return int4
+
+    def __call__(self, x):
+        if x.shape[0] <= MAX_ROWS:
+            y = int4_mm(x, *self.packed, self.kernel.group)
             return y if self.bias is None else y + self.bias.to(y.dtype)
-        elif self.kind == "float":
-            if len(self.modules) == 1:
-                m = self.modules[0]
-                return F.linear(x, m.weight, m.bias)
-            return torch.cat([F.linear(x, m.weight, m.bias) for m in self.modules], -1)
-        if len(self.modules) == 1:
-            return self.modules[0](x)
-        return torch.cat([m(x) for m in self.modules], -1)
+        return super().__call__(x)
+
+
+class Int8x2Linear(_Packed):
+    """8-bit layers as two 4-bit halves through torch's int4 matmul (at most MAX_ROWS rows; more: the modules)."""
+
+    kernel_class = Int8x2Kernel
+    kind = "int8x2"
+    bf16_io = True
+
+    def decode_fn(self):
+        op = torch.ops.aten._weight_int4pack_mm_for_cpu
+        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+        (packed, sz), G = self.packed, self.kernel.group
+
+        def int8x2(x):
+            y = op(x.to(torch.bfloat16), packed, G, sz)
+            n = y.shape[-1] // 2
+            y = (y[:, :n].float() + y[:, n:].float()).to(x.dtype)
+            return y if bias is None else y + bias.to(y.dtype)
+        return int8x2
+
+    def __call__(self, x):
+        if x.shape[0] <= MAX_ROWS:
+            y = int8x2_mm(x, *self.packed, self.kernel.group)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        return super().__call__(x)
+
+
+class W8Linear(_Packed):
+    """8-bit per-channel symmetric layers through torch's int8 weight matmul (any number of rows)."""
+
+    kernel_class = W8Kernel
+    kind = "w8"
+
+    def __call__(self, x):
+        y = int8_mm(x, *self.packed).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+KINDS: tuple[type[FusedLinear], ...] = (NativeLinear, Int4Linear, Int8x2Linear, W8Linear, FloatLinear)
+
+
+def fused_linear(modules: list[nn.Module], native: bool = True) -> FusedLinear:
+    """The kind object for these modules: the first of KINDS that applies (native: kernels/decode.c allowed),
+    else calls of the modules themselves."""
+    for kind in KINDS:
+        if kind.applies(modules, native):
+            return kind(modules)
+    return FusedLinear(modules)
 
 
 def _rms_params(module: nn.Module):
@@ -203,10 +286,10 @@ class _Block:
         self.mlp_norm_module = block.get_submodule(layout.mlp_norm)
         self.attn_norm = _norm(self.attn_norm_module)
         self.mlp_norm = _norm(self.mlp_norm_module)
-        self.qkv = FusedLinear([block.get_submodule(n) for n in layout.qkv], native)
-        self.o = FusedLinear([block.get_submodule(layout.o)], native)
-        self.gate_up = FusedLinear([block.get_submodule(n) for n in layout.gate_up], native)
-        self.down = FusedLinear([block.get_submodule(layout.down)], native)
+        self.qkv = fused_linear([block.get_submodule(n) for n in layout.qkv], native)
+        self.o = fused_linear([block.get_submodule(layout.o)], native)
+        self.gate_up = fused_linear([block.get_submodule(n) for n in layout.gate_up], native)
+        self.down = fused_linear([block.get_submodule(layout.down)], native)
         self.act = block.get_submodule(layout.act)
         self.scaling = getattr(attn, "scaling", None)
 
@@ -248,7 +331,7 @@ class LeanDecoder:
             native = lib() is not None
         elif native and lib() is None:
             raise LowbitError("lean runtime: native decode ops requested but kernels/decode.c could not be built")
-        self.head = FusedLinear([get_module(model, layout.head)], native)
+        self.head = fused_linear([get_module(model, layout.head)], native)
         self.blocks = [_Block(b, layout, native) for _, b in find_blocks(model)]
         self.scaling = self.blocks[0].scaling or self.head_dim ** -0.5
         self.max_len = max_len

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..core.state import state_of
 from ..errors import LowbitError
 
 RUNTIMES = ("auto", "lean", "transformers")
@@ -44,6 +45,15 @@ def pick_runtime(model: nn.Module, runtime: str = "auto") -> str:
     return "transformers" if why else "lean"
 
 
+def check_logits(logits: torch.Tensor, model: nn.Module | None = None, masked: bool = False) -> None:
+    """Non-finite logits (NaN or Inf weights or scales) choose no token: an error, not arbitrary text.
+    masked: logits after transformers' processors, which set -inf where a token is ruled out."""
+    bad = bool(torch.isnan(logits).any() or torch.isposinf(logits).any()) if masked else not bool(torch.isfinite(logits).all())
+    if bad:
+        raise LowbitError(f"{state_of(model).source or 'model'}: the model's logits are not finite "
+                          "(NaN or Inf in its weights or scales)")
+
+
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
     """logits [vocab] -> the next token id."""
     if temperature <= 0:
@@ -68,6 +78,7 @@ def generate_ids(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, eos: 
     logits = dec.forward(ids.reshape(-1), all_logits=False)[-1]
     out: list[int] = []
     for i in range(max_new_tokens):
+        check_logits(logits, model)
         t = next_token(logits, temperature, top_p, gen)
         out.append(t)
         if on_token is not None:
@@ -99,6 +110,9 @@ def generate(
     if not 0.0 < top_p <= 1.0:
         raise LowbitError(f"top-p must be in (0, 1], got {top_p}")
     ids = build_prompt(tokenizer, prompt, chat)
+    from ..models.validate import check_token_ids
+
+    check_token_ids(ids, model)
     streamer = None
     if on_text is not None:
         class _Stream(TextStreamer):
@@ -116,7 +130,15 @@ def generate(
         if streamer is not None:
             streamer.end()
         return tokenizer.decode(new, skip_special_tokens=True)
-    kwargs = dict(max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class _Finite(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            check_logits(scores, model, masked=True)
+            return scores
+
+    kwargs = dict(max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                  logits_processor=LogitsProcessorList([_Finite()]))
     if temperature > 0:
         torch.manual_seed(seed)
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)

@@ -1,14 +1,13 @@
 """LLaMA-family models without transformers' modeling code, for the lean runtime (runtime/decoder.py).
 
 `lowbit.load(checkpoint, lean=True)` builds this skeleton from a lowbit checkpoint's config.json: the same
-module names as transformers' (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., lm_head), so the
-checkpoint's tensors and layer table load unchanged, with plain torch modules:
+module names as transformers', read from the architecture table's decoder layout (models/arch.py,
+`DecoderLayout`), so the checkpoint's tensors and layer table load unchanged, with plain torch modules:
 
-    LeanCausalLM
-      model.embed_tokens        nn.Embedding (or lowbit's QuantEmbedding)      [vocab, hidden]
-      model.layers.N            input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm,
-                                mlp.{gate,up,down}_proj, mlp.act_fn (SiLU)
-      model.norm, model.rotary_emb (default rope: inv_freq = theta^(-2i/d)), lm_head
+    LeanCausalLM (LLaMA's names)
+      embed           nn.Embedding (or lowbit's QuantEmbedding)                [vocab, hidden]
+      layers.N        attn_norm, q/k/v/o linears, mlp_norm, gate/up/down linears, act (SiLU)
+      final_norm, rotary (default rope: inv_freq = theta^(-2i/d)), head
 
 Its only forward is the LeanDecoder's; what it saves is transformers' import and module graph (a large
 share of a small model's process memory). Models it does not describe (rope scaling, other activations, q/k norms) raise
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TYPES = ("llama", "mistral", "qwen2")
+from ..models.arch import DecoderLayout, arch_for, lean_types
 
 
 class Unsupported(Exception):
@@ -76,38 +75,47 @@ def _embedding(n: int, d: int) -> nn.Embedding:
     return m
 
 
+def _put(root: nn.Module, path: str, module: nn.Module) -> None:
+    """root.<path> = module, with plain nn.Modules for the parents that do not exist yet."""
+    *parents, leaf = path.split(".")
+    for p in parents:
+        if p not in root._modules:
+            setattr(root, p, nn.Module())
+        root = root._modules[p]
+    setattr(root, leaf, module)
+
+
 class LeanCausalLM(nn.Module):
-    def __init__(self, config: SimpleNamespace) -> None:
+    def __init__(self, config: SimpleNamespace, layout: DecoderLayout | None = None) -> None:
         super().__init__()
         c = config
+        L = layout or arch_for(c.model_type).decoder
         hd = c.head_dim
-        qkv_bias = bool(getattr(c, "attention_bias", False)) or c.model_type == "qwen2"
-        o_bias = bool(getattr(c, "attention_bias", False)) and c.model_type != "qwen2"
+        attention_bias = bool(getattr(c, "attention_bias", False))
+        qkv_bias = attention_bias if L.qkv_bias is None else L.qkv_bias
+        o_bias = attention_bias if L.o_bias is None else L.o_bias
         mlp_bias = bool(getattr(c, "mlp_bias", False))
         self.config = c
-        self.model = nn.Module()
-        self.model.embed_tokens = _embedding(c.vocab_size, c.hidden_size)
+        _put(self, L.embed, _embedding(c.vocab_size, c.hidden_size))
         layers = []
+        qkv_rows = (c.num_attention_heads * hd, c.num_key_value_heads * hd, c.num_key_value_heads * hd)
         for _ in range(c.num_hidden_layers):
             b = nn.Module()
-            b.input_layernorm = LeanRMSNorm(c.hidden_size, c.rms_norm_eps)
-            b.post_attention_layernorm = LeanRMSNorm(c.hidden_size, c.rms_norm_eps)
-            b.self_attn = nn.Module()
-            b.self_attn.q_proj = _linear(c.hidden_size, c.num_attention_heads * hd, qkv_bias)
-            b.self_attn.k_proj = _linear(c.hidden_size, c.num_key_value_heads * hd, qkv_bias)
-            b.self_attn.v_proj = _linear(c.hidden_size, c.num_key_value_heads * hd, qkv_bias)
-            b.self_attn.o_proj = _linear(c.num_attention_heads * hd, c.hidden_size, o_bias)
-            b.self_attn.scaling = hd ** -0.5
-            b.mlp = nn.Module()
-            b.mlp.gate_proj = _linear(c.hidden_size, c.intermediate_size, mlp_bias)
-            b.mlp.up_proj = _linear(c.hidden_size, c.intermediate_size, mlp_bias)
-            b.mlp.down_proj = _linear(c.intermediate_size, c.hidden_size, mlp_bias)
-            b.mlp.act_fn = nn.SiLU()
+            _put(b, L.attn_norm, LeanRMSNorm(c.hidden_size, c.rms_norm_eps))
+            _put(b, L.mlp_norm, LeanRMSNorm(c.hidden_size, c.rms_norm_eps))
+            for name, rows in zip(L.qkv, qkv_rows):
+                _put(b, name, _linear(c.hidden_size, rows, qkv_bias))
+            _put(b, L.o, _linear(c.num_attention_heads * hd, c.hidden_size, o_bias))
+            b.get_submodule(L.qkv[0].rpartition(".")[0]).scaling = hd ** -0.5  # the attention module's
+            for name in L.gate_up:
+                _put(b, name, _linear(c.hidden_size, c.intermediate_size, mlp_bias))
+            _put(b, L.down, _linear(c.intermediate_size, c.hidden_size, mlp_bias))
+            _put(b, L.act, nn.SiLU())
             layers.append(b)
-        self.model.layers = nn.ModuleList(layers)
-        self.model.norm = LeanRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.model.rotary_emb = LeanRotary(hd, float(getattr(c, "rope_theta", 10000.0)))
-        self.lm_head = _linear(c.hidden_size, c.vocab_size, False)
+        _put(self, L.layers, nn.ModuleList(layers))
+        _put(self, L.final_norm, LeanRMSNorm(c.hidden_size, c.rms_norm_eps))
+        _put(self, L.rotary, LeanRotary(hd, float(getattr(c, "rope_theta", 10000.0))))
+        _put(self, L.head, _linear(c.hidden_size, c.vocab_size, False))
 
     def forward(self, *args, **kwargs):
         raise TypeError("a lean model runs through runtime.decoder.LeanDecoder (load without lean=True for forward())")
@@ -116,7 +124,7 @@ class LeanCausalLM(nn.Module):
 def lean_config(model_type: str, conf: dict) -> SimpleNamespace:
     """The config as attributes, with the defaults transformers would fill in; Unsupported where the skeleton
     would compute something else than transformers' model."""
-    if model_type not in TYPES:
+    if model_type not in lean_types():
         raise Unsupported(f"model type {model_type!r}")
     c = SimpleNamespace(**conf)
     c.model_type = model_type

@@ -8,10 +8,10 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
-from ..algorithms.qat import STATE_META, BlockConfig, TrainConfig, convert, prepare, train, train_blockwise
+from ..algorithms.qat import STATE_META, BlockConfig, QatOptions, TrainConfig, convert, prepare, train, train_blockwise
 from ..calibration.data import _TEST_SHA256
 from ..core.config import QuantConfig
 from ..core.text import CALIB_TEXT, TEST_TEXT, read_text
@@ -19,7 +19,7 @@ from ..core.tokens import tokenize
 from ..errors import LowbitError
 from ..eval.perplexity import evaluate
 from ..formats.checkpoint import save_checkpoint
-from ..formats.io import check_output
+from ..core.io import check_output
 from ..formats.load import load_model
 
 
@@ -41,6 +41,9 @@ def run(model_src: str, out: str | os.PathLike, config: QuantConfig, tcfg: Train
 
     Training text: ``train_text`` (default WikiText-2 valid, minus its last 10% which is then the
     held-out text); never the test text. Returns the training log and held-out perplexities."""
+    block = block or BlockConfig()
+    opts = QatOptions(train=tcfg, block=block if block.epochs >= 1 else None, learn_scale=learn_scale,
+                      learn_zero=learn_zero, init=init)  # checked before the long work
     out = check_output(out, overwrite=overwrite)
     def not_test(path):
         t, lab = read_text(path)
@@ -65,7 +68,6 @@ def run(model_src: str, out: str | os.PathLike, config: QuantConfig, tcfg: Train
     state_dir.mkdir(parents=True, exist_ok=True)
     logf = open(log_path, "a")
     t0 = time.time()
-    block = block or BlockConfig()
     try:
         blocks = train_blockwise(student, teacher, ids, block, state_dir=state_dir, resume=resume, progress=progress,
                                  log=lambda r: (logf.write(json.dumps(r) + "\n"), logf.flush()))
@@ -79,10 +81,8 @@ def run(model_src: str, out: str | os.PathLike, config: QuantConfig, tcfg: Train
     seconds = time.time() - t0
     block_tokens = block.epochs * block.nsamples * block.seqlen if blocks else 0
     after = evaluate(student, tok, text=held, limit_tokens=eval_tokens, progress=progress)["ppl"]
-    config.options.update({"init": init, "train_text": os.path.basename(label), "train": asdict(tcfg),
-                           "learn_scale": learn_scale, "learn_zero": learn_zero,
-                           "tokens_seen": tcfg.steps * tcfg.batch * tcfg.seqlen,
-                           "block": asdict(block) if blocks else None})
+    config.options = replace(opts, block=block if blocks else None, train_text=os.path.basename(label),
+                             tokens_seen=tcfg.steps * tcfg.batch * tcfg.seqlen)
     if config.scheme is None or (init and len(schemes) == 1):
         config.scheme = next(iter(modules.values()))
     convert(student, config)

@@ -1,9 +1,9 @@
 """Write a model as a GGUF v3 file that llama.cpp loads: metadata, tokenizer, tensors in llama.cpp's types.
 
 The container is gguf-py's GGUFWriter; the blocks are lowbit's (``blocks.py``); the per-tensor types
-follow llama.cpp's mixtures (``mixtures.py``). Tensor names come from gguf-py's HF->GGUF name map and
-the Q/K rows are permuted the way llama.cpp's converter does for LLaMA (HF keeps rotary halves, ggml
-interleaves pairs). The file is written to a temporary sibling and renamed into place when complete.
+follow llama.cpp's mixtures (``mixtures.py``). The GGUF architecture, the tensor names and which rows
+are permuted come from the architecture table (models/arch.py, `Arch.gguf`): the Q/K rows the way
+llama.cpp's converter permutes them for LLaMA (HF keeps rotary halves, ggml interleaves pairs). The file is written to a temporary sibling and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ import time
 import torch
 from torch import nn
 
+from ...core.state import state_of
 from ...errors import LowbitError
-from ..io import atomic_path
+from ...core.io import atomic_path
+from ...models.arch import ARCHITECTURES, Arch, arch_of
 from .blocks import TYPES
 from .mixtures import FILE_TYPES, TensorInfo, bits_per_weight, choose_types, file_type
-
-# HF model_type -> (GGUF architecture, permute Q/K rows)
-ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 
 # Pre-tokenizers llama.cpp names, recognized by a fingerprint of the BPE merges (sha256 of the first
 # 64 merges, computed here from the tokenizers themselves).
@@ -43,6 +42,7 @@ def float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """HF parameter name -> float32 tensor; packed lowbit layers are dequantized."""
     out: dict[str, torch.Tensor] = {}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    head = arch_of(model).head
     for mname, mod in model.named_modules():
         prefix = f"{mname}." if mname else ""
         if hasattr(mod, "dequantize_weight"):
@@ -54,21 +54,17 @@ def float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         for pname, p in mod.named_parameters(recurse=False):
             out[prefix + pname] = p.detach().float()
     if tied:
-        out.pop("lm_head.weight", None)
+        for h in head:
+            out.pop(f"{h}.weight", None)
     return out
 
 
-def _gguf_names(model: nn.Module, names: list[str], arch: str) -> dict[str, str]:
-    import gguf
-
-    n_layers = model.config.num_hidden_layers
-    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    tmap = gguf.get_tensor_name_map(arch_enum, n_layers)
+def _gguf_names(names: list[str], arch: Arch) -> dict[str, str]:
     out = {}
     for n in names:
-        g = tmap.get_name(n, try_suffixes=(".weight", ".bias"))
+        g = arch.gguf_name(n)
         if g is None:
-            raise LowbitError(f"{n}: no GGUF tensor name for this parameter (architecture {arch})")
+            raise LowbitError(f"{n}: no GGUF tensor name for this parameter (architecture {arch.gguf.arch})")
         out[n] = g
     return out
 
@@ -164,7 +160,7 @@ def source_gguf_of(model: nn.Module) -> str | None:
     """The .gguf file a model was loaded from, if any (its tokenizer metadata is copied as is)."""
     from ...models.loading import resolve
 
-    src = getattr(model, "lowbit_source", None)
+    src = state_of(model).source
     if not src:
         return None
     try:
@@ -191,11 +187,15 @@ def export_gguf(model: nn.Module, tok, out: str | os.PathLike, ftype: str = "Q4_
     ftype = file_type(ftype)
     cfg = model.config
     mtype = getattr(cfg, "model_type", None)
-    if mtype not in ARCHS:
-        raise LowbitError(f"model type {mtype!r}: GGUF export supports {', '.join(ARCHS)}")
-    arch, permute = ARCHS[mtype]
+    table = arch_of(model)
+    if table.gguf is None:
+        supported = [t for t, a in ARCHITECTURES.items() if a.gguf is not None]
+        raise LowbitError(f"model type {mtype!r}: GGUF export supports {', '.join(supported)}")
+    arch = table.gguf.arch
+    # Q's rows permuted by attention heads, K's by KV heads (where the table says so)
+    q_name, k_name = (f"{p}.weight" for p in table.gguf.permute) if table.gguf.permute else (None, None)
     tensors = float_tensors(model)
-    names = _gguf_names(model, list(tensors), arch)
+    names = _gguf_names(list(tensors), table)
     n_head = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
     infos = [TensorInfo(names[n], tuple(t.shape)) for n, t in tensors.items()]
@@ -204,10 +204,10 @@ def export_gguf(model: nn.Module, tok, out: str | os.PathLike, ftype: str = "Q4_
     shapes = {i.name: i.shape for i in infos}
     src = source_gguf_of(model)
 
-    with atomic_path(out, overwrite=overwrite, is_dir=False) as tmp:
+    with atomic_path(out, overwrite=overwrite, is_dir=False, kind="gguf") as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(str(getattr(model, "lowbit_source", None) or getattr(cfg, "_name_or_path", "") or "model"))
+        w.add_name(str(state_of(model).source or getattr(cfg, "_name_or_path", "") or "model"))
         _hparams(w, cfg, arch)
         w.add_file_type(int(FILE_TYPES[ftype][1]))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -225,9 +225,9 @@ def export_gguf(model: nn.Module, tok, out: str | os.PathLike, ftype: str = "Q4_
             bar = tqdm(total=len(tensors), desc=f"GGUF {ftype}", unit="tensor", file=sys.stderr)
         for hf_name, t in tensors.items():
             g = names[hf_name]
-            if permute and g.endswith("attn_q.weight"):
+            if q_name is not None and g.endswith(q_name):
                 t = permute_qk(t, n_head)
-            elif permute and g.endswith("attn_k.weight"):
+            elif k_name is not None and g.endswith(k_name):
                 t = permute_qk(t, n_kv)
             ttype = TYPES[types[g]]
             qw = None

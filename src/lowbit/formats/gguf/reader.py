@@ -10,7 +10,10 @@ from ...errors import LowbitError
 def gguf_table(path: str | os.PathLike) -> tuple[list[dict], dict]:
     import gguf
 
+    from .check import read_header
+
     path = Path(path)
+    read_header(path)  # every count, length and offset bounded before gguf-py trusts them
     try:
         r = gguf.GGUFReader(str(path))
     except Exception as e:

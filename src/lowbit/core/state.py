@@ -1,0 +1,55 @@
+"""What lowbit knows about a model, kept beside the model instead of as attributes patched onto it.
+
+    state_of(model).quant    QuantRecord: the config and the per-module schemes of what quantize did (set by
+                             api.quantize, QAT's convert and checkpoint loading; read by checkpoint saving,
+                             the CLI, a second quantize)
+    state_of(model).lazy     the reader of weights still on disk (models/lazy.LazyWeights), while there are some
+    state_of(model).source   the MODEL source it was loaded from (models/loading.resolve reads it again:
+                             the GGUF exporter copies a source .gguf's tokenizer)
+
+The states live in a weak-keyed table: one per model object, gone with the model. A copy of a model
+(copy.deepcopy) is another object and starts with an empty state.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .config import QuantConfig
+from .scheme import Scheme
+
+
+@dataclass
+class QuantRecord:
+    """What quantize did: the config (None for a checkpoint saved without quantization) and the scheme of
+    every module it replaced, by full module name."""
+
+    config: QuantConfig | None
+    modules: dict[str, Scheme] = field(default_factory=dict)
+
+
+class LazyWeights(Protocol):
+    """Float weights read from disk part by part (models/lazy.py)."""
+
+    def materialize(self, model, prefix: str = "", skip: tuple[str, ...] = ()) -> None: ...
+
+    def release(self, model, skip: tuple[str, ...] = ()) -> None: ...
+
+
+@dataclass
+class ModelState:
+    quant: QuantRecord | None = None
+    lazy: LazyWeights | None = None
+    source: str | None = None
+
+
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def state_of(model) -> ModelState:
+    """The model's state (an empty one on first use)."""
+    st = _STATES.get(model)
+    if st is None:
+        st = _STATES[model] = ModelState()
+    return st
