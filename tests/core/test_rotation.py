@@ -68,3 +68,33 @@ def test_rotation_keeps_norms_and_dot_products(n, m, mag):
     xr, wr = R.rotate(x, *rot), R.rotate(w, *rot)
     assert torch.allclose(xr.norm(dim=1), x.norm(dim=1), rtol=1e-5)
     assert torch.allclose(xr @ wr.T, x @ w.T, rtol=1e-4, atol=1e-4 * mag * math.sqrt(n))
+
+
+def test_has_hadamard_agrees_with_the_construction():
+    from lowbit.core.rotation import has_hadamard, hadamard
+
+    for n in range(1, 300):
+        assert has_hadamard(n) == (hadamard(n) is not None), n
+
+
+def test_split_builds_no_matrix(monkeypatch):
+    """Fuzz finding: split(n) built hadamard(b) for every divisor b of n to test it (970 MB for n = 11008, a
+    config's default intermediate_size): choosing the factors must build nothing."""
+    import lowbit.core.rotation as R
+
+    monkeypatch.setattr(R, "hadamard", lambda n: (_ for _ in ()).throw(AssertionError(f"built {n}")))
+    a, b = R.split(11008)
+    assert a * b == 11008 and a <= b
+
+
+
+def test_split_chooses_as_before():
+    """The same factors as choosing by building the matrices (the rule before has_hadamard)."""
+    import math
+
+    from lowbit.core.rotation import hadamard, split
+
+    for n in range(1, 700):
+        pairs = [(a, n // a) for a in range(1, math.isqrt(n) + 1) if n % a == 0]
+        want = max(pairs, key=lambda p: ((hadamard(p[0]) is not None) + (hadamard(p[1]) is not None), p[0]))
+        assert split(n) == want, n

@@ -61,6 +61,18 @@ def hadamard(n: int) -> torch.Tensor | None:
     return None
 
 
+@lru_cache(maxsize=None)
+def has_hadamard(n: int) -> bool:
+    """Whether hadamard(n) returns a matrix, decided without building one (an [n, n] float64 matrix is
+    n²·8 bytes: 970 MB for n = 11008)."""
+    if n < 1:
+        return False
+    if n & (n - 1) == 0:
+        return True
+    return any(not n % m and _is_prime(m - 1) and (m - 1) % 4 == 3 and m & (m - 1) and has_hadamard(n // m)
+               for m in range(4, n + 1, 4))
+
+
 def _random_orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
     q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     return (q * torch.sign(torch.diagonal(r))).contiguous()  # Haar-distributed
@@ -69,7 +81,7 @@ def _random_orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
 def split(n: int) -> tuple[int, int]:
     """n = a·b with a <= b: both Hadamard orders where possible, then one, then a as close to √n as can be."""
     pairs = [(a, n // a) for a in range(1, math.isqrt(n) + 1) if n % a == 0]
-    return max(pairs, key=lambda p: ((hadamard(p[0]) is not None) + (hadamard(p[1]) is not None), p[0]))
+    return max(pairs, key=lambda p: (has_hadamard(p[0]) + has_hadamard(p[1]), p[0]))
 
 
 def _factor(k: int, gen: torch.Generator) -> torch.Tensor:
