@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -357,3 +358,56 @@ def test_force_replaces_lowbit_exports_only(cli, tmp_path, fmt):
     code, _, err = cli("export", tmp_path / "q", tmp_path / "o", "--format", fmt, "--force")
     assert code == 2 and "replaces only what lowbit writes" in err
     assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
+# -- hostile engine folders: the same checks as every other loader (models/validate.py) --------------------
+
+def _export(tmp_path, fmt):
+    m, tok = quantized(Scheme(4, fmt != "awq", "group", 32))  # (AWQ's format holds zero points only)
+    lowbit.api.export(m, tok, tmp_path / "e", fmt)
+    return tmp_path / "e"
+
+
+def _foreign_refused(folder, match):
+    with pytest.raises(LowbitError, match=match) as e:
+        lowbit.load(folder)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq", "awq"])
+def test_engine_folder_config_bombs_and_custom_code_are_refused(tmp_path, fmt):
+    d = _export(tmp_path, fmt)
+    conf = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**conf, "num_hidden_layers": 20000}))
+    _foreign_refused(d, "num_hidden_layers: 20000 exceeds lowbit's limit")
+    (d / "config.json").write_text(json.dumps({**conf, "auto_map": {"AutoModelForCausalLM": "evil.M"}}))
+    _foreign_refused(d, "auto_map: the model needs custom code")
+    (d / "config.json").write_text(json.dumps({**conf, "intermediate_size": 1 << 20}))
+    _foreign_refused(d, "intermediate_size")
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_engine_folder_index_outside_the_folder_is_refused(tmp_path, fmt):
+    d = _export(tmp_path, fmt)
+    outside = tmp_path / "elsewhere.safetensors"
+    os.replace(d / "model.safetensors", outside)
+    from safetensors import safe_open
+
+    with safe_open(str(outside), "pt") as f:
+        keys = list(f.keys())
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "../elsewhere.safetensors" for k in keys}}))
+    _foreign_refused(d, "points outside the model folder")
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_engine_folder_nan_scales_are_refused(tmp_path, fmt):
+    from safetensors.torch import load_file, save_file
+
+    d = _export(tmp_path, fmt)
+    t = load_file(d / "model.safetensors")
+    k = next(k for k in sorted(t) if k.endswith(("weight_scale", ".scales")))
+    t[k] = t[k].clone()
+    t[k].view(-1)[0] = float("nan")
+    save_file(t, d / "model.safetensors", metadata={"format": "pt"})
+    _foreign_refused(d, "NaN or Inf")

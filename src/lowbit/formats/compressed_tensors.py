@@ -209,7 +209,8 @@ def load_compressed_tensors(folder: str | os.PathLike, dtype: torch.dtype = torc
     """A compressed-tensors folder (pack-quantized or int-quantized, int weights) -> (model, tokenizer) with
     lowbit modules holding its codes as they are."""
     folder = Path(folder)
-    conf = read_config(folder)
+    tensors = Tensors(folder)
+    conf = read_config(folder, tensors)
     qc = conf["quantization_config"]
     fmt = qc.get("format")
     if fmt not in ("pack-quantized", "int-quantized"):
@@ -218,7 +219,6 @@ def load_compressed_tensors(folder: str | os.PathLike, dtype: torch.dtype = torc
     if qc.get("quantization_status", "compressed") != "compressed":
         raise LowbitError(f"{folder}: compressed-tensors status {qc.get('quantization_status')!r}: only "
                           "compressed checkpoints are read")
-    tensors = Tensors(folder)
     groups = qc.get("config_groups") or {}
     ignore = list(qc.get("ignore") or [])
     model = empty_model(conf, skeleton)

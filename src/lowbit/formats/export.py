@@ -9,7 +9,6 @@ with one line what its format cannot hold, and builds its output in a temporary 
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -51,10 +50,12 @@ def foreign_source(src) -> str | None:
     """The format of a local model folder (models/loading.Source) written by an engine's tool, else None."""
     if src.kind != "hf":
         return None
+    from ..models.validate import read_json
+
     try:
-        conf = json.loads((Path(src.location) / "config.json").read_text())
+        conf = read_json(Path(src.location) / "config.json")  # bounded; a bad config is refused by the loaders
         return foreign_format(conf.get("quantization_config"))
-    except (OSError, ValueError, AttributeError):
+    except (LowbitError, AttributeError):
         return None
 
 

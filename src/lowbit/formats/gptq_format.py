@@ -173,7 +173,8 @@ def export_gptq(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
 def load_gptq(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, skeleton=None):
     """A GPTQ (v1 or v2) or AWQ (GEMM) folder -> (model, tokenizer) with QuantLinear modules holding its codes."""
     folder = Path(folder)
-    conf = read_config(folder)
+    tensors = Tensors(folder)
+    conf = read_config(folder, tensors)
     qc = dict(conf["quantization_config"])
     method = qc.get("quant_method")
     awq = method == "awq"
@@ -191,7 +192,6 @@ def load_gptq(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, ske
     if bits not in ((4,) if awq else GPTQ_BITS):
         raise LowbitError(f"{folder}: {bits}-bit {method} weights are not read by lowbit")
     group = int(qc.get("group_size", qc.get("q_group_size", -1)))
-    tensors = Tensors(folder)
     model = empty_model(conf, skeleton)
     quantized, schemes, used = {}, {}, set()
     for key in sorted(tensors.keys()):

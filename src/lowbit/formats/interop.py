@@ -24,7 +24,7 @@ from ..core.packing import pack, unpack
 from ..core.scheme import Scheme
 from ..core.version import __version__
 from ..errors import LowbitError
-from ..models.arch import ARCHITECTURES, set_module
+from ..models.arch import EMBEDDING_SUFFIXES, arch_of, set_module
 from ..nn.int8 import ActQuant, Int8OutlierLinear, W8A8Linear
 from ..nn.qlinear import QuantEmbedding, QuantLinear
 from ..core.state import QuantRecord, state_of
@@ -131,9 +131,7 @@ def quantized_modules(model: nn.Module, fmt: str) -> dict[str, nn.Module]:
     names = list(record.modules) or [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
     if not names:
         raise LowbitError(f"{fmt}: the model is not quantized (quantize it first, or export it as gguf)")
-    cfg = getattr(model, "config", None)
-    arch = ARCHITECTURES.get(getattr(cfg, "model_type", ""), None)
-    head = set(arch.head) if arch else {"lm_head"}
+    head = set(arch_of(model).head)
     out = {}
     for n in names:
         m = model.get_submodule(n)
@@ -159,7 +157,7 @@ def float_state(model: nn.Module, skip: set[str], dtype: torch.dtype) -> dict[st
         owner = k.rpartition(".")[0]
         if owner in skip:
             continue
-        if tied and k == "lm_head.weight":
+        if tied and owner in arch_of(model).head:
             continue
         out[k] = t.detach().to(dtype).contiguous() if t.is_floating_point() else t.detach().contiguous()
     return out
@@ -217,26 +215,16 @@ def producer() -> str:
 
 
 class Tensors:
-    """The tensors of a folder's safetensors file(s) (one file or an index of shards), read on demand."""
+    """The tensors of a folder's safetensors file(s) (model.safetensors or an index of shards), read on demand.
+    The files are confined to the folder and every header entry is checked against its file's size
+    (models/validate.tensor_table) before anything is read."""
 
     def __init__(self, folder: Path) -> None:
+        from ..models import validate
+
         self.folder = folder
-        index = folder / "model.safetensors.index.json"
-        self.where: dict[str, Path] = {}
-        try:
-            if index.is_file():
-                for k, f in json.loads(index.read_text())["weight_map"].items():
-                    self.where[k] = folder / f
-            else:
-                files = sorted(folder.glob("*.safetensors"))
-                if not files:
-                    raise LowbitError(f"{folder}: no *.safetensors weights")
-                for f in files:
-                    with safe_open(str(f), framework="pt") as h:
-                        for k in h.keys():
-                            self.where[k] = f
-        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
-            raise LowbitError(f"{folder}: unreadable weights ({type(e).__name__}: {e})") from None
+        self.table = validate.tensor_table(folder)
+        self.where: dict[str, Path] = {k: info.file for k, info in self.table.items()}
         self._open: dict[Path, object] = {}
 
     def keys(self):
@@ -277,7 +265,7 @@ def empty_model(conf: dict, skeleton=None) -> nn.Module:
     try:
         config = AutoConfig.for_model(model_type, **conf)
         with init_empty_weights(include_buffers=False):
-            return AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except Exception as e:
         raise LowbitError(f"cannot build {model_type}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
@@ -324,33 +312,41 @@ def assemble(model: nn.Module, quantized: dict[str, nn.Module], tensors: Tensors
     cfg = getattr(model, "config", None)
     tied = bool(getattr(cfg, "tie_word_embeddings", False)) if cfg is not None else False
     missing = [k for k in res.missing_keys
-               if not (tied and k == "lm_head.weight") and k.rpartition(".")[0] not in quantized]
+               if not (tied and k.rpartition(".")[0] in arch_of(model).head) and k.rpartition(".")[0] not in quantized]
     if missing or res.unexpected_keys:
         raise LowbitError(f"{folder}: missing tensors {missing[:3]} unexpected {res.unexpected_keys[:3]}")
     if tied:
-        head, emb = model.get_submodule("lm_head"), model.get_submodule("model.embed_tokens")
+        arch = arch_of(model)
+        head, emb = model.get_submodule(arch.head[0]), model.get_submodule(arch.embeddings[0])
         if getattr(head, "weight", None) is not None and head.weight.is_meta:
             head.weight = emb.weight
     for n, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta:
             raise LowbitError(f"{folder}: tensor {n} was not stored")
+    from ..models import validate
+
+    validate.check_scales(model, str(folder))
 
 
-def read_config(folder: Path) -> dict:
-    try:
-        conf = json.loads((folder / "config.json").read_text())
-        if not isinstance(conf, dict) or not isinstance(conf.get("quantization_config"), dict):
-            raise ValueError("no quantization_config")
-        return conf
-    except (OSError, ValueError) as e:
-        raise LowbitError(f"{folder}/config.json: {e}") from None
+def read_config(folder: Path, tensors: "Tensors | None" = None) -> dict:
+    """config.json of an engine's folder, checked as every loader checks a config (models/validate): bounded
+    JSON, no custom code, sizes within limits and against the tensor table, before any model is built."""
+    from ..models import validate
+
+    conf = validate.read_json(folder / "config.json")
+    if not isinstance(conf.get("quantization_config"), dict):
+        raise LowbitError(f"{folder}/config.json: no quantization_config")
+    validate.check_custom_code(folder, conf)
+    validate.check_config({k: v for k, v in conf.items() if k != "quantization_config"},
+                          tensors.table if tensors is not None else None, str(folder / "config.json"))
+    return conf
 
 
 def source_dtype(conf: dict, tensors: Tensors, skip: set[str]) -> str:
     """The dtype the folder's float tensors are stored in (its config's where they are mixed)."""
     seen = set()
     for k in tensors.keys():
-        if k not in skip and k.endswith(("norm.weight", "embed_tokens.weight")):
+        if k not in skip and k.endswith(("norm.weight", *EMBEDDING_SUFFIXES)):
             seen.add(str(tensors.get(k).dtype).removeprefix("torch."))
             if len(seen) > 1:
                 break

@@ -12,7 +12,8 @@ import torch
 from ..core.state import state_of
 from ..models.loading import load_hf, resolve
 from .gguf.convert import gguf_to_cache
-from .checkpoint import load_checkpoint
+from ..errors import LowbitError
+from .checkpoint import WEIGHTS, load_checkpoint
 from .export import foreign_source, load_foreign
 
 
@@ -30,6 +31,9 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32, la
         model, tok = load_foreign(src.location, foreign, dtype, skeleton=skeleton)
     elif src.kind == "lowbit":
         model, tok = load_checkpoint(src.location, skeleton=skeleton)
+    elif src.kind == "hf" and (Path(src.location) / WEIGHTS).is_file():
+        raise LowbitError(f"{src.location}: holds {WEIGHTS} (a lowbit checkpoint's weights), but config.json has no "
+                          "lowbit quantization_config: the config was changed or replaced")
     elif src.kind == "gguf":
         folder = gguf_to_cache(Path(src.location))
         model, tok = load_lazy(folder, dtype, src.name) if lazy else load_hf(str(folder), dtype, src.name)
