@@ -38,7 +38,8 @@ def wna16_standin() -> bool:
     and repacks a GPTQ / compressed-tensors W4A16 model, then fails at its first matmul. Where the op is
     missing, register a stand-in with the op's contract: undo vLLM's own repacking (CPUWNA16LinearKernel:
     [N/16, K*16/f] blocks of 16 outputs), unpack with vLLM's helper, w = s * (q - z) (z = the zeros vLLM
-    passes, else 8), y = x w + bias in float32. Everything else (config parsing, weight loading, the fused
+    passes, else 8), y = x w + bias in float32. The dequantized weight is kept per packed tensor (the op is
+    called with the same weights for every token). Everything else (config parsing, weight loading, the fused
     q|k|v and gate|up shards, attention, sampling) is vLLM's. Returns True when the stand-in is in use."""
     import vllm  # noqa: F401  (loads vllm._C_AVX2 / _C_AVX512 under the name _C)
     from vllm.platforms import current_platform
@@ -53,8 +54,19 @@ def wna16_standin() -> bool:
     lib.define("cpu_gemm_wna16(Tensor input, Tensor q_weight, Tensor(a2!) output, Tensor scales, Tensor? zeros, "
                "Tensor? bias, SymInt pack_factor, str isa_hint) -> ()")
 
+    cache: dict = {}
+
     def impl(x, qw, out, scales, zeros, bias, pack_factor, isa_hint):
-        K = x.shape[-1]
+        key = (qw.data_ptr(), tuple(qw.shape), scales.data_ptr())
+        w = cache.get(key)
+        if w is None:
+            w = cache[key] = dequantize(x.shape[-1], qw, scales, zeros, pack_factor)
+        y = x.float() @ w
+        if bias is not None:
+            y = y + bias.float()
+        out.copy_(y.to(out.dtype))
+
+    def dequantize(K, qw, scales, zeros, pack_factor):
         N = scales.shape[1]
         per = 16 // pack_factor
         packed = qw.view(N // 16, K, per).permute(1, 0, 2).reshape(K, N // pack_factor)
@@ -62,11 +74,7 @@ def wna16_standin() -> bool:
         z = (unpack_quantized_values_into_int32(zeros, scalar_types.uint4, 1).float() if zeros is not None
              else torch.full_like(scales, 8, dtype=torch.float32))  # [G, N]
         g = K // scales.shape[0]
-        w = (q - z.repeat_interleave(g, 0)) * scales.float().repeat_interleave(g, 0)
-        y = x.float() @ w
-        if bias is not None:
-            y = y + bias.float()
-        out.copy_(y.to(out.dtype))
+        return ((q - z.repeat_interleave(g, 0)) * scales.float().repeat_interleave(g, 0)).contiguous()
 
     lib.impl("cpu_gemm_wna16", impl, "CPU")
     wna16_standin.lib = lib  # keep the registration alive
