@@ -411,3 +411,19 @@ def test_engine_folder_nan_scales_are_refused(tmp_path, fmt):
     t[k].view(-1)[0] = float("nan")
     save_file(t, d / "model.safetensors", metadata={"format": "pt"})
     _foreign_refused(d, "NaN or Inf")
+
+
+def test_save_pretrained_refuses_a_quantized_model(tmp_path):
+    """A model quantized by lowbit or loaded from a lowbit checkpoint or an engine's folder: transformers'
+    save_pretrained would drop the packed layers (the folder would load with random weights), so it refuses
+    with one line and writes nothing."""
+    m, tok = quantized(Scheme(4, True, "group", 32))
+    lowbit.save(m, tok, tmp_path / "q")
+    lowbit.api.export(m, tok, tmp_path / "ct", "compressed-tensors")
+    for model in (m, lowbit.load(tmp_path / "q")[0], lowbit.load(tmp_path / "ct")[0]):
+        with pytest.raises(LowbitError, match="save it with lowbit.save") as e:
+            model.save_pretrained(tmp_path / "hf")
+        assert "\n" not in str(e.value) and not (tmp_path / "hf").exists()
+    float_model = make_model()
+    float_model.save_pretrained(tmp_path / "float")  # a float model saves as before
+    assert (tmp_path / "float" / "config.json").is_file()

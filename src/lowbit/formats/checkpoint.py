@@ -26,7 +26,7 @@ from torch import nn
 
 from ..core.config import QuantConfig
 from ..core.scheme import Scheme
-from ..core.state import QuantRecord, state_of
+from ..core.state import QuantRecord, state_of, set_quant
 from ..core.version import __version__
 from ..errors import LowbitError
 from ..models.arch import set_module
@@ -195,7 +195,7 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
         if t.is_meta:
             raise _bad(folder, f"tensor {n} was not stored")
     validate.check_scales(model, str(weights))
-    state_of(model).quant = QuantRecord(cfg, modules)
+    set_quant(model, QuantRecord(cfg, modules))
     if skeleton is not None:
         return model, None
     try:

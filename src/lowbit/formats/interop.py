@@ -27,7 +27,7 @@ from ..errors import LowbitError
 from ..models.arch import EMBEDDING_SUFFIXES, arch_of, set_module
 from ..nn.int8 import ActQuant, Int8OutlierLinear, W8A8Linear
 from ..nn.qlinear import QuantEmbedding, QuantLinear
-from ..core.state import QuantRecord, state_of
+from ..core.state import QuantRecord, state_of, set_quant
 from ..core.io import atomic_path
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -376,7 +376,7 @@ def finish(model: nn.Module, folder: Path, schemes: dict, source: dict, skeleton
     cfg = QuantConfig(method="import", scheme=default,
                       overrides={f"^{n}$".replace(".", r"\."): s for n, s in schemes.items() if s != default},
                       options={"source": source})
-    state_of(model).quant = QuantRecord(cfg, dict(schemes))
+    set_quant(model, QuantRecord(cfg, dict(schemes)))
     if skeleton is not None:
         return model, None
     try:
