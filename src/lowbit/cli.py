@@ -555,6 +555,9 @@ def export_gguf(
     how = " (calibrated, GPTQ)" if res["gptq"] else " (calibrated)" if res["calibrated"] else ""
     print(f"{out}: {res['type']}{how}, {res['bytes']:,} bytes, "
           f"{res['bpw']:.3f} bits/weight; tensors: {kinds}")
+    if res.get("exact") or res.get("rerounded"):
+        print(f"packed layers: {res['exact']} kept exactly (their codes and float16 scales as GGUF blocks), "
+              f"{res['rerounded']} re-rounded to the file's types (no GGUF type holds their grid exactly)")
 
 
 @app.command("export")
