@@ -132,7 +132,7 @@ def test_existing_output_refused_then_forced(cli, tiny_dir, tmp_path):
 def test_corrupt_checkpoint_refused(cli, tiny_dir, tmp_path):
     out = tmp_path / "q"
     assert cli("quantize", tiny_dir, out)[0] == 0
-    w = out / "model.safetensors"
+    w = out / "lowbit.safetensors"
     w.write_bytes(w.read_bytes()[:1000])
     for cmd in (["eval", out], ["inspect", out], ["generate", out, "--prompt", "x"]):
         code, stdout, err = cli(*cmd)

@@ -10,7 +10,7 @@ from torch import nn
 
 from .algorithms.registry import CalibOptions, resolve
 from .core.config import QuantConfig
-from .core.state import QuantRecord, state_of
+from .core.state import QuantRecord, state_of, set_quant
 from .errors import LowbitError
 from .eval.perplexity import evaluate
 from .formats.checkpoint import save_checkpoint
@@ -122,7 +122,7 @@ def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: t
         if tied & set(modules):
             cfg.tie_word_embeddings = False
             _share_tied_codes(model, [n for n in (arch.embeddings + arch.head if arch else ()) if n in modules])
-    state_of(model).quant = QuantRecord(config, modules)
+    set_quant(model, QuantRecord(config, modules))
     return model
 
 
@@ -139,4 +139,12 @@ def save(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite: bool = 
     return save_checkpoint(model, tokenizer, out, overwrite=overwrite)
 
 
-__all__ = ["QuantConfig", "evaluate", "generate", "load", "quantize", "save"]
+def export(model: nn.Module, tokenizer, out: str | os.PathLike, format: str, dtype: str | None = None,
+           overwrite: bool = False, **gguf_options) -> dict:
+    """Write `model` in an engine's format: compressed-tensors, gptq, awq or gguf (formats/export.py)."""
+    from .formats.export import export_model
+
+    return export_model(model, tokenizer, out, format, dtype=dtype, overwrite=overwrite, **gguf_options)
+
+
+__all__ = ["QuantConfig", "evaluate", "export", "generate", "load", "quantize", "save"]

@@ -555,6 +555,44 @@ def export_gguf(
     how = " (calibrated, GPTQ)" if res["gptq"] else " (calibrated)" if res["calibrated"] else ""
     print(f"{out}: {res['type']}{how}, {res['bytes']:,} bytes, "
           f"{res['bpw']:.3f} bits/weight; tensors: {kinds}")
+    if res.get("exact") or res.get("rerounded"):
+        print(f"packed layers: {res['exact']} kept exactly (their codes and float16 scales as GGUF blocks), "
+              f"{res['rerounded']} re-rounded to the file's types (no GGUF type holds their grid exactly)")
+
+
+@app.command("export")
+def export(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out: Path = typer.Argument(..., help="Output folder (a .gguf file for gguf), written atomically."),
+    format_: str = typer.Option(..., "--format", help="compressed-tensors (vLLM, SGLang, transformers), gptq "
+                                                      "(GPTQModel, transformers, vLLM), awq, or gguf (llama.cpp)."),
+    dtype: str = typer.Option("auto", help="compressed-tensors/gptq/awq: dtype of the float tensors: auto (the "
+                                           "scales' dtype, or the source folder's), float16, bfloat16, float32."),
+    type_: str = typer.Option("Q4_K_M", "--type", help="gguf: the GGUF type or mixture (as export-gguf)."),
+    tensor_type: List[str] = typer.Option([], help="gguf: PATTERN=TYPE per tensor (as export-gguf)."),
+    calib: Optional[str] = typer.Option(None, help="gguf: calibration text (as export-gguf)."),
+    gptq: bool = typer.Option(False, help="gguf: GPTQ on the GGUF grid (as export-gguf; needs --calib)."),
+    nsamples: int = typer.Option(64, help="gguf --calib: windows of calibration text."),
+    calib_seqlen: int = typer.Option(512, help="gguf --calib: tokens per window."),
+    seed: int = typer.Option(0, help="gguf --calib: seed of the calibration windows."),
+    force: bool = typer.Option(False, help="Replace OUT if it exists."),
+) -> None:
+    """Write MODEL in an engine's format: its integer codes as they are (gguf: llama.cpp's block types)."""
+    from . import api
+    from .formats.export import FORMATS
+    from .core.io import check_output
+
+    if format_ not in FORMATS:
+        raise LowbitError(f"--format must be one of {', '.join(FORMATS)}; got {format_!r}")
+    if format_ == "gguf":
+        return export_gguf(model, out, type_, tensor_type, calib, gptq, nsamples, calib_seqlen, seed, force)
+    if dtype not in ("auto", "float16", "bfloat16", "float32"):
+        raise LowbitError(f"--dtype must be one of auto, float16, bfloat16, float32; got {dtype!r}")
+    check_output(out, overwrite=force)
+    m, tok = api.load(model)
+    res = api.export(m, tok, out, format_, dtype=dtype, overwrite=force)
+    kind = f" ({res['kind']})" if res.get("kind") else ""
+    print(f"{out}: {res['format']}{kind}, {res['layers']} quantized layers, float tensors in {res['dtype']}")
 
 
 def _inspect_gguf(path: Path, as_json: bool) -> None:

@@ -81,7 +81,7 @@ def test_corrupt_checkpoint_refused(tiny, tmp_path, damage):
     lowbit.quantize(model, QuantConfig(scheme=Scheme(4, True, "group", 32)))
     out = tmp_path / "c"
     lowbit.save(model, tok, out)
-    w = out / "model.safetensors"
+    w = out / "lowbit.safetensors"
     if damage == "truncate":
         data = w.read_bytes()
         w.write_bytes(data[: len(data) // 2])

@@ -42,6 +42,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# the weights file of a lowbit checkpoint (formats/checkpoint.py)
+CKPT_WEIGHTS = "lowbit.safetensors"
 CAP = 2 << 30  # peak RSS of a case, bytes
 EVAL = ["--seqlen", "32", "--limit-tokens", "96", "--json"]
 GEN = ["--prompt", "The quick", "--max-new-tokens", "4"]
@@ -133,7 +135,7 @@ def _resha(folder: Path) -> None:
     cfg = folder / "config.json"
     conf = json.loads(cfg.read_text())
     qc = conf["quantization_config"]
-    qc["weights_sha256"] = _sha(folder / "model.safetensors")
+    qc["weights_sha256"] = _sha(folder / CKPT_WEIGHTS)
     qc["table_sha256"] = table_sha256(qc)
     cfg.write_text(json.dumps(conf, indent=2))
 
@@ -716,14 +718,14 @@ class Campaign:
                 elif path[:2] in (("quantization_config",), ("quantization_config", "quant_method")):
                     c.area = "hf-weights"  # no longer a lowbit checkpoint: transformers loads the folder
             elif kind == "safetensors":
-                new, desc, c.strict = _safetensors_mutation((m / "model.safetensors").read_bytes(), r)
-                (m / "model.safetensors").write_bytes(new)
+                new, desc, c.strict = _safetensors_mutation((m / CKPT_WEIGHTS).read_bytes(), r)
+                (m / CKPT_WEIGHTS).write_bytes(new)
                 if r.random() < 0.85:
                     _resha(m)
                     desc += " (checksum updated)"
                 c.mutation = desc
             else:
-                name = r.choice(["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                name = r.choice(["config.json", CKPT_WEIGHTS, "tokenizer.json", "tokenizer_config.json",
                                  "generation_config.json"])
                 op = r.choice(FILE_OPS)
                 _file_op(m, name, op)

@@ -38,12 +38,17 @@ def name_literals(source: str) -> list[tuple[int, str]]:
     return out
 
 
+# literals that are a format's own keys, not module names
+FORMAT_KEYS = {("formats/gptq_format.py", "lm_head")}  # GPTQ's quantization_config: "lm_head": false
+
+
 def test_no_module_but_the_table_spells_llama_layer_names():
     bad = []
     for p in sorted(SRC.rglob("*.py")):
         if p == SRC / "models" / "arch.py":
             continue
-        bad += [f"{p.relative_to(SRC)}:{line}: {s!r}" for line, s in name_literals(p.read_text())]
+        rel = str(p.relative_to(SRC))
+        bad += [f"{rel}:{line}: {s!r}" for line, s in name_literals(p.read_text()) if (rel, s) not in FORMAT_KEYS]
     assert not bad, "layer names belong in models/arch.py's table:\n" + "\n".join(bad)
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 import lowbit
 from lowbit import QuantConfig, Scheme
 from lowbit.errors import LowbitError
-from lowbit.formats.checkpoint import table_sha256
+from lowbit.formats.checkpoint import WEIGHTS, table_sha256
 from lowbit.api import load
 from tests.conftest import make_tiny_llama, make_tokenizer
 
@@ -28,7 +28,7 @@ def tensors(path):
 def rewrite(ckpt, edit_tensors=None, edit_qc=None, edit_conf=None):
     """Change a lowbit checkpoint as an attacker would: the tensors (the recorded sha256 recomputed, as
     checkpoint.py computes it), the quantization table, the config."""
-    w = ckpt / "model.safetensors"
+    w = ckpt / WEIGHTS
     if edit_tensors is not None:
         t = tensors(w)
         edit_tensors(t)
@@ -252,7 +252,7 @@ def test_checkpoint_without_quantization_config_is_refused(ckpt):
     del conf["quantization_config"]
     (ckpt / "config.json").write_text(json.dumps(conf))
     for kw in ({}, {"lazy": True}):
-        refused(ckpt, r"no lowbit quantization_config, but the weights hold packed codes", **kw)
+        refused(ckpt, r"holds lowbit\.safetensors .*but config\.json has no lowbit quantization_config", **kw)
 
 
 def test_pickled_weights_are_never_read(tmp_path):

@@ -33,7 +33,7 @@ from torch import nn
 from ..core.config import Options, QuantConfig, option
 from ..core.quant import QTensor, compute_qparams, grouped, quantize_codes, ungrouped
 from ..core.scheme import Scheme
-from ..core.state import QuantRecord, state_of
+from ..core.state import QuantRecord, state_of, set_quant
 from ..errors import LowbitError
 from ..models.arch import get_module, select_modules, set_module
 from ..nn.qlinear import QuantLinear
@@ -187,7 +187,7 @@ def pack(model: nn.Module) -> dict[str, Scheme]:
 def convert(model: nn.Module, config: QuantConfig) -> nn.Module:
     """pack(), and record the quantization."""
     modules = pack(model)
-    state_of(model).quant = QuantRecord(config, modules)
+    set_quant(model, QuantRecord(config, modules))
     return model
 
 

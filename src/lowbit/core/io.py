@@ -105,15 +105,26 @@ def _read_head(path: Path, n: int) -> bytes:
 
 
 def is_lowbit_checkpoint(folder: Path) -> bool:
+    """A folder lowbit wrote: a lowbit checkpoint, or an export of one (what --force may replace)."""
     cfg = folder / "config.json"
     try:
         st = os.lstat(cfg)
         if not stat.S_ISREG(st.st_mode) or st.st_size > (16 << 20):
             return False
         qc = json.loads(_read_head(cfg, st.st_size + 1)).get("quantization_config")
-        return isinstance(qc, dict) and qc.get("quant_method") == "lowbit"
+        return isinstance(qc, dict) and (qc.get("quant_method") == "lowbit" or _exported_by_lowbit(qc))
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _exported_by_lowbit(qc: dict) -> bool:
+    """A compressed-tensors / GPTQ / AWQ folder that `lowbit export` wrote (its producer fields say so)."""
+    producer = qc.get("producer")
+    if isinstance(producer, dict) and producer.get("name") == "lowbit":
+        return True
+    meta = qc.get("meta")
+    quantizer = meta.get("quantizer") if isinstance(meta, dict) else None
+    return isinstance(quantizer, list) and any(isinstance(q, str) and q.startswith("lowbit:") for q in quantizer)
 
 
 def _not_replaceable(out: Path, kind: str) -> str | None:

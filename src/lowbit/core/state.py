@@ -47,6 +47,22 @@ class ModelState:
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _refuse_save_pretrained(*args, **kwargs):
+    from ..errors import LowbitError
+
+    raise LowbitError("this model holds lowbit's packed layers, which save_pretrained would write as a folder "
+                      "transformers loads with random weights: save it with lowbit.save(model, tokenizer, OUT), "
+                      "or export it for an engine with lowbit.api.export / `lowbit export`")
+
+
+def set_quant(model, record: QuantRecord) -> None:
+    """Record what quantize did (or what a checkpoint holds) and make the model's transformers
+    `save_pretrained` refuse it with one line: its quantized layers must not silently become random weights."""
+    state_of(model).quant = record
+    if callable(getattr(model, "save_pretrained", None)):
+        model.save_pretrained = _refuse_save_pretrained
+
+
 def state_of(model) -> ModelState:
     """The model's state (an empty one on first use)."""
     st = _STATES.get(model)

@@ -3,7 +3,7 @@
     config.json          the model's config + "quantization_config" (quant_method "lowbit"):
                          method, default scheme, per-layer schemes where they differ,
                          include/exclude, seed, options, lowbit version, checksum
-    model.safetensors    float tensors as they are; per quantized module `<name>.qweight`
+    lowbit.safetensors   float tensors as they are; per quantized module `<name>.qweight`
                          (packed codes), `<name>.scales`, `<name>.qzeros` (asymmetric)
     tokenizer files, generation_config.json
 
@@ -26,14 +26,18 @@ from torch import nn
 
 from ..core.config import QuantConfig
 from ..core.scheme import Scheme
-from ..core.state import QuantRecord, state_of
+from ..core.state import QuantRecord, state_of, set_quant
 from ..core.version import __version__
 from ..errors import LowbitError
 from ..models.arch import set_module
 from ..core.io import atomic_path
 from ..nn.kinds import MODULE_KINDS
 
-WEIGHTS = "model.safetensors"
+# Not model.safetensors: transformers, vLLM and the other engines, which cannot run these tensors, then find no
+# weights and refuse the folder, instead of filling the model with random weights (checkpoints written before
+# this change, with model.safetensors, still load here).
+WEIGHTS = "lowbit.safetensors"
+LEGACY_WEIGHTS = "model.safetensors"
 
 
 def _sha256(path: Path) -> str:
@@ -148,9 +152,11 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
         raise _bad(folder, f"config.json: {e}") from None
     validate.check_custom_code(folder, {**conf, "model_type": model_type})
     weights = folder / WEIGHTS
+    if not weights.is_file() and (folder / LEGACY_WEIGHTS).is_file():
+        weights = folder / LEGACY_WEIGHTS
     if not weights.is_file():
         raise _bad(folder, f"{WEIGHTS} is missing")
-    table = validate.tensor_table(folder)  # headers checked against the file; the file inside the folder
+    table = validate.tensor_table(folder, weights.name)  # headers checked against the file; the file inside the folder
     if _sha256(weights) != qc.get("weights_sha256"):
         raise _bad(folder, f"{WEIGHTS} does not match its checksum: truncated or modified")
     validate.check_config(conf, table, str(folder / "config.json"))
@@ -204,7 +210,7 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
         if t.is_meta:
             raise _bad(folder, f"tensor {n} was not stored")
     validate.check_scales(model, str(weights))
-    state_of(model).quant = QuantRecord(cfg, modules)
+    set_quant(model, QuantRecord(cfg, modules))
     if skeleton is not None:
         return model, None
     try:

@@ -12,7 +12,9 @@ import torch
 from ..core.state import state_of
 from ..models.loading import load_hf, resolve
 from .gguf.convert import gguf_to_cache
-from .checkpoint import load_checkpoint
+from ..errors import LowbitError
+from .checkpoint import WEIGHTS, load_checkpoint
+from .export import foreign_source, load_foreign
 
 
 def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32, lazy: bool = False, skeleton=None):
@@ -24,8 +26,14 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32, la
     from ..models.lazy import can_load_lazily, load_lazy
 
     src = resolve(source)
-    if src.kind == "lowbit":
+    foreign = foreign_source(src)
+    if foreign:  # a compressed-tensors, GPTQ or AWQ folder: its codes go into lowbit's modules as they are
+        model, tok = load_foreign(src.location, foreign, dtype, skeleton=skeleton)
+    elif src.kind == "lowbit":
         model, tok = load_checkpoint(src.location, skeleton=skeleton)
+    elif src.kind == "hf" and (Path(src.location) / WEIGHTS).is_file():
+        raise LowbitError(f"{src.location}: holds {WEIGHTS} (a lowbit checkpoint's weights), but config.json has no "
+                          "lowbit quantization_config: the config was changed or replaced")
     elif src.kind == "gguf":
         folder = gguf_to_cache(Path(src.location))
         model, tok = load_lazy(folder, dtype, src.name) if lazy else load_hf(str(folder), dtype, src.name)

@@ -142,12 +142,13 @@ def _inside(folder: Path, name, label: str) -> Path:
     return path
 
 
-def weight_files(folder: Path) -> dict[str, Path]:
+def weight_files(folder: Path, single_name: str = "model.safetensors") -> dict[str, Path]:
     """{tensor name: safetensors file} of a folder: its model.safetensors.index.json (sharded) or its
-    model.safetensors, every file confined to the folder."""
+    single weights file (`single_name`: model.safetensors; lowbit checkpoints store lowbit.safetensors),
+    every file confined to the folder."""
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
+    if single_name == "model.safetensors" and index.is_file():
         wm = read_json(index).get("weight_map")
         if not isinstance(wm, dict) or not wm:
             raise LowbitError(f"{index}: no weight_map")
@@ -158,9 +159,9 @@ def weight_files(folder: Path) -> dict[str, Path]:
                 paths[f] = _inside(folder, f, str(index))
             files[k] = paths[f]
         return files
-    single = folder / "model.safetensors"
+    single = folder / single_name
     if not single.is_file():
-        raise LowbitError(f"{folder}: no model.safetensors (lowbit reads safetensors weights only; "
+        raise LowbitError(f"{folder}: no {single_name} (lowbit reads safetensors weights only; "
                           "it never unpickles .bin files)")
     _inside(folder, single.name, str(folder))
     return {"": single}  # every tensor of the one file (tensor_table fills the names in)
@@ -178,10 +179,10 @@ def file_table(path: Path) -> dict[str, TensorInfo]:
     return {k: TensorInfo(e["dtype"], tuple(e["shape"]), Path(path)) for k, e in header.items()}
 
 
-def tensor_table(folder: Path) -> dict[str, TensorInfo]:
+def tensor_table(folder: Path, single_name: str = "model.safetensors") -> dict[str, TensorInfo]:
     """{tensor: TensorInfo} of every tensor a folder's safetensors hold (sharded or not); an index that names
     a tensor its file does not hold, or files that hold a tensor twice, are refused."""
-    files = weight_files(folder)
+    files = weight_files(folder, single_name)
     if "" in files:
         return file_table(files[""])
     by_file: dict[Path, list[str]] = {}

@@ -189,3 +189,31 @@ def test_gptq_export_writes_valid_blocks(tiny_gguf_model, tmp_path, calib):
 def test_cli_gptq_needs_calibration(cli, tiny_dir, tmp_path):
     code, _, err = cli("export-gguf", str(tiny_dir), str(tmp_path / "z.gguf"), "--gptq")
     assert code == 2 and "--calib" in err
+
+
+@pytest.mark.parametrize("bits,gtype", [(4, "Q4_0"), (5, "Q5_0"), (8, "Q8_0")])
+def test_packed_layers_with_an_exact_gguf_type_keep_their_values(tmp_path, bits, gtype):
+    """Symmetric g32 codes with float16 scales are the blocks of Q4_0/Q5_0/Q8_0: the export writes them as they
+    are (gguf-py's dequantizer gives lowbit's dequantized weight bit for bit, Q/K rows permuted), whatever the
+    file's type; other schemes are re-rounded and counted."""
+    import lowbit
+    from lowbit import QuantConfig, Scheme
+
+    model = gguf_llama(seed=3)
+    lowbit.quantize(model, QuantConfig(method="rtn", scheme=Scheme(bits, True, "group", 32)))
+    res = export_gguf(model, make_tokenizer(), tmp_path / "m.gguf", "Q4_K_M", progress=False)
+    assert res["exact"] == 14 and res["rerounded"] == 0
+    _, ts = read(tmp_path / "m.gguf")
+    for hf, g, heads in [("model.layers.1.self_attn.q_proj", "blk.1.attn_q.weight", 4),
+                         ("model.layers.0.self_attn.k_proj", "blk.0.attn_k.weight", 2),
+                         ("model.layers.0.mlp.down_proj", "blk.0.ffn_down.weight", None)]:
+        t = ts[g]
+        assert t.tensor_type.name == gtype
+        want = model.get_submodule(hf).dequantize_weight().float()
+        if heads:
+            want = permute_qk(want, heads)
+        assert np.array_equal(dequantize(t.data, t.tensor_type), want.numpy())
+    m2 = gguf_llama(seed=3)
+    lowbit.quantize(m2, QuantConfig(method="rtn", scheme=Scheme(4, False, "group", 32)))
+    res = export_gguf(m2, make_tokenizer(), tmp_path / "a.gguf", "Q4_K_M", progress=False)
+    assert res["exact"] == 0 and res["rerounded"] == 14

@@ -9,6 +9,7 @@ llama.cpp's converter permutes them for LLaMA (HF keeps rotary halves, ggml inte
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 import os
 import sys
@@ -36,6 +37,35 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """HF's rotary layout (two halves per head) -> GGUF's (interleaved pairs), as llama.cpp's converter."""
     rows = w.shape[0]
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# lowbit schemes whose values a GGUF block type holds exactly: symmetric codes Q in groups of 32 with float16
+# scales, x = s·Q, are the blocks' x = d·(q - offset) with d = s and q = Q + offset (ggml dequantizes both in
+# float32 as one product). Asymmetric codes have no exact type: Q4_1/Q5_1 store m = -s·z rounded to float16.
+EXACT_TYPES = {4: ("Q4_0", 8), 5: ("Q5_0", 16), 8: ("Q8_0", 0)}
+
+
+def exact_type(mod: nn.Module) -> str | None:
+    """The GGUF type that holds a packed linear's dequantized weight exactly, else None (it is re-rounded)."""
+    s = getattr(mod, "scheme", None)
+    if s is None or not callable(getattr(mod, "codes", None)) or getattr(mod, "kind", None) != "linear":
+        return None
+    ok = (s.symmetric and s.granularity == "group" and s.group_size == 32 and s.bits in EXACT_TYPES
+          and mod.scales.dtype == torch.float16 and mod.in_features % 32 == 0)
+    return EXACT_TYPES[s.bits][0] if ok else None
+
+
+def exact_blocks(mod: nn.Module, n_heads: int | None) -> torch.Tensor:
+    """uint8 numpy [out, blocks·type_size]: the module's codes and scales as exact_type's blocks (rows permuted as
+    permute_qk where n_heads is given). No rounding happens here."""
+    name, offset = EXACT_TYPES[mod.scheme.bits]
+    q = mod.codes() + offset  # [out, in]
+    d = mod.scales.float()  # [out, in / 32]
+    if n_heads is not None:
+        q, d = permute_qk(q, n_heads), permute_qk(d, n_heads)
+    rows = q.shape[0]
+    data = TYPES[name]._pack({"d": d.reshape(-1)}, q.reshape(-1, 32))
+    return data.reshape(rows, -1).numpy()
 
 
 def float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -201,6 +231,17 @@ def export_gguf(model: nn.Module, tok, out: str | os.PathLike, ftype: str = "Q4_
     infos = [TensorInfo(names[n], tuple(t.shape)) for n, t in tensors.items()]
     types = choose_types(infos, ftype, cfg.num_hidden_layers, n_head // n_kv, list(overrides),
                          imatrix=imatrix is not None)
+    # packed layers whose grid a GGUF type holds exactly keep their codes (unless --tensor-type names them)
+    modules = dict(model.named_modules())
+    exact: dict[str, nn.Module] = {}
+    for hf_name in tensors:
+        mod = modules.get(hf_name.rpartition(".")[0]) if hf_name.endswith(".weight") else None
+        et = exact_type(mod) if mod is not None else None
+        if et is not None and not any(re.search(p, names[hf_name]) for p, _ in overrides):
+            types[names[hf_name]] = et
+            exact[hf_name] = mod
+    rerounded = sum(1 for n in tensors if n not in exact and n.rpartition(".")[0] in modules
+                    and callable(getattr(modules[n.rpartition(".")[0]], "codes", None)) and n.endswith(".weight"))
     shapes = {i.name: i.shape for i in infos}
     src = source_gguf_of(model)
 
@@ -235,7 +276,11 @@ def export_gguf(model: nn.Module, tok, out: str | os.PathLike, ftype: str = "Q4_
                 mod = hf_name.rsplit(".", 1)[0]
                 qw = imatrix.get(mod)  # per input column: the Q/K row permutation leaves it as is
             H = hessians.get(hf_name.rsplit(".", 1)[0]) if hessians is not None and t.dim() == 2 else None
-            if H is not None and ttype.name not in ("F32", "F16", "BF16"):
+            if hf_name in exact:
+                heads = n_head if (q_name is not None and g.endswith(q_name)) else \
+                    n_kv if (k_name is not None and g.endswith(k_name)) else None
+                data = exact_blocks(exact[hf_name], heads)
+            elif H is not None and ttype.name not in ("F32", "F16", "BF16"):
                 data = ttype.quantize_gptq(t, H, qw)
             else:
                 data = ttype.quantize(t.reshape(-1, t.shape[-1]), qw)
@@ -255,4 +300,5 @@ def export_gguf(model: nn.Module, tok, out: str | os.PathLike, ftype: str = "Q4_
         counts[t] = counts.get(t, 0) + 1
     return {"file": str(out), "type": ftype, "bytes": size, "bpw": bits_per_weight(types, shapes),
             "tensor_types": counts, "calibrated": imatrix is not None, "gptq": hessians is not None,
+            "exact": len(exact), "rerounded": rerounded,
             "seconds": round(time.time() - t0, 1)}
