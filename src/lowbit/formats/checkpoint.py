@@ -92,15 +92,21 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, overwri
         conf = model.config.to_dict()
         conf["quantization_config"] = qc
         (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            try:
-                gen.save_pretrained(tmp)
-            except Exception:
-                pass
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        save_companions(tmp, model, tokenizer)
     return Path(out)
+
+
+def save_companions(folder: Path, model: nn.Module, tokenizer) -> None:
+    """The files beside a model's weights and config: its generation config (where transformers can write
+    it) and the tokenizer's files."""
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        try:
+            gen.save_pretrained(folder)
+        except Exception:
+            pass
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
 
 
 def table_sha256(qc: dict) -> str:

@@ -29,6 +29,7 @@ from ..nn.int8 import ActQuant, Int8OutlierLinear, W8A8Linear
 from ..nn.qlinear import QuantEmbedding, QuantLinear
 from ..core.state import QuantRecord, state_of, set_quant
 from ..core.io import atomic_path
+from .checkpoint import save_companions
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ENGINE_GROUPS = (32, 64, 128, 256)  # group sizes the engines' int4/int8 kernels tile
@@ -195,14 +196,7 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, tensors: d
     with atomic_path(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            try:
-                gen.save_pretrained(tmp)
-            except Exception:
-                pass
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        save_companions(tmp, model, tokenizer)
     return Path(out)
 
 
