@@ -31,7 +31,12 @@ class GptqSweepOptions(Options):
     act_order: bool = option(True, "Quantize columns by descending Hessian diagonal, with static groups; "
                                    "--no-act-order: natural order, each group fitted when reached.")
 
+    clip_grid: int = option(0, "Search each group's range: this many clip factors from 1 down to 0.5, keeping the "
+                               "one of least Hessian-diagonal-weighted rounding error (0: min/max, the reference).")
+
     def check(self) -> None:
+        if self.clip_grid < 0:
+            raise LowbitError(f"--clip-grid must be >= 0, got {self.clip_grid}")
         if self.blocksize < 1:
             raise LowbitError(f"--blocksize must be >= 1, got {self.blocksize}")
         if not self.percdamp >= 0:
@@ -69,7 +74,8 @@ def gptq_linears(linears: dict[str, nn.Module], hess: Hessians, config: QuantCon
             by_scheme.setdefault(key, (scheme, []))[1].append(n)
         for scheme, names in by_scheme.values():
             W = torch.cat([linears[n].weight.detach() for n in names]) if len(names) > 1 else linears[names[0]].weight
-            qt, row_loss = gptq_rows(W, hess[names[0]].H, scheme, opts.blocksize, opts.percdamp, opts.act_order)
+            qt, row_loss = gptq_rows(W, hess[names[0]].H, scheme, opts.blocksize, opts.percdamp, opts.act_order,
+                                     opts.clip_grid)
             sizes = [linears[n].out_features for n in names]
             parts = _split_rows(qt, sizes) if len(names) > 1 else [qt]
             for n, part, loss in zip(names, parts, row_loss.split(sizes)):
