@@ -227,6 +227,30 @@ def main() -> None:
     calib_args = ["--nsamples", str(args.nsamples), "--calib-seqlen", str(args.calib_seqlen), "--seed", "0"]
     for bits, group in settings:
         setting = f"W{bits} g{group}"
+        for v in variants:
+            label = f"lowbit {v}"
+            if (label, setting) in done:
+                rows.append({**done[(label, setting)], "resumed": True})
+                continue
+            out = work / f"lowbit-{v.replace('+', '-')}-w{bits}g{group}"
+            flags = LOWBIT[v]
+            method = flags[flags.index("--method") + 1]
+            cal = calib_args if method != "rtn" else []
+            try:
+                q = timed([sys.executable, "-c", _CHILD, "quantize", str(hf), str(out), *flags, "--bits", str(bits),
+                           "--group-size", str(group), *cal, "--force"], work / f"{out.name}.log")
+            except RuntimeError as err:
+                row = {"tool": label, "setting": setting, "error": str(err)}
+                record(row)
+                rows.append(row)
+                continue
+            m, _ = lowbit.load(out)
+            row = {"tool": label, "setting": setting, "sym": "--sym" in flags, **stored_bpw(out, hf),
+                   **scores(m, tokens), "wall_s": q["wall_s"], "peak_rss_bytes": q["peak_rss_bytes"]}
+            del m
+            record(row)
+            rows.append(row)
+
         for p in peers:
             spec = PEERS[p]
             if group not in spec["groups"] or bits not in spec["bits"]:
@@ -252,30 +276,6 @@ def main() -> None:
                    "versions": versions(py, p)}
             record(row)
             rows.append(row)
-        for v in variants:
-            label = f"lowbit {v}"
-            if (label, setting) in done:
-                rows.append({**done[(label, setting)], "resumed": True})
-                continue
-            out = work / f"lowbit-{v.replace('+', '-')}-w{bits}g{group}"
-            flags = LOWBIT[v]
-            method = flags[flags.index("--method") + 1]
-            cal = calib_args if method != "rtn" else []
-            try:
-                q = timed([sys.executable, "-c", _CHILD, "quantize", str(hf), str(out), *flags, "--bits", str(bits),
-                           "--group-size", str(group), *cal, "--force"], work / f"{out.name}.log")
-            except RuntimeError as err:
-                row = {"tool": label, "setting": setting, "error": str(err)}
-                record(row)
-                rows.append(row)
-                continue
-            m, _ = lowbit.load(out)
-            row = {"tool": label, "setting": setting, "sym": "--sym" in flags, **stored_bpw(out, hf),
-                   **scores(m, tokens), "wall_s": q["wall_s"], "peak_rss_bytes": q["peak_rss_bytes"]}
-            del m
-            record(row)
-            rows.append(row)
-
     # lowbit's best at each setting against each peer there, at equal or fewer bits per weight
     for bits, group in settings:
         setting = f"W{bits} g{group}"
