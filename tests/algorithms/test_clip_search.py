@@ -110,3 +110,39 @@ def test_gptq_clip_grid_on_tiny_model(tiny, calib, tmp_path):
     loaded, _ = lowbit.load(tmp_path / "c")
     assert torch.equal(loaded(x).logits, c(x).logits)
     assert torch.isfinite(c(x).logits).all() and (c(x).logits - ref).pow(2).mean() > 0
+
+
+def test_rtn_clip_grid(tiny):
+    """rtn --clip-grid 0 is min/max RTN exactly; with a grid every linear's codes are the searched params'
+    and the weight error is lower."""
+    from lowbit.nn.qlinear import QuantLinear
+
+    model, _ = tiny
+    scheme = Scheme(2, False, "group", 32)
+    plain = lowbit.quantize(copy.deepcopy(model), QuantConfig(scheme=scheme))
+    zero = lowbit.quantize(copy.deepcopy(model), QuantConfig(scheme=scheme, options={"clip_grid": 0}))
+    clipped = lowbit.quantize(copy.deepcopy(model), QuantConfig(scheme=scheme, options={"clip_grid": 16}))
+    floats = dict(model.named_modules())
+    n = 0
+    for name, m in plain.named_modules():
+        if not isinstance(m, QuantLinear):
+            continue
+        z, c = zero.get_submodule(name), clipped.get_submodule(name)
+        assert torch.equal(m.dequantize_weight(), z.dequantize_weight())
+        w = floats[name].weight.detach()
+        s, zz = search_qparams(w, scheme, 16)
+        assert torch.equal(c.dequantize_weight(), dequantize(quantize(w, scheme, s, zz)))
+        assert (c.dequantize_weight() - w).norm() < (m.dequantize_weight() - w).norm()
+        n += 1
+    assert n > 0
+
+
+def test_clip_grid_refused_when_negative():
+    from lowbit.errors import LowbitError
+
+    from lowbit.algorithms.registry import get_spec
+
+    for method in ("rtn", "gptq", "awq+gptq"):
+        with pytest.raises(LowbitError, match="--clip-grid"):
+            get_spec(method).options(clip_grid=-1)
+        assert get_spec(method).options().clip_grid == 0

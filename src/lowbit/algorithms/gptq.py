@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.sequential import Irregular, layer_sequential, observe_inputs, probe_groups, run_block_staged
-from ..core.config import Options, QuantConfig, option
+from ..core.config import QuantConfig, option
 from ..core.gptq import Hessians, gptq_rows
 from ..core.quant import QTensor
 from ..core.scheme import Scheme
@@ -19,10 +19,11 @@ from ..errors import LowbitError
 from ..models.arch import block_linears, sequential_groups, set_module
 from ..nn.qlinear import QuantLinear
 from .registry import CalibOptions, MethodSpec, register
+from .rtn import ClipOptions
 
 
 @dataclass(frozen=True)
-class GptqSweepOptions(Options):
+class GptqSweepOptions(ClipOptions):
     """The GPTQ sweep's settings (gptq, and awq+gptq after its scale search)."""
 
     blocksize: int = option(128, "Columns per lazy-update block of the GPTQ sweep.")
@@ -31,12 +32,7 @@ class GptqSweepOptions(Options):
     act_order: bool = option(True, "Quantize columns by descending Hessian diagonal, with static groups; "
                                    "--no-act-order: natural order, each group fitted when reached.")
 
-    clip_grid: int = option(0, "Search each group's range: this many clip factors from 1 down to 0.5, keeping the "
-                               "one of least Hessian-diagonal-weighted rounding error (0: min/max, the reference).")
-
     def check(self) -> None:
-        if self.clip_grid < 0:
-            raise LowbitError(f"--clip-grid must be >= 0, got {self.clip_grid}")
         if self.blocksize < 1:
             raise LowbitError(f"--blocksize must be >= 1, got {self.blocksize}")
         if not self.percdamp >= 0:
