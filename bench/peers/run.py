@@ -163,6 +163,8 @@ def main() -> None:
     ap.add_argument("--autoround-iters", type=int, default=200)
     ap.add_argument("--setup", action="store_true", help="create the peers' venvs when missing")
     ap.add_argument("--resume", action="store_true", help="reuse rows of DIR/results.jsonl on the same tokens")
+    ap.add_argument("--report-only", action="store_true",
+                    help="no new runs: the table and plot of the rows in DIR/results.jsonl on the same tokens")
     ap.add_argument("--markdown", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
@@ -207,7 +209,7 @@ def main() -> None:
 
     done: dict[tuple, dict] = {}
     results = work / "results.jsonl"
-    if args.resume and results.exists():
+    if (args.resume or args.report_only) and results.exists():
         for line in results.read_text().splitlines():
             r = json.loads(line)
             if r.get("tokens_sha256") == tok_sha:
@@ -219,13 +221,16 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
         emit(row)
 
-    fp = {"tool": "float32", "setting": "—", "bpw": 32.0, **scores(model, tokens)}
-    emit(fp)
+    if ("float32", "—") in done:
+        fp = done[("float32", "—")]
+    else:
+        fp = {"tool": "float32", "setting": "—", "bpw": 32.0, **scores(model, tokens)}
+        record(fp)
     del model
 
     rows: list[dict] = []
     calib_args = ["--nsamples", str(args.nsamples), "--calib-seqlen", str(args.calib_seqlen), "--seed", "0"]
-    for bits, group in settings:
+    for bits, group in [] if args.report_only else settings:
         setting = f"W{bits} g{group}"
         for v in variants:
             label = f"lowbit {v}"
@@ -276,6 +281,8 @@ def main() -> None:
                    "versions": versions(py, p)}
             record(row)
             rows.append(row)
+    if args.report_only:  # the rows recorded so far on these tokens, in the order they were measured
+        rows = [{**r, "resumed": True} for k, r in done.items() if k != ("float32", "—")]
     # lowbit's best at each setting against each peer there, at equal or fewer bits per weight
     for bits, group in settings:
         setting = f"W{bits} g{group}"
