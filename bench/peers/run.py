@@ -121,6 +121,24 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@torch.no_grad()
+def dequantize_once(model) -> None:
+    """Every lowbit QuantLinear -> a float32 nn.Linear holding its dequantized weight: the numbers its reference
+    path computes with when scoring windows (dequantize, then a float matmul), dequantized once instead of on
+    every call -- as the peers' checkpoints are scored (their own dequantization, once, float32)."""
+    from lowbit.nn.qlinear import QuantLinear
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear):
+            w = m.dequantize_weight().float()
+            lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None)
+            lin.weight.copy_(w)
+            if m.bias is not None:
+                lin.bias.copy_(m.bias.float())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, lin)
+
+
 def frontier_plot(rows: list[dict], path: Path, fp: dict) -> None:
     import matplotlib
 
@@ -250,6 +268,7 @@ def main() -> None:
                 rows.append(row)
                 continue
             m, _ = lowbit.load(out)
+            dequantize_once(m)
             row = {"tool": label, "setting": setting, "sym": "--sym" in flags, **stored_bpw(out, hf),
                    **scores(m, tokens), "wall_s": q["wall_s"], "peak_rss_bytes": q["peak_rss_bytes"]}
             del m
