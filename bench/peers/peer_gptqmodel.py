@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ppl import peak_rss_line, peer_args, perplexity  # noqa: E402
+from ppl import peak_rss_line, peer_args, scores, stored_bpw  # noqa: E402
 
 
 @torch.no_grad()
@@ -59,6 +59,7 @@ def main() -> None:
         model = GPTQModel.load(model_dir, cfg, device="cpu", dtype=torch.float32)
         model.quantize(data, batch_size=a.batch)
         model.save(out)
+        print(json.dumps(stored_bpw(out, model_dir)))
     else:
         out, tokens = a.paths
         # its CPU kernel takes float16/bfloat16 only: float16 (its scales' own type), dequantized once, then the
@@ -66,7 +67,7 @@ def main() -> None:
         model = GPTQModel.load(out, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
         dequantize_once(model)
         model.model.float()
-        print(json.dumps({"ppl": perplexity(model, load_file(tokens)["eval"])}))
+        print(json.dumps(scores(model, tokens)))
     print(peak_rss_line(), file=sys.stderr)
 
 

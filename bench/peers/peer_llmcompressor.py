@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ppl import peak_rss_line, peer_args, perplexity  # noqa: E402
+from ppl import peak_rss_line, peer_args, scores, stored_bpw  # noqa: E402
 
 
 def main() -> None:
@@ -37,10 +37,11 @@ def main() -> None:
         oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=calib.shape[0],
                 max_seq_length=calib.shape[1], batch_size=a.batch, shuffle_calibration_samples=False)
         model.save_pretrained(out, save_compressed=True)
+        print(json.dumps(stored_bpw(out, model_dir)))
     else:
         out, tokens = a.paths
         model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-        print(json.dumps({"ppl": perplexity(model, load_file(tokens)["eval"])}))
+        print(json.dumps(scores(model, tokens)))
     print(peak_rss_line(), file=sys.stderr)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.sequential import Irregular, layer_sequential, observe_inputs, probe_groups, run_block_staged
-from ..core.config import Options, QuantConfig, option
+from ..core.config import QuantConfig, option
 from ..core.gptq import Hessians, gptq_rows
 from ..core.quant import QTensor
 from ..core.scheme import Scheme
@@ -19,10 +19,11 @@ from ..errors import LowbitError
 from ..models.arch import block_linears, sequential_groups, set_module
 from ..nn.qlinear import QuantLinear
 from .registry import CalibOptions, MethodSpec, register
+from .rtn import ClipOptions
 
 
 @dataclass(frozen=True)
-class GptqSweepOptions(Options):
+class GptqSweepOptions(ClipOptions):
     """The GPTQ sweep's settings (gptq, and awq+gptq after its scale search)."""
 
     blocksize: int = option(128, "Columns per lazy-update block of the GPTQ sweep.")
@@ -69,7 +70,8 @@ def gptq_linears(linears: dict[str, nn.Module], hess: Hessians, config: QuantCon
             by_scheme.setdefault(key, (scheme, []))[1].append(n)
         for scheme, names in by_scheme.values():
             W = torch.cat([linears[n].weight.detach() for n in names]) if len(names) > 1 else linears[names[0]].weight
-            qt, row_loss = gptq_rows(W, hess[names[0]].H, scheme, opts.blocksize, opts.percdamp, opts.act_order)
+            qt, row_loss = gptq_rows(W, hess[names[0]].H, scheme, opts.blocksize, opts.percdamp, opts.act_order,
+                                     opts.clip_grid)
             sizes = [linears[n].out_features for n in names]
             parts = _split_rows(qt, sizes) if len(names) > 1 else [qt]
             for n, part, loss in zip(names, parts, row_loss.split(sizes)):

@@ -1,10 +1,15 @@
-"""Round-to-nearest (RTN) weight-only quantization: min/max scales, no data."""
+"""Round-to-nearest (RTN) weight-only quantization: min/max scales, or with --clip-grid each group's range
+searched (clipped) for the least rounding error (core/quant.search_qparams; HQQ's and GPTQ's reference
+quantizer's lesson that min/max is not the best range at 2-3 bits), no data."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.config import QuantConfig
+from ..core.config import Options, QuantConfig, option
+from ..core.quant import quantize, search_qparams
 from ..core.scheme import Scheme
 from ..core.state import state_of
 from ..errors import LowbitError
@@ -13,8 +18,25 @@ from ..nn.qlinear import QuantEmbedding, QuantLinear
 from .registry import MethodSpec, register
 
 
-def quantize_module(mod: nn.Module, scheme: Scheme) -> nn.Module:
+@dataclass(frozen=True)
+class ClipOptions(Options):
+    """The clip search of each group's range (rtn; gptq and awq+gptq weigh it by the Hessian diagonal)."""
+
+    clip_grid: int = option(0, "Search each group's range: this many clip factors from 1 down to 0.5, keeping "
+                               "the one of least rounding error (gptq, awq+gptq: weighted by the Hessian "
+                               "diagonal); 0: min/max, the reference.")
+
+    def check(self) -> None:
+        if self.clip_grid < 0:
+            raise LowbitError(f"--clip-grid must be >= 0, got {self.clip_grid}")
+
+
+def quantize_module(mod: nn.Module, scheme: Scheme, clip_grid: int = 0) -> nn.Module:
     if isinstance(mod, nn.Linear):
+        if clip_grid > 1:
+            w = mod.weight.detach()
+            s, z = search_qparams(w, scheme, clip_grid)
+            return QuantLinear.from_linear(mod, scheme, qt=quantize(w, scheme, s, z))
         return QuantLinear.from_linear(mod, scheme)
     if isinstance(mod, nn.Embedding):
         return QuantEmbedding.from_embedding(mod, scheme)
@@ -45,15 +67,16 @@ def replace_linears(model: nn.Module, config: QuantConfig, make, desc: str) -> d
 
 def rtn(model: nn.Module, config: QuantConfig, ctx=None) -> dict[str, Scheme]:
     names = select_modules(model, config.include, config.exclude, tuple(config.overrides))
+    clip_grid = getattr(config.options, "clip_grid", 0)
     done: dict[str, Scheme] = {}
     for name in tqdm(names, desc="rtn", unit="layer", leave=False):
         scheme = config.scheme_for(name)
-        set_module(model, name, quantize_module(_float_module(model, name), scheme))
+        set_module(model, name, quantize_module(_float_module(model, name), scheme, clip_grid))
         done[name] = scheme
     return done
 
 
 SPEC = register(MethodSpec(
-    name="rtn", run=rtn, help="round to nearest, min/max scales, no data",
+    name="rtn", run=rtn, options=ClipOptions, help="round to nearest, min/max (or --clip-grid searched) scales, no data",
     streams_blocks=True,  # one layer at a time
 ))

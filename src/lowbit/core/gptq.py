@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .quant import QTensor, compute_qparams
+from .quant import QTensor, compute_qparams, search_qparams
 from .scheme import Scheme
 
 
@@ -91,9 +91,17 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
 
-def _group_params(W: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(scale, zero) of every column slice as [out, 1] each: per-row params of that slice."""
-    return compute_qparams(W, Scheme(scheme.bits, scheme.symmetric, "channel", None, scheme.scale_dtype))
+def _group_params(W: torch.Tensor, scheme: Scheme, clip_grid: int = 0, hdiag: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale, zero) of every column slice as [out, 1] each: per-row params of that slice; min/max, or with
+    clip_grid > 1 the clipped range of least H-diagonal-weighted squared error (core/quant.search_qparams)."""
+    per_row = Scheme(scheme.bits, scheme.symmetric, "channel", None, scheme.scale_dtype)
+    if clip_grid > 1:
+        return search_qparams(W, per_row, clip_grid, CLIP_MIN_SHRINK, col_weight=hdiag)
+    return compute_qparams(W, per_row)
+
+
+CLIP_MIN_SHRINK = 0.5  # the clip search's smallest range, as a fraction of min/max's
 
 
 @torch.no_grad()
@@ -104,16 +112,17 @@ def gptq_quantize(
     blocksize: int = 128,
     percdamp: float = 0.01,
     act_order: bool = False,
+    clip_grid: int = 0,
 ) -> tuple[QTensor, float]:
     """GPTQ one weight. W: [out, in] float, H: [in, in]. Returns (codes + params, loss Σ (w-q)²/d²/2).
     (The sweep itself: `gptq_rows`.)"""
-    qt, row_loss = gptq_rows(W, H, scheme, blocksize, percdamp, act_order)
+    qt, row_loss = gptq_rows(W, H, scheme, blocksize, percdamp, act_order, clip_grid)
     return qt, float(row_loss.sum())
 
 
 @torch.no_grad()
 def gptq_rows(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, blocksize: int = 128, percdamp: float = 0.01,
-              act_order: bool = False) -> tuple[QTensor, torch.Tensor]:
+              act_order: bool = False, clip_grid: int = 0) -> tuple[QTensor, torch.Tensor]:
     """`gptq_quantize` with the loss of every output row ([out]). Rows never interact in GPTQ (H acts on
     columns; group params are per row), so weights that share H can be swept as one stacked matrix.
 
@@ -122,6 +131,8 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, blocksize: int =
     the error-updated weights (the reference behaviour). With act-order the
     columns are swept by descending diag(H) and the group params are static:
     fitted on the original weights up front, so the stored layout is unchanged.
+    clip_grid > 1: each group's range is searched (clipped) for the least diag(H)-weighted squared rounding
+    error instead of min/max (0 or 1: min/max, the reference).
     """
     W = W.detach().float().clone()  # [out, in]
     rows, cols = W.shape
@@ -138,10 +149,11 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, blocksize: int =
     else:
         scale = torch.empty(rows, n_groups, dtype=scheme.torch_scale_dtype)
         zero = None if scheme.symmetric else torch.empty(rows, n_groups, dtype=torch.int16)
+    hdiag = torch.diag(H).clone()  # the clip search's column weights (dead columns: 1, their weights are 0)
     static = act_order or scheme.granularity != "group"
     if static and scheme.granularity != "tensor":
         for k in range(n_groups):
-            s, z = _group_params(W[:, k * g: (k + 1) * g], scheme)
+            s, z = _group_params(W[:, k * g: (k + 1) * g], scheme, clip_grid, hdiag[k * g: (k + 1) * g])
             scale[:, k:k + 1] = s
             if zero is not None:
                 zero[:, k:k + 1] = z
@@ -173,7 +185,7 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, blocksize: int =
             k = group_of[col]
             if starts[col]:  # entering a new group: fit it on the updated weights
                 # the group's columns: the rest of this lazy block (updated), then beyond it
-                s, z = _group_params(WT[col: col + g].T, scheme)
+                s, z = _group_params(WT[col: col + g].T, scheme, clip_grid, hdiag[perm[col: col + g]])
                 scale[:, k:k + 1] = s
                 sT[k] = s[:, 0].float()
                 if zero is not None:

@@ -77,13 +77,20 @@ def round_scale_up(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def compute_qparams(x: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Min/max scale and zero point of `x` under `scheme`: ([R, G] scale, [R, G] zero or None)."""
-    xg = grouped(_as_2d(x).float(), scheme)
+    a, b = group_range(grouped(_as_2d(x).float(), scheme), scheme)
+    return range_qparams(a, b, scheme)
+
+
+def group_range(xg: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range [a, b] ∋ 0 of every group of a grouped tensor [R, G, g] -> ([R, G], [R, G])."""
     if scheme.symmetric:
         m = xg.abs().amax(dim=-1)
-        a, b = -m, m
-    else:
-        a = xg.amin(dim=-1).clamp(max=0.0)
-        b = xg.amax(dim=-1).clamp(min=0.0)
+        return -m, m
+    return xg.amin(dim=-1).clamp(max=0.0), xg.amax(dim=-1).clamp(min=0.0)
+
+
+def range_qparams(a: torch.Tensor, b: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (rounded up to the stored dtype) and zero point that map the range [a, b] ∋ 0 onto the codes."""
     s = (b - a) / (scheme.levels - 1)
     s = torch.where(s > 0, s, torch.ones_like(s))  # all-zero group: any positive scale is exact
     s = round_scale_up(s, scheme.torch_scale_dtype)
@@ -91,6 +98,47 @@ def compute_qparams(x: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torc
         return s, None
     z = (-torch.round(a / s.float())).clamp(0, scheme.qmax).to(torch.int16)
     return s, z
+
+
+def search_qparams(x: torch.Tensor, scheme: Scheme, grid: int, min_shrink: float = 0.5,
+                   col_weight: torch.Tensor | None = None, norm: float = 2.0
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point of every group chosen by an error search over clipped ranges (the grid search of
+    GPTQ's reference quantizer, OmniQuant's and AutoRound's clipping, here without data beyond `col_weight`):
+    for shrink factors 1 = t_0 > t_1 > ... > t_{grid-1} = min_shrink, the range [t·a, t·b] is quantized and
+    the group keeps the factor with the least Σ_j c_j |x_j - x̂_j|^norm (c_j = col_weight[j], e.g. GPTQ's
+    Hessian diagonal; 1 by default). grid <= 1 is min/max (compute_qparams). The factor 1 is always a
+    candidate, so the chosen error is never above min/max's."""
+    if grid <= 1 or scheme.granularity == "tensor":
+        return compute_qparams(x, scheme)
+    x2 = _as_2d(x).float()
+    rows, cols = x2.shape
+    xg = grouped(x2, scheme)
+    c = torch.ones(cols) if col_weight is None else col_weight.float().reshape(-1)
+    if c.numel() != cols:
+        raise ValueError(f"col_weight has {c.numel()} entries for {cols} columns")
+    cg = grouped(c.reshape(1, -1), scheme)  # padded columns repeat the last one: counted twice, harmless
+    if scheme.granularity == "group" and cg.shape[-1] * cg.shape[-2] > cols:  # drop the padding's weight
+        pad = cg.shape[-1] * cg.shape[-2] - cols
+        cg = cg.clone()
+        cg[..., -1, -pad:] = 0
+    a0, b0 = group_range(xg, scheme)
+    best_s, best_z = range_qparams(a0, b0, scheme)
+    best_err = _group_error(xg, best_s, best_z, scheme, cg, norm)
+    for t in torch.linspace(1.0, min_shrink, grid)[1:].tolist():
+        s, z = range_qparams(a0 * t, b0 * t, scheme)
+        err = _group_error(xg, s, z, scheme, cg, norm)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+        if z is not None:
+            best_z = torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+def _group_error(xg, s, z, scheme, cg, norm) -> torch.Tensor:
+    xq = dequantize_grouped(quantize_codes(xg, s, z, scheme), s, z)
+    return ((xg - xq).abs().pow(norm) * cg).sum(dim=-1)
 
 
 def quantize_codes(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
