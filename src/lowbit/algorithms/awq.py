@@ -66,7 +66,8 @@ class AbsMeans:
     the same tensor, like q/k/v, share the pass)."""
 
     def __init__(self, linears: dict[str, nn.Module]) -> None:
-        self.sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
+        self.sums = {n: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device)
+                     for n, m in linears.items()}
         self.counts = dict.fromkeys(linears, 0)
         self._last: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
@@ -138,18 +139,18 @@ def search_clip(H: torch.Tensor, W: torch.Tensor, scheme: Scheme, n_grid: int = 
     rows, cols = Wf.shape
     wg = grouped(Wf, scheme)  # [out, G, g]
     n_groups, g = wg.shape[1], wg.shape[2]
-    Hp = torch.zeros(n_groups * g, n_groups * g)  # padded columns (copies of the last one) carry no error
+    Hp = torch.zeros(n_groups * g, n_groups * g, device=W.device)  # padded columns (copies of the last one) carry no error
     Hp[:cols, :cols] = H.float()
     Hb = Hp.reshape(n_groups, g, n_groups, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [G, g, g] diagonal blocks
 
     def group_err(wq: torch.Tensor) -> torch.Tensor:  # [out, cols] -> [out, G]
-        d = torch.zeros(rows, n_groups * g)
+        d = torch.zeros(rows, n_groups * g, device=W.device)
         d[:, :cols] = wq - Wf
         d = d.reshape(rows, n_groups, g).transpose(0, 1)  # [G, out, g]
         return (torch.bmm(d, Hb) * d).sum(-1).T
 
     hi0, lo0 = wg.amax(-1), wg.amin(-1)
-    best_err = torch.full(hi0.shape, math.inf)
+    best_err = torch.full(hi0.shape, math.inf, device=hi0.device)
     best_hi, best_lo = hi0.clone(), lo0.clone()
     for i in range(int(max_shrink * n_grid)):
         r = 1 - i / n_grid

@@ -24,7 +24,7 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[1]
     k = max(1, -(-n // GRAM_PANEL))
     b = -(-n // k)
-    out = torch.empty(n, n, dtype=x.dtype)
+    out = torch.empty(n, n, dtype=x.dtype, device=x.device)
     for a0 in range(0, n, b):
         a1 = min(a0 + b, n)
         torch.mm(x[:, a0:a1].T, x[:, a0:], out=out[a0:a1, a0:])  # panel rows a0:a1, columns a0: (upper part)
@@ -32,11 +32,16 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _device_of(m: nn.Module):
+    w = getattr(m, "weight", None)
+    return w.device if isinstance(w, torch.Tensor) and not w.is_meta else None
+
+
 class Hessian:
     """Running H = 2/n Σ x xᵀ over every calibration token of one linear's input."""
 
-    def __init__(self, n: int) -> None:
-        self.H = torch.zeros(n, n, dtype=torch.float32)
+    def __init__(self, n: int, device=None) -> None:
+        self.H = torch.zeros(n, n, dtype=torch.float32, device=device)
         self.count = 0
 
     def add(self, x: torch.Tensor, xtx: torch.Tensor | None = None) -> None:
@@ -55,7 +60,7 @@ class Hessians:
     read the normed hidden states; gate and up too) compute xᵀx once and add it to each of theirs."""
 
     def __init__(self, linears: dict[str, nn.Module]) -> None:
-        self.h = {n: Hessian(m.in_features) for n, m in linears.items()}
+        self.h = {n: Hessian(m.in_features, _device_of(m)) for n, m in linears.items()}
         self.sources: dict[str, list[int]] = {n: [] for n in linears}  # serial numbers of the inputs each saw
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
         self._serial = 0
@@ -87,7 +92,7 @@ class Hessians:
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + percdamp·mean(diag H)·I)⁻¹: the rows GPTQ propagates errors with.
     H is modified in place (dampened)."""
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0])
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], device=H.device)
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
 
@@ -125,7 +130,8 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, blocksize: int =
     """
     W = W.detach().float().clone()  # [out, in]
     rows, cols = W.shape
-    H = H.detach().float().clone()
+    dev = W.device
+    H = H.detach().to(dev, torch.float32).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -136,8 +142,8 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, blocksize: int =
         s_t, z_t = compute_qparams(W, scheme)
         scale, zero = s_t.expand(rows, 1).clone(), (z_t.expand(rows, 1).clone() if z_t is not None else None)
     else:
-        scale = torch.empty(rows, n_groups, dtype=scheme.torch_scale_dtype)
-        zero = None if scheme.symmetric else torch.empty(rows, n_groups, dtype=torch.int16)
+        scale = torch.empty(rows, n_groups, dtype=scheme.torch_scale_dtype, device=dev)
+        zero = None if scheme.symmetric else torch.empty(rows, n_groups, dtype=torch.int16, device=dev)
     static = act_order or scheme.granularity != "group"
     if static and scheme.granularity != "tensor":
         for k in range(n_groups):
@@ -146,7 +152,7 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, blocksize: int =
             if zero is not None:
                 zero[:, k:k + 1] = z
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=dev)
     # The sweep works on the transpose, one contiguous row per weight column: the per-column updates
     # then touch contiguous memory (same arithmetic, same order as on W; much faster on CPU).
     WT = W[:, perm].T.contiguous()  # [in, out]
@@ -157,9 +163,9 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, blocksize: int =
     group_of = ((perm // g) if scheme.granularity == "group" else torch.zeros(cols, dtype=torch.long)).tolist()
     starts = [(not static) and p % g == 0 for p in perm.tolist()]  # a new group begins at this column
     code_dtype = torch.int8 if scheme.symmetric else torch.uint8
-    QT = torch.zeros(cols, rows, dtype=code_dtype)  # codes are integers in range: stored exactly
-    Err = torch.empty(min(blocksize, cols), rows)  # one lazy block's scaled errors (w - q) / d
-    row_loss = torch.zeros(rows)
+    QT = torch.zeros(cols, rows, dtype=code_dtype, device=dev)  # codes are integers in range: stored exactly
+    Err = torch.empty(min(blocksize, cols), rows, device=dev)  # one lazy block's scaled errors (w - q) / d
+    row_loss = torch.zeros(rows, device=dev)
     qmin, qmax = scheme.qmin, scheme.qmax
     sT = scale.float().T.contiguous()  # [groups, out]
     zT = zero.float().T.contiguous() if zero is not None else None

@@ -34,6 +34,7 @@ from ..core.io import atomic_path
 from ..nn.kinds import MODULE_KINDS
 
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"  # a streamed checkpoint's shards (formats/stream.py)
 
 
 def _sha256(path: Path) -> str:
@@ -64,14 +65,9 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, overwri
     default = cfg.scheme if cfg is not None else None
     layers = {}
     for name, scheme in modules.items():
-        mod = model.get_submodule(name)
-        entry = {"kind": getattr(mod, "kind", "linear")}  # the on-disk kind names of nn/kinds.py
-        if hasattr(mod, "entry"):
-            entry.update(mod.entry())
+        entry = layer_entry(model.get_submodule(name))
         if scheme != default:
             entry["scheme"] = scheme.to_dict()
-        if getattr(mod, "rel_error", None) is not None:
-            entry["rel_error"] = mod.rel_error
         layers[name] = entry
     state, aliases = _dedupe(model.state_dict())
     with atomic_path(out, overwrite=overwrite) as tmp:
@@ -84,18 +80,33 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, overwri
             "aliases": aliases,
             "weights_sha256": _sha256(tmp / WEIGHTS),
         }
-        conf = model.config.to_dict()
-        conf["quantization_config"] = qc
-        (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            try:
-                gen.save_pretrained(tmp)
-            except Exception:
-                pass
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        write_side_files(model, tokenizer, tmp, qc)
     return Path(out)
+
+
+def layer_entry(mod: nn.Module) -> dict:
+    """A quantized module's record in the layer table (without its scheme)."""
+    entry = {"kind": getattr(mod, "kind", "linear")}  # the on-disk kind names of nn/kinds.py
+    if hasattr(mod, "entry"):
+        entry.update(mod.entry())
+    if getattr(mod, "rel_error", None) is not None:
+        entry["rel_error"] = mod.rel_error
+    return entry
+
+
+def write_side_files(model: nn.Module, tokenizer, tmp: Path, qc: dict) -> None:
+    """config.json (with `qc` as its quantization_config), generation config, tokenizer files."""
+    conf = model.config.to_dict()
+    conf["quantization_config"] = qc
+    (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        try:
+            gen.save_pretrained(tmp)
+        except Exception:
+            pass
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
 
 
 def _bad(folder: Path, why: str) -> LowbitError:
@@ -137,10 +148,19 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
         raise _bad(folder, f"config.json: {e}") from None
     validate.check_custom_code(folder, {**conf, "model_type": model_type})
     weights = folder / WEIGHTS
-    if not weights.is_file():
+    sharded = (folder / INDEX).is_file() and isinstance(qc.get("weights_sha256"), dict)
+    if not sharded and not weights.is_file():
         raise _bad(folder, f"{WEIGHTS} is missing")
     table = validate.tensor_table(folder)  # headers checked against the file; the file inside the folder
-    if _sha256(weights) != qc.get("weights_sha256"):
+    files = sorted({info.file for info in table.values()}) if sharded else [weights]
+    if sharded:  # a streamed checkpoint (formats/stream.py): every shard has its checksum
+        shas = qc["weights_sha256"]
+        if sorted(shas) != sorted(p.name for p in files):
+            raise _bad(folder, f"{INDEX} and the recorded checksums name different files")
+        for p in files:
+            if _sha256(p) != shas[p.name]:
+                raise _bad(folder, f"{p.name} does not match its checksum: truncated or modified")
+    elif _sha256(weights) != qc.get("weights_sha256"):
         raise _bad(folder, f"{WEIGHTS} does not match its checksum: truncated or modified")
     validate.check_config(conf, table, str(folder / "config.json"))
     try:
@@ -168,12 +188,14 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
         raise _bad(folder, f"layer table: {e}") from None
     aliases = qc.get("aliases", {})
     # every tensor against the module it fills, before any is read (a wrong size here would reach C)
-    validate.check_skeleton(model, table, aliases, str(weights))
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise _bad(folder, f"{WEIGHTS}: {e}") from None
+    validate.check_skeleton(model, table, aliases, str(folder / INDEX) if sharded else str(weights))
+    state = {}
+    for p in files:
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                state.update({k: f.get_tensor(k) for k in f.keys()})
+        except (SafetensorError, OSError) as e:
+            raise _bad(folder, f"{p.name}: {e}") from None
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:

@@ -10,19 +10,22 @@ from pathlib import Path
 import torch
 
 from ..core.state import state_of
-from ..models.loading import load_hf, resolve
+from ..models.loading import load_hf, parse_dtype, resolve
 from .gguf.convert import gguf_to_cache
 from .checkpoint import load_checkpoint
 
 
-def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32, lazy: bool = False, skeleton=None):
+def load_model(source: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32, lazy: bool = False,
+               skeleton=None):
     """Load any MODEL source -> (model, tokenizer). The model is in eval mode, without gradients.
     skeleton (lowbit checkpoints): the empty model to load into instead of transformers' class, and no
     tokenizer (formats/checkpoint.load_checkpoint). lazy=True (float models in safetensors: GGUF conversions,
     local folders): weights stay on disk until materialized part by part (models/lazy.py). Other sources
-    ignore them."""
+    ignore them. dtype: of the float weights; "auto" or None keeps the stored one (models/loading.parse_dtype);
+    a lowbit checkpoint keeps its stored tensors whatever it says."""
     from ..models.lazy import can_load_lazily, load_lazy
 
+    dtype = parse_dtype(dtype)
     src = resolve(source)
     if src.kind == "lowbit":
         model, tok = load_checkpoint(src.location, skeleton=skeleton)

@@ -1,0 +1,136 @@
+"""formats/stream.py: streamed quantization (each block to disk as it is done), resume after a kill, dtypes."""
+import os
+
+import pytest
+import torch
+
+from lowbit import api
+from lowbit.core.config import QuantConfig
+from lowbit.core.scheme import Scheme
+from lowbit.errors import LowbitError
+from lowbit.formats import stream
+from lowbit.formats.stream import work_folder
+
+
+def cfg(method):
+    return QuantConfig(method=method, scheme=Scheme(4, False, "group", 32), seed=3,
+                       options={"nsamples": 8, "calib_seqlen": 64} if method != "rtn" else {})
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs (no cleanup, no except Exception)."""
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "rtn"])
+def test_streamed_checkpoint_equals_in_memory_quantization(tiny_dir, calib, tmp_path, method):
+    full, tok = api.load(tiny_dir)
+    api.quantize(full, cfg(method), calib_ids=calib)
+    m, tok = api.load(tiny_dir, lazy=True)
+    out = api.quantize_to(m, cfg(method), tmp_path / "s", tokenizer=tok, calib_ids=calib)
+    assert (out / "model.safetensors.index.json").is_file() and not (out / "model.safetensors").exists()
+    assert not work_folder(out).exists()  # the resume state goes once the checkpoint is complete
+    back, _ = api.load(out)
+    ids = calib[:2]
+    assert torch.equal(logits(back, ids), logits(full, ids))
+
+
+@pytest.mark.parametrize("method,kill_at", [("gptq", 1), ("gptq", 2), ("rtn", 1), ("awq", 1)])
+def test_killed_run_resumes_to_identical_bytes(tiny_dir, calib, tmp_path, monkeypatch, method, kill_at):
+    m, tok = api.load(tiny_dir, lazy=True)
+    ref = api.quantize_to(m, cfg(method), tmp_path / "ref", tokenizer=tok, calib_ids=calib)
+
+    real = stream.StreamSink.finish_block
+    calls = []
+
+    def dying(self, index, *a, **k):
+        calls.append(index)
+        if len(calls) == kill_at:  # kill_at 1: inside block 1's commit, before state.json; 2: after block 1
+            if kill_at == 1:
+                raise Killed
+            real(self, index, *a, **k)
+            raise Killed
+        return real(self, index, *a, **k)
+
+    monkeypatch.setattr(stream.StreamSink, "finish_block", dying)
+    m, tok = api.load(tiny_dir, lazy=True)
+    out = tmp_path / "out"
+    with pytest.raises(Killed):
+        api.quantize_to(m, cfg(method), out, tokenizer=tok, calib_ids=calib)
+    monkeypatch.setattr(stream.StreamSink, "finish_block", real)
+    assert not out.exists() and (work_folder(out) / "state.json").is_file()
+    m, tok = api.load(tiny_dir, lazy=True)
+    with pytest.raises(LowbitError, match="--resume"):  # a fresh start must be asked for
+        api.quantize_to(m, cfg(method), out, tokenizer=tok, calib_ids=calib)
+    other = cfg(method)
+    other.seed = 4
+    with pytest.raises(LowbitError, match="another run"):
+        api.quantize_to(m, other, out, tokenizer=tok, calib_ids=calib, resume=True)
+    m, tok = api.load(tiny_dir, lazy=True)
+    api.quantize_to(m, cfg(method), out, tokenizer=tok, calib_ids=calib, resume=True)
+    assert files(out) == files(ref)
+    assert not work_folder(out).exists()
+
+
+def test_torn_block_file_is_not_counted(tiny_dir, calib, tmp_path, monkeypatch):
+    """A kill inside a block's write leaves a .part file or an uncommitted block: resume redoes that block."""
+    m, tok = api.load(tiny_dir, lazy=True)
+    ref = api.quantize_to(m, cfg("gptq"), tmp_path / "ref", tokenizer=tok, calib_ids=calib)
+    real_write = stream._durable_write
+    n = []
+
+    def torn(path, write):
+        n.append(path.name)
+        if path.name.startswith("carry-00000"):
+            write(path.with_name(path.name + ".part"))  # written, not fsynced nor renamed
+            raise Killed
+        return real_write(path, write)
+
+    monkeypatch.setattr(stream, "_durable_write", torn)
+    m, tok = api.load(tiny_dir, lazy=True)
+    with pytest.raises(Killed):
+        api.quantize_to(m, cfg("gptq"), tmp_path / "out", tokenizer=tok, calib_ids=calib)
+    monkeypatch.setattr(stream, "_durable_write", real_write)
+    m, tok = api.load(tiny_dir, lazy=True)
+    api.quantize_to(m, cfg("gptq"), tmp_path / "out", tokenizer=tok, calib_ids=calib, resume=True)
+    assert files(tmp_path / "out") == files(ref)
+
+
+def test_bfloat16_loading_halves_float_weights_and_keeps_norms_stored(tiny_dir, calib, tmp_path):
+    f32, _ = api.load(tiny_dir, dtype="float32")
+    bf, _ = api.load(tiny_dir, dtype="bfloat16")
+    auto, _ = api.load(tiny_dir, dtype="auto")  # stored as float32
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert size(bf) * 2 == size(f32) and size(auto) == size(f32)
+    m, tok = api.load(tiny_dir, dtype="bfloat16", lazy=True)
+    out = api.quantize_to(m, cfg("gptq"), tmp_path / "bf", tokenizer=tok, calib_ids=calib)
+    back, _ = api.load(out)
+    assert back.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
+    assert back.model.norm.weight.dtype == torch.bfloat16
+    with pytest.raises(LowbitError, match="--dtype"):
+        api.load(tiny_dir, dtype="float64")
+
+
+def test_cli_quantize_resume_and_dtype(tiny_dir, tmp_path, cli, text_file):
+    out = tmp_path / "q"
+    code, _, err = cli("quantize", tiny_dir, out, "--method", "gptq", "--bits", "4", "--group-size", "32",
+                       "--calib", text_file, "--nsamples", "4", "--calib-seqlen", "32", "--dtype", "bfloat16")
+    assert code == 0, err
+    assert (out / "model.safetensors.index.json").is_file()
+    code, _, err = cli("quantize", tiny_dir, tmp_path / "x", "--dtype", "float64")
+    assert code == 2 and err.startswith("lowbit: error:") and not (tmp_path / "x").exists()
+    code, _, err = cli("quantize", tiny_dir, tmp_path / "y", "--device", "tpu")
+    assert code == 2 and "--device" in err
+    code, _, err = cli("quantize", tiny_dir, tmp_path / "z", "--method", "w8a8", "--resume")
+    assert code == 2 and "--resume" in err
+    code, out_, err = cli("eval", out, "--text", text_file, "--limit-tokens", "64", "--seqlen", "32", "--dtype",
+                          "bfloat16", "--device", "cpu")
+    assert code == 0, err
