@@ -156,19 +156,20 @@ def load(source: str | os.PathLike, dtype: torch.dtype | str = torch.float32, le
 
 def quantize_to(model: nn.Module, config: QuantConfig, out: str | os.PathLike, tokenizer=None,
                 calib_ids: torch.Tensor | None = None, overwrite: bool = False, resume: bool = False,
-                device: str = "cpu") -> Path:
+                device: str = "cpu", single_file_max: int | None = None) -> Path:
     """Quantize a block-streaming method's model (rtn, gptq, awq; best loaded with lazy=True) straight into
     the checkpoint folder `out`: each finished decoder block is written to disk and freed as it is done,
     with the next block's calibration inputs (formats/stream.py), so memory holds one block, not the model,
     and a run that was killed continues with resume=True from its last finished block, to the same bytes
-    as an uninterrupted run. Ctrl-C stops it with a note on how to resume."""
+    as an uninterrupted run. Ctrl-C stops it with a note on how to resume. single_file_max: the checkpoint is
+    one model.safetensors up to this many bytes (default 1 GiB), else sharded."""
     from .algorithms.registry import resolve as resolve_spec
     from .core.io import check_output
     from .formats.stream import StreamSink, save_streamed
 
     spec = resolve_spec(config, preflight=calib_ids is None)
-    if not spec.streams_blocks:
-        raise LowbitError(f"method {spec.name} does not go block by block: use quantize() and save()")
+    if not spec.streams_output:
+        raise LowbitError(f"method {spec.name} does not write block by block: use quantize() and save()")
     check_output(out, overwrite=overwrite)
     st = state_of(model)
     fingerprint = {"config": config.to_dict(), "source": st.source, "blocks": _block_names(model),
@@ -179,7 +180,8 @@ def quantize_to(model: nn.Module, config: QuantConfig, out: str | os.PathLike, t
     st.sink = sink
     try:
         quantize(model, config, tokenizer=tokenizer, calib_ids=calib_ids, device=device)
-        path = save_streamed(model, tokenizer, out, sink, overwrite=overwrite)
+        path = save_streamed(model, tokenizer, out, sink, overwrite=overwrite,
+                             **({} if single_file_max is None else {"single_file_max": single_file_max}))
     except KeyboardInterrupt:
         print(f"\nlowbit: interrupted after {len(sink.blocks)} finished blocks; the state is in {sink.dir}: run the "
               f"same command with --resume to continue", file=sys.stderr)

@@ -270,6 +270,8 @@ def _quantize(model: str, out: Path, method: str, bits: Optional[int], group_siz
     from .core.io import check_output
 
     spec = get_spec(method)  # unknown method: refuse before loading anything
+    if resume and not spec.streams_output:
+        raise LowbitError(f"--resume: method {spec.name} does not write block by block (nothing to resume)")
     for fl, value in given.items():
         if spec.name not in fl.defaults:
             raise LowbitError(f"{fl.spelled(value)} is not an option of --method {spec.name} "
@@ -289,11 +291,9 @@ def _quantize(model: str, out: Path, method: str, bits: Optional[int], group_siz
     dev = api.resolve_device(device)
     m, tok = api.load(model, dtype=dtype, lazy=spec.streams_blocks)  # block-sequential: one float block at a time
     t0 = time.time()
-    if spec.streams_blocks:  # each finished block's packed tensors go to disk as it is done: resumable
+    if spec.streams_output:  # each finished block's packed tensors go to disk as it is done: resumable
         api.quantize_to(m, config, out, tokenizer=tok, overwrite=force, resume=resume, device=dev)
     else:
-        if resume:
-            raise LowbitError(f"--resume: method {spec.name} does not go block by block (nothing to resume)")
         api.quantize(m, config, tokenizer=tok, device=dev)
         api.save(m, tok, out, overwrite=force)
     t_quant = time.time() - t0

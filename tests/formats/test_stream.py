@@ -35,18 +35,23 @@ def test_streamed_checkpoint_equals_in_memory_quantization(tiny_dir, calib, tmp_
     full, tok = api.load(tiny_dir)
     api.quantize(full, cfg(method), calib_ids=calib)
     m, tok = api.load(tiny_dir, lazy=True)
-    out = api.quantize_to(m, cfg(method), tmp_path / "s", tokenizer=tok, calib_ids=calib)
+    out = api.quantize_to(m, cfg(method), tmp_path / "s", tokenizer=tok, calib_ids=calib, single_file_max=0)
     assert (out / "model.safetensors.index.json").is_file() and not (out / "model.safetensors").exists()
     assert not work_folder(out).exists()  # the resume state goes once the checkpoint is complete
     back, _ = api.load(out)
     ids = calib[:2]
     assert torch.equal(logits(back, ids), logits(full, ids))
-
-
-@pytest.mark.parametrize("method,kill_at", [("gptq", 1), ("gptq", 2), ("rtn", 1), ("awq", 1)])
-def test_killed_run_resumes_to_identical_bytes(tiny_dir, calib, tmp_path, monkeypatch, method, kill_at):
     m, tok = api.load(tiny_dir, lazy=True)
-    ref = api.quantize_to(m, cfg(method), tmp_path / "ref", tokenizer=tok, calib_ids=calib)
+    one = api.quantize_to(m, cfg(method), tmp_path / "one", tokenizer=tok, calib_ids=calib)  # small: one file
+    assert sorted(p.name for p in one.glob("model*")) == ["model.safetensors"]
+    assert torch.equal(logits(api.load(one)[0], ids), logits(full, ids))
+
+
+@pytest.mark.parametrize("method,kill_at,single", [("gptq", 1, 0), ("gptq", 2, 0), ("gptq", 1, None), ("rtn", 1, 0),
+                                                  ("awq", 1, 0)])
+def test_killed_run_resumes_to_identical_bytes(tiny_dir, calib, tmp_path, monkeypatch, method, kill_at, single):
+    m, tok = api.load(tiny_dir, lazy=True)
+    ref = api.quantize_to(m, cfg(method), tmp_path / "ref", tokenizer=tok, calib_ids=calib, single_file_max=single)
 
     real = stream.StreamSink.finish_block
     calls = []
@@ -75,7 +80,7 @@ def test_killed_run_resumes_to_identical_bytes(tiny_dir, calib, tmp_path, monkey
     with pytest.raises(LowbitError, match="another run"):
         api.quantize_to(m, other, out, tokenizer=tok, calib_ids=calib, resume=True)
     m, tok = api.load(tiny_dir, lazy=True)
-    api.quantize_to(m, cfg(method), out, tokenizer=tok, calib_ids=calib, resume=True)
+    api.quantize_to(m, cfg(method), out, tokenizer=tok, calib_ids=calib, resume=True, single_file_max=single)
     assert files(out) == files(ref)
     assert not work_folder(out).exists()
 
@@ -124,7 +129,7 @@ def test_cli_quantize_resume_and_dtype(tiny_dir, tmp_path, cli, text_file):
     code, _, err = cli("quantize", tiny_dir, out, "--method", "gptq", "--bits", "4", "--group-size", "32",
                        "--calib", text_file, "--nsamples", "4", "--calib-seqlen", "32", "--dtype", "bfloat16")
     assert code == 0, err
-    assert (out / "model.safetensors.index.json").is_file()
+    assert (out / "model.safetensors").is_file()  # small: one file
     code, _, err = cli("quantize", tiny_dir, tmp_path / "x", "--dtype", "float64")
     assert code == 2 and err.startswith("lowbit: error:") and not (tmp_path / "x").exists()
     code, _, err = cli("quantize", tiny_dir, tmp_path / "y", "--device", "tpu")

@@ -224,5 +224,5 @@ def awq(model: nn.Module, config: QuantConfig, ctx) -> dict[str, Scheme]:
 
 SPEC = register(MethodSpec(
     name="awq", run=awq, options=AwqOptions, help="activation-aware scales and clipping, then rounding to nearest",
-    calibration=True, streams_blocks=True,  # layer-sequential: one block at a time
+    calibration=True, streams_blocks=True, streams_output=True,  # layer-sequential: one block at a time
 ))

@@ -156,5 +156,5 @@ def gptq(model: nn.Module, config: QuantConfig, ctx) -> dict[str, Scheme]:
 
 SPEC = register(MethodSpec(
     name="gptq", run=gptq, options=GptqOptions, help="error-compensating rounding from calibration Hessians",
-    calibration=True, streams_blocks=True,  # layer-sequential: one block at a time
+    calibration=True, streams_blocks=True, streams_output=True,  # layer-sequential: one block at a time
 ))

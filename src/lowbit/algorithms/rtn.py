@@ -88,5 +88,5 @@ def _rtn_streamed(model: nn.Module, config: QuantConfig, names: list[str], sink)
 
 SPEC = register(MethodSpec(
     name="rtn", run=rtn, help="round to nearest, min/max scales, no data",
-    streams_blocks=True,  # one layer at a time
+    streams_blocks=True, streams_output=True,  # one layer at a time
 ))

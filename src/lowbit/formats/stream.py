@@ -12,7 +12,7 @@ the old state or the new one, never a half-written block that counts. `--resume`
 finished blocks are skipped (their float weights are never read again), calibration continues from the
 saved inputs, and the checkpoint is the same bytes as an uninterrupted run's.
 
-The final checkpoint is sharded: `model-0000K-of-0000N.safetensors` per block (hard links of the block
+The final checkpoint (one model.safetensors when it is at most SINGLE_FILE_MAX bytes) is otherwise sharded: `model-0000K-of-0000N.safetensors` per block (hard links of the block
 files: no copy) plus one shard for everything outside the blocks, `model.safetensors.index.json`, and
 config.json whose quantization_config holds every shard's sha256. Memory while it runs: the parts outside
 the blocks, one block, its calibration state; never the whole float or quantized model.
@@ -35,7 +35,7 @@ from ..core.scheme import Scheme
 from ..core.state import QuantRecord, state_of
 from ..core.version import __version__
 from ..errors import LowbitError
-from .checkpoint import _dedupe, _sha256, layer_entry, write_side_files
+from .checkpoint import WEIGHTS, _dedupe, _sha256, layer_entry, write_side_files
 from ..core.io import atomic_path, check_output
 
 STATE = "state.json"
@@ -191,10 +191,15 @@ class StreamSink:
         self.dir.rmdir()
 
 
-def save_streamed(model: nn.Module, tokenizer, out: str | os.PathLike, sink: StreamSink, overwrite: bool = False
-                  ) -> Path:
-    """Write the checkpoint of a streamed quantization: the finished blocks' files (linked, not copied), one
-    shard of everything else, the index and config.json; atomically, like save_checkpoint."""
+SINGLE_FILE_MAX = 1 << 30  # bytes: a checkpoint up to this size is one model.safetensors, like save_checkpoint's
+
+
+def save_streamed(model: nn.Module, tokenizer, out: str | os.PathLike, sink: StreamSink, overwrite: bool = False,
+                  single_file_max: int = SINGLE_FILE_MAX) -> Path:
+    """Write the checkpoint of a streamed quantization, atomically like save_checkpoint: the finished blocks'
+    files (hard links, no copy) plus one shard of everything else, the index and config.json -- or, when it
+    all fits in `single_file_max` bytes, one model.safetensors (the blocks read back; small models keep the
+    one-file layout)."""
     record = state_of(model).quant or QuantRecord(None, {})
     cfg: QuantConfig | None = record.config
     default = cfg.scheme if cfg is not None else None
@@ -211,27 +216,42 @@ def save_streamed(model: nn.Module, tokenizer, out: str | os.PathLike, sink: Str
     if meta:
         raise LowbitError(f"internal: {meta[0]} was never computed")
     state, aliases = _dedupe(rest)
-    n = len(sink.blocks) + 1
-    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    block_bytes = sum((sink.dir / b["file"]).stat().st_size for b in sink.blocks)
+    single = block_bytes + sum(t.numel() * t.element_size() for t in state.values()) <= single_file_max
+    # one metadata key: safetensors writes a map of several in no fixed order (bytes would differ run to run)
+    md = {"format": "pt"}
     with atomic_path(out, overwrite=overwrite) as tmp:
-        weight_map, shas = {}, {}
-        for b, fname in zip(sink.blocks, names):
-            os.link(sink.dir / b["file"], tmp / fname)
-            if _sha256(tmp / fname) != b["sha256"]:
-                raise LowbitError(f"{sink.dir / b['file']}: changed since it was written (delete {sink.dir} and "
-                                  f"start over)")
-            shas[fname] = b["sha256"]
+        if single:
+            from ..models.safetensors_read import read_tensors
             from ..models.validate import file_table
 
-            for k in file_table(tmp / fname):
-                weight_map[k] = fname
-        # one metadata key: safetensors writes a map of several in no fixed order (bytes would differ run to run)
-        save_file(state, str(tmp / names[-1]), metadata={"format": "pt"})
-        shas[names[-1]] = _sha256(tmp / names[-1])
-        for k in state:
-            weight_map[k] = names[-1]
-        (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))},
-                                            indent=2, sort_keys=True) + "\n")
+            for b in sink.blocks:
+                path = sink.dir / b["file"]
+                if _sha256(path) != b["sha256"]:
+                    raise LowbitError(f"{path}: changed since it was written (delete {sink.dir} and start over)")
+                state.update(read_tensors(path, list(file_table(path))))
+            save_file(state, str(tmp / WEIGHTS), metadata=md)
+            shas = _sha256(tmp / WEIGHTS)
+        else:
+            n = len(sink.blocks) + 1
+            names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            weight_map, shas = {}, {}
+            for b, fname in zip(sink.blocks, names):
+                os.link(sink.dir / b["file"], tmp / fname)
+                if _sha256(tmp / fname) != b["sha256"]:
+                    raise LowbitError(f"{sink.dir / b['file']}: changed since it was written (delete {sink.dir} "
+                                      f"and start over)")
+                shas[fname] = b["sha256"]
+                from ..models.validate import file_table
+
+                for k in file_table(tmp / fname):
+                    weight_map[k] = fname
+            save_file(state, str(tmp / names[-1]), metadata=md)
+            shas[names[-1]] = _sha256(tmp / names[-1])
+            for k in state:
+                weight_map[k] = names[-1]
+            (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))},
+                                                indent=2, sort_keys=True) + "\n")
         qc = {
             "quant_method": "lowbit",
             "lowbit_version": __version__,
