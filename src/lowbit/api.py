@@ -170,6 +170,15 @@ def quantize_to(model: nn.Module, config: QuantConfig, out: str | os.PathLike, t
     spec = resolve_spec(config, preflight=calib_ids is None)
     if not spec.streams_output:
         raise LowbitError(f"method {spec.name} does not write block by block: use quantize() and save()")
+    from .core import dist
+
+    if dist.world_size() > 1:  # data-parallel calibration: only rank 0 writes
+        if resume:
+            raise LowbitError("--resume is not supported under torchrun: resume the run in one process")
+        if not dist.is_main():
+            quantize(model, config, tokenizer=tokenizer, calib_ids=calib_ids, device=device)
+            dist.barrier()
+            return Path(out)
     check_output(out, overwrite=overwrite)
     st = state_of(model)
     fingerprint = {"config": config.to_dict(), "source": st.source, "blocks": _block_names(model),
@@ -193,6 +202,8 @@ def quantize_to(model: nn.Module, config: QuantConfig, out: str | os.PathLike, t
     finally:
         st.sink = None
     sink.discard()
+    if dist.world_size() > 1:
+        dist.barrier()
     return path
 
 

@@ -289,6 +289,9 @@ def _quantize(model: str, out: Path, method: str, bits: Optional[int], group_siz
     resolve(config, preflight=True)  # scheme, options, calibration text: refuse before loading anything
     check_output(out, overwrite=force)  # unwritable OUT: refuse before the long work
     dev = api.resolve_device(device)
+    from .core import dist
+
+    dist.init_from_env(dev)  # under torchrun: data-parallel calibration, rank 0 writes (core/dist.py)
     m, tok = api.load(model, dtype=dtype, lazy=spec.streams_blocks)  # block-sequential: one float block at a time
     t0 = time.time()
     if spec.streams_output:  # each finished block's packed tensors go to disk as it is done: resumable

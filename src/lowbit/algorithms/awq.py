@@ -81,6 +81,16 @@ class AbsMeans:
     def __getitem__(self, name: str) -> torch.Tensor:
         return (self.sums[name] / max(self.counts[name], 1)).float()
 
+    def reduce(self) -> None:
+        """Sums and counts over every data-parallel rank (core/dist.py; no-op in one process)."""
+        from ..core import dist
+
+        if dist.world_size() == 1:
+            return
+        for n in self.sums:
+            dist.all_reduce_sum(self.sums[n])
+            self.counts[n] = dist.all_reduce_count(self.counts[n], self.sums[n].device)
+
 
 def output_mse(d: torch.Tensor, H: torch.Tensor) -> float:
     """Mean over tokens and outputs of (x dᵀ)², from H = 2/n Σ x xᵀ: Σ_o d_o (H/2) d_oᵀ / out.
@@ -183,6 +193,8 @@ def awq_block(model: nn.Module, config: QuantConfig, selected: set[str], use_gpt
             hess.observe(n, x)
 
         observe_inputs(block, linears, inputs, kw, observe)
+        means.reduce()  # data-parallel calibration: every rank's samples (core/dist.py)
+        hess.reduce(list(linears))
         # 1. activation-aware scales, folded into the op that feeds each group of linears
         for prev, rel_names in scale_mappings(model, block):
             names = [f"{block_name}.{r}" for r in rel_names]

@@ -87,6 +87,7 @@ def gptq_block(model: nn.Module, config: QuantConfig, selected: set[str], staged
     opts: GptqOptions = config.options
 
     def quantize_group(names: list[str], linears, hess) -> dict[str, QuantLinear]:
+        hess.reduce(names)  # data-parallel calibration: the statistics of every rank's samples (core/dist.py)
         results = gptq_linears({n: linears[n] for n in names}, hess, config, opts)
         out = {}
         for n in names:

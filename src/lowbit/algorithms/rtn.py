@@ -59,8 +59,12 @@ def rtn(model: nn.Module, config: QuantConfig, ctx=None) -> dict[str, Scheme]:
 def _rtn_streamed(model: nn.Module, config: QuantConfig, names: list[str], sink) -> dict[str, Scheme]:
     """Block by block, each finished block handed to the sink (formats/stream.py: written, freed; a resumed
     run skips the blocks it has); the layers outside the blocks last."""
+    import sys
+    import time
+
     from ..models.arch import find_blocks
 
+    t0 = time.time()
     start, done, _ = sink.resume_point()
     done = dict(done)
     blocks = find_blocks(model)
@@ -79,6 +83,7 @@ def _rtn_streamed(model: nn.Module, config: QuantConfig, names: list[str], sink)
             lazy.materialize(model, prefix=bname + ".")
         done.update(quantized)
         sink.finish_block(i, bname, block, quantized, None)
+    print(f"lowbit: rtn: {len(blocks) - start} blocks in {time.time() - t0:.1f}s", file=sys.stderr)
     for name in names:
         if name not in in_block:
             done[name] = config.scheme_for(name)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core import dist
 from ..core.memory import release_free_memory
 from ..core.scheme import Scheme
 from ..core.state import state_of
@@ -314,6 +315,7 @@ def layer_sequential(model: nn.Module, ids: torch.Tensor, process_block: BlockFn
     lazy, sink, dev = st.lazy, st.sink, torch.device(st.device)
     t0 = time.time()
     start, done, saved = sink.resume_point() if sink is not None else (0, {}, None)
+    ids = ids[dist.shard(ids.shape[0])]  # data-parallel (torchrun): this rank's share of the samples
     done = dict(done)
     if start >= len(blocks):
         inputs, kw = [], {}

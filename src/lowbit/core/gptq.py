@@ -88,6 +88,21 @@ class Hessians:
     def __getitem__(self, name: str) -> Hessian:
         return self.h[name]
 
+    def reduce(self, names: list[str]) -> None:
+        """Across data-parallel ranks (core/dist.py): every H of `names` becomes the mean over all ranks' tokens,
+        H = Σ_r count_r H_r / Σ_r count_r (the same collective calls, in the same order, on every rank; linears
+        that read the same inputs hold equal H before, so equal sums after). No-op in one process."""
+        from . import dist
+
+        if dist.world_size() == 1:
+            return
+        for n in names:
+            h = self.h[n]
+            h.H.mul_(h.count)
+            dist.all_reduce_sum(h.H)
+            h.count = dist.all_reduce_count(h.count, h.H.device)
+            h.H.div_(max(h.count, 1))
+
 
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + percdamp·mean(diag H)·I)⁻¹: the rows GPTQ propagates errors with.
