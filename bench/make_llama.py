@@ -4,7 +4,8 @@ config.json, sharded safetensors with model.safetensors.index.json, a tokenizer.
     nice -n 10 python bench/make_llama.py 8b /work/runs/llama-8b [--shard-gb 2] [--seed 0]
 
 Shapes: 1b (Llama-3.2-1B), 8b (Llama-3-8B), 13b (Llama-2-13B), tiny (for tests). The weights are N(0, 0.02²)
-(the scale of trained LLaMA projections), norms 1: the perplexity of such a model means nothing, its
+(the scale of trained LLaMA projections; runs of a pool of 16 M draws from random offsets, so writing is
+bound by the disk, not by the random generator), norms 1: the perplexity of such a model means nothing, its
 memory, time and byte counts are real. The tokenizer is SmolLM2's (49,152 entries, from lowbit's zoo cache);
 the vocabulary is max(the shape's, 49,152), so Llama-2-13B's 32,000 becomes 49,152 (+88 M parameters).
 Tensors are generated and written one shard at a time: memory is one shard, not the model.
@@ -29,6 +30,7 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied embeddi
     "13b": (5120, 13824, 40, 40, 40, 32000, False),
 }
 TOKENIZER_VOCAB = 49152
+POOL = 1 << 24  # random values drawn once; every weight is a run of them from a random offset
 
 
 def config(shape: str) -> dict:
@@ -75,6 +77,7 @@ def write(shape: str, out: Path, shard_bytes: int, seed: int) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     gen = torch.Generator().manual_seed(seed)
+    pool = torch.randn(POOL, generator=gen).mul_(0.02).to(torch.bfloat16)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size, total, params = 0, 0, 0
     names: list[list[str]] = [[]]
@@ -96,17 +99,20 @@ def write(shape: str, out: Path, shard_bytes: int, seed: int) -> dict:
             n *= d
         if name.endswith("norm.weight"):
             t = torch.ones(shp, dtype=torch.bfloat16)
-        else:
-            t = torch.empty(shp, dtype=torch.bfloat16)
-            for r in range(0, shp[0], 1024):  # in row slices: a float32 temporary of 1024 rows, not the tensor
-                t[r:r + 1024] = torch.randn((min(1024, shp[0] - r), *shp[1:]), generator=gen).mul_(0.02)
+        else:  # tiles of a random pool from random offsets: drawing 13 G normals would take this CPU an hour
+            t = torch.empty(n, dtype=torch.bfloat16)
+            for r in range(0, n, POOL // 2):
+                k = min(POOL // 2, n - r)
+                off = int(torch.randint(0, POOL - k + 1, (1,), generator=gen))
+                t[r:r + k] = pool[off:off + k]
+            t = t.view(shp)
         if size and size + 2 * n > shard_bytes:
             flush()
         pending[name] = t
         size += 2 * n
         total += 2 * n
         params += n
-        print(f"\r{name} ({total / 2**30:.1f} GiB)", end="", file=sys.stderr)
+        print(f"{name} ({total / 2**30:.1f} GiB)", file=sys.stderr)
     flush(final=True)
     k = len(names)
     weight_map = {}

@@ -139,3 +139,24 @@ def test_cli_quantize_resume_and_dtype(tiny_dir, tmp_path, cli, text_file):
     code, out_, err = cli("eval", out, "--text", text_file, "--limit-tokens", "64", "--seqlen", "32", "--dtype",
                           "bfloat16", "--device", "cpu")
     assert code == 0, err
+
+
+def test_ctrl_c_says_how_to_resume(tiny_dir, tmp_path, cli, text_file, monkeypatch):
+    real = stream.StreamSink.finish_block
+
+    def interrupted(self, index, *a, **k):
+        real(self, index, *a, **k)
+        if index == 0:
+            raise KeyboardInterrupt
+
+    args = ["quantize", tiny_dir, tmp_path / "q", "--method", "gptq", "--bits", "4", "--group-size", "32",
+            "--calib", text_file, "--nsamples", "4", "--calib-seqlen", "32"]
+    monkeypatch.setattr(stream.StreamSink, "finish_block", interrupted)
+    code, _, err = cli(*args)
+    assert code == 130 and "--resume" in err and not (tmp_path / "q").exists()
+    monkeypatch.setattr(stream.StreamSink, "finish_block", real)
+    code, _, err = cli(*args)
+    assert code == 2 and "--resume" in err  # refused: the unfinished state is kept
+    code, _, err = cli(*args, "--resume")
+    assert code == 0, err
+    assert "resuming after 1 finished blocks" in err and not work_folder(tmp_path / "q").exists()
