@@ -8,7 +8,9 @@ Shapes: 1b (Llama-3.2-1B), 8b (Llama-3-8B), 13b (Llama-2-13B), tiny (for tests).
 bound by the disk, not by the random generator), norms 1: the perplexity of such a model means nothing, its
 memory, time and byte counts are real. The tokenizer is SmolLM2's (49,152 entries, from lowbit's zoo cache);
 the vocabulary is max(the shape's, 49,152), so Llama-2-13B's 32,000 becomes 49,152 (+88 M parameters).
-Tensors are generated and written one shard at a time: memory is one shard, not the model.
+Tensors are generated and written one shard at a time: memory is one shard, not the model. --layers N
+writes the shape with N decoder blocks only (every block and the embeddings at full size): per-block
+figures and peak memory are the real model's, totals scale with the number of blocks.
 """
 from __future__ import annotations
 
@@ -33,8 +35,10 @@ TOKENIZER_VOCAB = 49152
 POOL = 1 << 24  # random values drawn once; every weight is a run of them from a random offset
 
 
-def config(shape: str) -> dict:
-    h, inter, layers, heads, kv, vocab, tied = SHAPES[shape]
+def config(shape: str, layers: int | None = None) -> dict:
+    """The shape's config; layers: fewer decoder blocks than the real model (same block and embedding sizes)."""
+    h, inter, full, heads, kv, vocab, tied = SHAPES[shape]
+    layers = layers or full
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
             "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
             "num_key_value_heads": kv, "vocab_size": max(vocab, TOKENIZER_VOCAB), "tie_word_embeddings": tied,
@@ -71,8 +75,8 @@ def tokenizer_source() -> Path:
     return gguf_to_cache(Path(fetch_gguf("smollm2-135m")))
 
 
-def write(shape: str, out: Path, shard_bytes: int, seed: int) -> dict:
-    cfg = config(shape)
+def write(shape: str, out: Path, shard_bytes: int, seed: int, layers: int | None = None) -> dict:
+    cfg = config(shape, layers)
     tmp = out.with_name(out.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -130,7 +134,7 @@ def write(shape: str, out: Path, shard_bytes: int, seed: int) -> dict:
         shutil.rmtree(out)
     os.replace(tmp, out)
     print(file=sys.stderr)
-    return {"shape": shape, "out": str(out), "params": params, "bytes": total, "shards": k,
+    return {"shape": shape, "layers": cfg["num_hidden_layers"], "out": str(out), "params": params, "bytes": total, "shards": k,
             "seconds": round(time.time() - t0, 1), "loadavg_1m": os.getloadavg()[0]}
 
 
@@ -140,8 +144,9 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--shard-gb", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, default=None, help="fewer decoder blocks than the real shape")
     a = ap.parse_args()
-    print(json.dumps(write(a.shape, a.out, int(a.shard_gb * 2**30), a.seed)))
+    print(json.dumps(write(a.shape, a.out, int(a.shard_gb * 2**30), a.seed, a.layers)))
 
 
 if __name__ == "__main__":

@@ -107,8 +107,11 @@ class Hessians:
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + percdamp·mean(diag H)·I)⁻¹: the rows GPTQ propagates errors with.
     H is modified in place (dampened)."""
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], device=H.device)
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))  # + d·I without an n x n identity
+    L = torch.linalg.cholesky(H)
+    Hi = torch.cholesky_inverse(L)
+    del L  # one n x n temporary alive at a time besides H (down_proj of an 8B shape: 822 MB each)
+    return torch.linalg.cholesky(Hi, upper=True)
 
 
 def _group_params(W: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -146,9 +149,10 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, blocksize: int =
     W = W.detach().float().clone()  # [out, in]
     rows, cols = W.shape
     dev = W.device
-    H = H.detach().to(dev, torch.float32).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    H = H.detach()
+    diag = torch.diag(H).to(dev, torch.float32)
+    dead = diag == 0
+    diag[dead] = 1
     W[:, dead] = 0
 
     g = scheme.group_len(cols) if scheme.granularity == "group" else cols
@@ -167,13 +171,17 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, blocksize: int =
             if zero is not None:
                 zero[:, k:k + 1] = z
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=dev)
+    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(cols, device=dev)
+    # the permuted copy straight from the caller's H (no clone first: one n x n copy less at the peak)
+    H = H.to(dev, torch.float32)[perm][:, perm] if act_order else H.to(dev, torch.float32).clone()
+    dead_p = dead[perm]
+    H[dead_p, dead_p] = 1
     # The sweep works on the transpose, one contiguous row per weight column: the per-column updates
     # then touch contiguous memory (same arithmetic, same order as on W; much faster on CPU).
     WT = W[:, perm].T.contiguous()  # [in, out]
     del W
-    H = H[perm][:, perm]
     Hinv = inverse_hessian_factor(H, percdamp)
+    del H
 
     group_of = ((perm // g) if scheme.granularity == "group" else torch.zeros(cols, dtype=torch.long)).tolist()
     starts = [(not static) and p % g == 0 for p in perm.tolist()]  # a new group begins at this column
