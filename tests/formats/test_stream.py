@@ -160,3 +160,14 @@ def test_ctrl_c_says_how_to_resume(tiny_dir, tmp_path, cli, text_file, monkeypat
     code, _, err = cli(*args, "--resume")
     assert code == 0, err
     assert "resuming after 1 finished blocks" in err and not work_folder(tmp_path / "q").exists()
+
+
+def test_sharded_checkpoint_with_a_changed_shard_is_refused(tiny_dir, calib, tmp_path):
+    m, tok = api.load(tiny_dir, lazy=True)
+    out = api.quantize_to(m, cfg("rtn"), tmp_path / "s", tokenizer=tok, single_file_max=0)
+    shard = sorted(out.glob("model-*.safetensors"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 1
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(LowbitError, match="checksum"):
+        api.load(out)
