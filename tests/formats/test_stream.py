@@ -171,3 +171,15 @@ def test_sharded_checkpoint_with_a_changed_shard_is_refused(tiny_dir, calib, tmp
     shard.write_bytes(bytes(raw))
     with pytest.raises(LowbitError, match="checksum"):
         api.load(out)
+
+
+def test_write_safetensors_reads_back_with_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    t = {"b": torch.randn(3, 5).to(torch.bfloat16), "a": torch.arange(7, dtype=torch.uint8),
+         "c": torch.zeros(0, 4), "d": torch.randn(2, 2, dtype=torch.float16)}
+    stream.write_safetensors(tmp_path / "x.safetensors", t, {"format": "pt"})
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert back.keys() == t.keys() and all(torch.equal(back[k], t[k]) for k in t)
+    stream.write_safetensors(tmp_path / "y.safetensors", dict(reversed(list(t.items()))), {"format": "pt"})
+    assert (tmp_path / "x.safetensors").read_bytes() == (tmp_path / "y.safetensors").read_bytes()

@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..core.config import QuantConfig
@@ -66,6 +65,34 @@ def _durable_write(path: Path, write) -> None:
         os.close(fd)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A .safetensors file written straight from the tensors' memory (safetensors' save_file first copies every
+    tensor into one bytes object: twice the shard's size at the peak -- 2 GB more for an 8B shape's embedding
+    and head). Tensors in name order, header padded to 8 bytes: the same input gives the same bytes."""
+    names = sorted(tensors)
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    off = 0
+    for n in names:
+        t = tensors[n]
+        size = t.numel() * t.element_size()
+        header[n] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + size]}
+        off += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for n in names:
+            t = tensors[n].detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def _free(block: nn.Module) -> None:
@@ -146,13 +173,13 @@ class StreamSink:
         prefix = name + "."
         tensors = {prefix + k: t.detach().to("cpu").contiguous() for k, t in block.state_dict().items()}
         fname = f"block-{index:05d}.safetensors"
-        _durable_write(self.dir / fname, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        _durable_write(self.dir / fname, lambda p: write_safetensors(p, tensors, {"format": "pt"}))
         del tensors
         carry = None
         if next_inputs is not None:
             carry = f"carry-{index:05d}.safetensors"
             x = torch.cat([t.detach().to("cpu") for t in next_inputs]).contiguous()
-            _durable_write(self.dir / carry, lambda p: save_file({"inputs": x}, str(p)))
+            _durable_write(self.dir / carry, lambda p: write_safetensors(p, {"inputs": x}))
             del x
         layers = {}
         for n, sc in schemes.items():
@@ -230,7 +257,7 @@ def save_streamed(model: nn.Module, tokenizer, out: str | os.PathLike, sink: Str
                 if _sha256(path) != b["sha256"]:
                     raise LowbitError(f"{path}: changed since it was written (delete {sink.dir} and start over)")
                 state.update(read_tensors(path, list(file_table(path))))
-            save_file(state, str(tmp / WEIGHTS), metadata=md)
+            write_safetensors(tmp / WEIGHTS, state, md)
             shas = _sha256(tmp / WEIGHTS)
         else:
             n = len(sink.blocks) + 1
@@ -246,7 +273,7 @@ def save_streamed(model: nn.Module, tokenizer, out: str | os.PathLike, sink: Str
 
                 for k in file_table(tmp / fname):
                     weight_map[k] = fname
-            save_file(state, str(tmp / names[-1]), metadata=md)
+            write_safetensors(tmp / names[-1], state, md)
             shas[names[-1]] = _sha256(tmp / names[-1])
             for k in state:
                 weight_map[k] = names[-1]
