@@ -68,7 +68,22 @@ def _share_tied_codes(model: nn.Module, names: list[str]) -> None:
                         setattr(h, b, x)
 
 
-def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: torch.Tensor | None = None) -> nn.Module:
+def resolve_device(device: str | torch.device | None) -> str:
+    """--device: "cpu", "cuda" (or "cuda:N"), or "auto" (cuda when torch sees a GPU, else cpu)."""
+    name = str(device or "cpu")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise LowbitError(f"--device {name}: this torch sees no CUDA GPU (torch {torch.__version__})")
+        return name
+    raise LowbitError(f"--device {name!r}: choose from cpu, cuda, auto")
+
+
+def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: torch.Tensor | None = None,
+             device: str = "cpu") -> nn.Module:
     """Quantize `model` in place with `config.method`; returns the model.
 
     The config is checked against its method's spec first, in place (algorithms.registry.resolve): the
@@ -77,6 +92,8 @@ def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: t
     tokenizer, or take `calib_ids` [nsamples, seqlen] directly. The float weights
     of the quantized layers are released; what was done is recorded in
     `state_of(model).quant` (core/state.py) and written into checkpoints by `save`.
+    device: where calibrated methods run their block forwards and math (the model stays on the CPU, each
+    block visits the device while it is processed).
     """
     if state_of(model).quant is not None and state_of(model).quant.modules:
         raise LowbitError("model is already quantized")
@@ -94,10 +111,12 @@ def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: t
         # block-sequential methods read each block when they reach it; the rest needs everything now
         skip = tuple(n + "." for n, _ in find_blocks(model)) if spec.streams_blocks else ()
         lazy.materialize(model, skip=skip)
+    state_of(model).device = resolve_device(device)
+    sink = state_of(model).sink  # a streamed run (quantize_to): finished blocks are on disk only
     with torch.no_grad():
         modules = spec.run(model, config, QuantContext(config, tokenizer, calib_ids))
         if lazy is not None:
-            lazy.materialize(model)  # what the method released or never reached
+            lazy.materialize(model, skip=sink.streamed() if sink is not None else ())  # released or never reached
             state_of(model).lazy = None
         # Selected layers a calibrated method does not reach (outside the decoder blocks: lm_head,
         # embeddings) are rounded to nearest with their scheme, as GPTQ/AWQ implementations do.
@@ -126,12 +145,84 @@ def quantize(model: nn.Module, config: QuantConfig, tokenizer=None, calib_ids: t
     return model
 
 
-def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32, lean: bool = False, lazy: bool = False):
+def load(source: str | os.PathLike, dtype: torch.dtype | str = torch.float32, lean: bool = False, lazy: bool = False):
     """Load any MODEL source -> (model, tokenizer). The model is in eval mode, without gradients.
     lean=True (lowbit checkpoints of the LLaMA family): transformers-free skeleton for the lean decoder, no
     tokenizer (runtime/lean.py). lazy=True (float models in safetensors: GGUF conversions, local folders):
-    weights stay on disk until materialized part by part (models/lazy.py). Other sources ignore them."""
+    weights stay on disk until materialized part by part (models/lazy.py). Other sources ignore them.
+    dtype: of the float weights: a torch dtype, "float32", "bfloat16", "float16", or "auto" (as stored)."""
     return load_model(source, dtype, lazy=lazy, skeleton=lean_skeleton if lean else None)
+
+
+def quantize_to(model: nn.Module, config: QuantConfig, out: str | os.PathLike, tokenizer=None,
+                calib_ids: torch.Tensor | None = None, overwrite: bool = False, resume: bool = False,
+                device: str = "cpu", single_file_max: int | None = None) -> Path:
+    """Quantize a block-streaming method's model (rtn, gptq, awq; best loaded with lazy=True) straight into
+    the checkpoint folder `out`: each finished decoder block is written to disk and freed as it is done,
+    with the next block's calibration inputs (formats/stream.py), so memory holds one block, not the model,
+    and a run that was killed continues with resume=True from its last finished block, to the same bytes
+    as an uninterrupted run. Ctrl-C stops it with a note on how to resume. single_file_max: the checkpoint is
+    one model.safetensors up to this many bytes (default 1 GiB), else sharded."""
+    from .algorithms.registry import resolve as resolve_spec
+    from .core.io import check_output
+    from .formats.stream import StreamSink, save_streamed
+
+    spec = resolve_spec(config, preflight=calib_ids is None)
+    if not spec.streams_output:
+        raise LowbitError(f"method {spec.name} does not write block by block: use quantize() and save()")
+    from .core import dist
+
+    if dist.world_size() > 1:  # data-parallel calibration: only rank 0 writes
+        if resume:
+            raise LowbitError("--resume is not supported under torchrun: resume the run in one process")
+        if not dist.is_main():
+            quantize(model, config, tokenizer=tokenizer, calib_ids=calib_ids, device=device)
+            dist.barrier()
+            return Path(out)
+    check_output(out, overwrite=overwrite)
+    st = state_of(model)
+    fingerprint = {"config": config.to_dict(), "source": st.source, "blocks": _block_names(model),
+                   "dtype": str(next((p.dtype for p in model.parameters() if p.is_floating_point()), None)),
+                   "calib_ids": _digest(calib_ids) if calib_ids is not None else None,
+                   "lowbit": _version()}
+    sink = StreamSink(out, fingerprint, resume=resume, overwrite=overwrite)
+    st.sink = sink
+    try:
+        quantize(model, config, tokenizer=tokenizer, calib_ids=calib_ids, device=device)
+        path = save_streamed(model, tokenizer, out, sink, overwrite=overwrite,
+                             **({} if single_file_max is None else {"single_file_max": single_file_max}))
+    except KeyboardInterrupt:
+        print(f"\nlowbit: interrupted after {len(sink.blocks)} finished blocks; the state is in {sink.dir}: run the "
+              f"same command with --resume to continue", file=sys.stderr)
+        sink.close()
+        raise
+    except BaseException:
+        sink.close()
+        raise
+    finally:
+        st.sink = None
+    sink.discard()
+    if dist.world_size() > 1:
+        dist.barrier()
+    return path
+
+
+def _block_names(model: nn.Module) -> list[str]:
+    from .models.arch import find_blocks
+
+    return [n for n, _ in find_blocks(model)]
+
+
+def _digest(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _version() -> str:
+    from .core.version import __version__
+
+    return __version__
 
 
 def save(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -147,4 +238,4 @@ def export(model: nn.Module, tokenizer, out: str | os.PathLike, format: str, dty
     return export_model(model, tokenizer, out, format, dtype=dtype, overwrite=overwrite, **gguf_options)
 
 
-__all__ = ["QuantConfig", "evaluate", "export", "generate", "load", "quantize", "save"]
+__all__ = ["QuantConfig", "evaluate", "export", "generate", "load", "quantize", "quantize_to", "resolve_device", "save"]

@@ -19,6 +19,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Quantize LLMs, measure the cost, save them, run them on a CPU.")
 
 MODEL_HELP = "A HF hub id or folder, a .gguf file, a lowbit checkpoint, or smollm2-135m."
+DTYPE_HELP = ("Float weights in memory: auto (as stored), float32, bfloat16, float16. Hessians, Cholesky and "
+              "scale searches compute in float32 whatever it is.")
+DEVICE_HELP = "Where the model computes: cpu, cuda, or auto (cuda when available)."
+
+
+def _dtype_opt():
+    return typer.Option("auto", "--dtype", metavar="auto|float32|bfloat16|float16", help=DTYPE_HELP)
+
+
+def _device_opt():
+    return typer.Option("cpu", "--device", metavar="cpu|cuda|auto", help=DEVICE_HELP)
 
 
 def _err(msg: str) -> None:
@@ -225,6 +236,11 @@ def _quantize_params() -> list[Parameter]:
                                                           "'lm_head=8/-1'; outside the decoder blocks: rounded to "
                                                           "nearest). Repeatable.")),
         _opt("seed", int, typer.Option(0, help="Random seed (calibration windows), recorded in the checkpoint.")),
+        _opt("dtype", str, _dtype_opt()),
+        _opt("device", str, _device_opt()),
+        _opt("resume", bool, typer.Option(False, help="Continue a killed or interrupted run from its last finished "
+                                                      "block (block-streaming methods; the state is kept in "
+                                                      ".OUT.lowbit-resume beside OUT).")),
         _opt("force", bool, typer.Option(False, help="Replace OUT if it exists.")),
     ]
 
@@ -245,7 +261,7 @@ def _scheme_from_flags(default, bits: Optional[int], group_size: Optional[int], 
 
 def _quantize(model: str, out: Path, method: str, bits: Optional[int], group_size: Optional[int], per_tensor: bool,
               sym: Optional[bool], include: List[str], exclude: List[str], override: List[str], seed: int,
-              force: bool, given: dict) -> None:
+              dtype: str, device: str, resume: bool, force: bool, given: dict) -> None:
     """Quantize MODEL and save a packed lowbit checkpoint to OUT."""
     from . import api
     from .algorithms.registry import get_spec, resolve
@@ -254,6 +270,8 @@ def _quantize(model: str, out: Path, method: str, bits: Optional[int], group_siz
     from .core.io import check_output
 
     spec = get_spec(method)  # unknown method: refuse before loading anything
+    if resume and not spec.streams_output:
+        raise LowbitError(f"--resume: method {spec.name} does not write block by block (nothing to resume)")
     for fl, value in given.items():
         if spec.name not in fl.defaults:
             raise LowbitError(f"{fl.spelled(value)} is not an option of --method {spec.name} "
@@ -270,11 +288,18 @@ def _quantize(model: str, out: Path, method: str, bits: Optional[int], group_siz
                          options=_nested(given))
     resolve(config, preflight=True)  # scheme, options, calibration text: refuse before loading anything
     check_output(out, overwrite=force)  # unwritable OUT: refuse before the long work
-    m, tok = api.load(model, lazy=spec.streams_blocks)  # block-sequential methods: one float block at a time
+    dev = api.resolve_device(device)
+    from .core import dist
+
+    dist.init_from_env(dev)  # under torchrun: data-parallel calibration, rank 0 writes (core/dist.py)
+    m, tok = api.load(model, dtype=dtype, lazy=spec.streams_blocks)  # block-sequential: one float block at a time
     t0 = time.time()
-    api.quantize(m, config, tokenizer=tok)
+    if spec.streams_output:  # each finished block's packed tensors go to disk as it is done: resumable
+        api.quantize_to(m, config, out, tokenizer=tok, overwrite=force, resume=resume, device=dev)
+    else:
+        api.quantize(m, config, tokenizer=tok, device=dev)
+        api.save(m, tok, out, overwrite=force)
     t_quant = time.time() - t0
-    api.save(m, tok, out, overwrite=force)
     from .core.state import state_of
     from .eval.size import weight_stats
 
@@ -296,15 +321,18 @@ def eval_(
     limit_tokens: Optional[int] = typer.Option(None, help="Score only the first N tokens of the text."),
     base: Optional[str] = typer.Option(None, help="Reference model for KL divergence and top-1 agreement."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last stdout line."),
+    dtype: str = _dtype_opt(),
+    device: str = _device_opt(),
 ) -> None:
     """Perplexity of MODEL on a text (and KL / top-1 agreement against --base)."""
     from . import api
     from .core.text import read_text
 
     body, label = read_text(text)  # bad text: refuse before loading models
-    m, tok = api.load(model)
-    b = api.load(base)[0] if base else None
-    res = api.evaluate(m, tok, text=body, seqlen=seqlen, limit_tokens=limit_tokens, base=b)
+    dev = api.resolve_device(device)
+    m, tok = api.load(model, dtype=dtype)
+    b = api.load(base, dtype=dtype)[0] if base else None
+    res = api.evaluate(m, tok, text=body, seqlen=seqlen, limit_tokens=limit_tokens, base=b, device=dev)
     res["text"], res["model"] = label, model
     if base:
         res["base"] = base
@@ -329,11 +357,19 @@ def generate(
     seed: int = typer.Option(0, help="Sampling seed."),
     runtime: str = typer.Option("auto", help="lean (static cache, fused kernels; LLaMA family), transformers, "
                                              "or auto (lean where it applies)."),
+    dtype: str = _dtype_opt(),
+    device: str = _device_opt(),
 ) -> None:
     """Generate text from MODEL, streamed as it is produced."""
     from . import api
 
-    m, tok = api.load(model)
+    dev = api.resolve_device(device)
+    m, tok = api.load(model, dtype=dtype)
+    if dev != "cpu":
+        if runtime == "lean":
+            raise LowbitError("--runtime lean runs on the CPU only: use --runtime transformers with --device cuda")
+        runtime = "transformers"
+        m.to(dev)
 
     def emit(s: str) -> None:
         sys.stdout.write(s)
@@ -355,6 +391,7 @@ def inspect(
     threshold: float = typer.Option(6.0, help="--activations: |x| from which a dimension counts as an outlier."),
     plot: Optional[Path] = typer.Option(None, help="--activations: write a PNG of per-layer max |x| and outlier dims."),
     seed: int = typer.Option(0, help="--activations: seed of the calibration windows."),
+    dtype: str = _dtype_opt(),
 ) -> None:
     """A table per layer: shape, bits, group size, bytes, relative weight error (or, with --activations, outliers)."""
     from .eval.inspect import layer_table
@@ -362,13 +399,13 @@ def inspect(
     from . import api
 
     if activations:
-        _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshold, plot, seed)
+        _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshold, plot, seed, dtype)
         return
     p = Path(model)
     if p.is_file() and p.suffix.lower() == ".gguf":
         _inspect_gguf(p, as_json)
         return
-    m, _ = api.load(model)
+    m, _ = api.load(model, dtype=dtype)
     rows, total = layer_table(m)
     if as_json:
         print(json.dumps({"layers": rows, "total": total}))
@@ -455,6 +492,7 @@ def bench(
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)."),
     runtime: str = typer.Option("auto", help="lean, transformers, or auto (lean where it applies)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last stdout line."),
+    dtype: str = _dtype_opt(),
 ) -> None:
     """Prefill and decode tokens/s, time to first token, memory: MODEL (and --compare models, with ratios)."""
     import torch
@@ -471,7 +509,7 @@ def bench(
     models = {}
     tok = None
     for name in [model, *compare]:
-        models[name], t = api.load(name)
+        models[name], t = api.load(name, dtype=dtype)
         tok = tok or t
     if tok is None:
         raise LowbitError(f"{model}: no tokenizer to build the prompt")
@@ -513,6 +551,7 @@ def export_gguf(
     calib_seqlen: int = typer.Option(512, help="--calib: tokens per window."),
     seed: int = typer.Option(0, help="--calib: seed of the calibration windows."),
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
+    dtype: str = _dtype_opt(),
 ) -> None:
     """Write MODEL as a GGUF file for llama.cpp (and ollama, LM Studio): its types and mixtures."""
     from . import api
@@ -540,7 +579,7 @@ def export_gguf(
         from .core.text import read_text
 
         read_text(calib)
-    m, tok = api.load(model)
+    m, tok = api.load(model, dtype=dtype)
     imatrix = hessians = None
     if calib is not None:
         from .calibration.data import calibration_ids
@@ -613,7 +652,7 @@ def _inspect_gguf(path: Path, as_json: bool) -> None:
           f"{total['bpw']:.3f} bits/weight; file {total['file_bytes']:,} bytes; file type {total['file_type']}")
 
 
-def _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshold, plot, seed) -> None:
+def _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshold, plot, seed, dtype="auto") -> None:
     from . import api
     from .calibration.data import calibration_ids
     from .eval.outliers import activation_outliers, plot_outliers
@@ -629,7 +668,7 @@ def _inspect_activations(model, as_json, calib, nsamples, calib_seqlen, threshol
         if plot.is_dir() or plot.suffix.lower() != ".png":
             raise LowbitError(f"{plot}: --plot needs a .png file path")
         check_output(plot, overwrite=True, kind="png")  # replaces an earlier plot, nothing else
-    m, tok = api.load(model)
+    m, tok = api.load(model, dtype=dtype)
     ids, info = calibration_ids(tok, calib, nsamples=nsamples, seqlen=calib_seqlen, seed=seed)
     res = activation_outliers(m, ids, threshold=threshold)
     res["calibration"] = info

@@ -66,7 +66,8 @@ class AbsMeans:
     the same tensor, like q/k/v, share the pass)."""
 
     def __init__(self, linears: dict[str, nn.Module]) -> None:
-        self.sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
+        self.sums = {n: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device)
+                     for n, m in linears.items()}
         self.counts = dict.fromkeys(linears, 0)
         self._last: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
@@ -79,6 +80,16 @@ class AbsMeans:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return (self.sums[name] / max(self.counts[name], 1)).float()
+
+    def reduce(self) -> None:
+        """Sums and counts over every data-parallel rank (core/dist.py; no-op in one process)."""
+        from ..core import dist
+
+        if dist.world_size() == 1:
+            return
+        for n in self.sums:
+            dist.all_reduce_sum(self.sums[n])
+            self.counts[n] = dist.all_reduce_count(self.counts[n], self.sums[n].device)
 
 
 def output_mse(d: torch.Tensor, H: torch.Tensor) -> float:
@@ -138,18 +149,18 @@ def search_clip(H: torch.Tensor, W: torch.Tensor, scheme: Scheme, n_grid: int = 
     rows, cols = Wf.shape
     wg = grouped(Wf, scheme)  # [out, G, g]
     n_groups, g = wg.shape[1], wg.shape[2]
-    Hp = torch.zeros(n_groups * g, n_groups * g)  # padded columns (copies of the last one) carry no error
+    Hp = torch.zeros(n_groups * g, n_groups * g, device=W.device)  # padded columns (copies of the last one) carry no error
     Hp[:cols, :cols] = H.float()
     Hb = Hp.reshape(n_groups, g, n_groups, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [G, g, g] diagonal blocks
 
     def group_err(wq: torch.Tensor) -> torch.Tensor:  # [out, cols] -> [out, G]
-        d = torch.zeros(rows, n_groups * g)
+        d = torch.zeros(rows, n_groups * g, device=W.device)
         d[:, :cols] = wq - Wf
         d = d.reshape(rows, n_groups, g).transpose(0, 1)  # [G, out, g]
         return (torch.bmm(d, Hb) * d).sum(-1).T
 
     hi0, lo0 = wg.amax(-1), wg.amin(-1)
-    best_err = torch.full(hi0.shape, math.inf)
+    best_err = torch.full(hi0.shape, math.inf, device=hi0.device)
     best_hi, best_lo = hi0.clone(), lo0.clone()
     for i in range(int(max_shrink * n_grid)):
         r = 1 - i / n_grid
@@ -182,6 +193,8 @@ def awq_block(model: nn.Module, config: QuantConfig, selected: set[str], use_gpt
             hess.observe(n, x)
 
         observe_inputs(block, linears, inputs, kw, observe)
+        means.reduce()  # data-parallel calibration: every rank's samples (core/dist.py)
+        hess.reduce(list(linears))
         # 1. activation-aware scales, folded into the op that feeds each group of linears
         for prev, rel_names in scale_mappings(model, block):
             names = [f"{block_name}.{r}" for r in rel_names]
@@ -223,5 +236,5 @@ def awq(model: nn.Module, config: QuantConfig, ctx) -> dict[str, Scheme]:
 
 SPEC = register(MethodSpec(
     name="awq", run=awq, options=AwqOptions, help="activation-aware scales and clipping, then rounding to nearest",
-    calibration=True, streams_blocks=True,  # layer-sequential: one block at a time
+    calibration=True, streams_blocks=True, streams_output=True,  # layer-sequential: one block at a time
 ))

@@ -25,5 +25,5 @@ def awq_gptq(model: nn.Module, config: QuantConfig, ctx) -> dict[str, Scheme]:
 
 SPEC = register(MethodSpec(
     name="awq+gptq", run=awq_gptq, options=AwqGptqOptions, help="AWQ's scales, then GPTQ instead of rounding",
-    calibration=True, streams_blocks=True,  # layer-sequential: one block at a time
+    calibration=True, streams_blocks=True, streams_output=True,  # layer-sequential: one block at a time
 ))

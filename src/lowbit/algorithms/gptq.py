@@ -89,6 +89,7 @@ def gptq_block(model: nn.Module, config: QuantConfig, selected: set[str], staged
     opts: GptqOptions = config.options
 
     def quantize_group(names: list[str], linears, hess) -> dict[str, QuantLinear]:
+        hess.reduce(names)  # data-parallel calibration: the statistics of every rank's samples (core/dist.py)
         results = gptq_linears({n: linears[n] for n in names}, hess, config, opts)
         out = {}
         for n in names:
@@ -158,5 +159,5 @@ def gptq(model: nn.Module, config: QuantConfig, ctx) -> dict[str, Scheme]:
 
 SPEC = register(MethodSpec(
     name="gptq", run=gptq, options=GptqOptions, help="error-compensating rounding from calibration Hessians",
-    calibration=True, streams_blocks=True,  # layer-sequential: one block at a time
+    calibration=True, streams_blocks=True, streams_output=True,  # layer-sequential: one block at a time
 ))

@@ -65,6 +65,8 @@ class MethodSpec:
     calibration     whether it draws calibration windows: a bool, or a function of its options
     streams_blocks  it reads the decoder blocks' float weights as it reaches them (a lazily loaded model
                     keeps the other blocks on disk meanwhile)
+    streams_output  it hands every finished block to state_of(model).sink (core/state.BlockSink) when one is
+                    set: api.quantize_to writes its output block by block, and a killed run resumes
     """
 
     name: str
@@ -75,6 +77,7 @@ class MethodSpec:
     schemes: Schemes = ANY_SCHEME
     calibration: bool | Callable[[Any], bool] = False
     streams_blocks: bool = False
+    streams_output: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.options, type) and issubclass(self.options, Options)):

@@ -68,6 +68,9 @@ def replace_linears(model: nn.Module, config: QuantConfig, make, desc: str) -> d
 def rtn(model: nn.Module, config: QuantConfig, ctx=None) -> dict[str, Scheme]:
     names = select_modules(model, config.include, config.exclude, tuple(config.overrides))
     clip_grid = getattr(config.options, "clip_grid", 0)
+    sink = state_of(model).sink
+    if sink is not None:
+        return _rtn_streamed(model, config, names, sink, clip_grid)
     done: dict[str, Scheme] = {}
     for name in tqdm(names, desc="rtn", unit="layer", leave=False):
         scheme = config.scheme_for(name)
@@ -76,7 +79,43 @@ def rtn(model: nn.Module, config: QuantConfig, ctx=None) -> dict[str, Scheme]:
     return done
 
 
+def _rtn_streamed(model: nn.Module, config: QuantConfig, names: list[str], sink, clip_grid: int = 0
+                  ) -> dict[str, Scheme]:
+    """Block by block, each finished block handed to the sink (formats/stream.py: written, freed; a resumed
+    run skips the blocks it has); the layers outside the blocks last."""
+    import sys
+    import time
+
+    from ..models.arch import find_blocks
+
+    t0 = time.time()
+    start, done, _ = sink.resume_point()
+    done = dict(done)
+    blocks = find_blocks(model)
+    in_block = set()
+    for i, (bname, block) in enumerate(tqdm(blocks, desc="rtn", unit="block", leave=False)):
+        mine = [n for n in names if n.startswith(bname + ".")]
+        in_block.update(mine)
+        if i < start:
+            continue
+        quantized = {}
+        for name in mine:
+            quantized[name] = config.scheme_for(name)
+            set_module(model, name, quantize_module(_float_module(model, name), quantized[name], clip_grid))
+        lazy = state_of(model).lazy
+        if lazy is not None:  # the block's other float tensors (norms) are stored with it
+            lazy.materialize(model, prefix=bname + ".")
+        done.update(quantized)
+        sink.finish_block(i, bname, block, quantized, None)
+    print(f"lowbit: rtn: {len(blocks) - start} blocks in {time.time() - t0:.1f}s", file=sys.stderr)
+    for name in names:
+        if name not in in_block:
+            done[name] = config.scheme_for(name)
+            set_module(model, name, quantize_module(_float_module(model, name), done[name], clip_grid))
+    return done
+
+
 SPEC = register(MethodSpec(
     name="rtn", run=rtn, options=ClipOptions, help="round to nearest, min/max (or --clip-grid searched) scales, no data",
-    streams_blocks=True,  # one layer at a time
+    streams_blocks=True, streams_output=True,  # one layer at a time
 ))

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core import dist
 from ..core.memory import release_free_memory
 from ..core.scheme import Scheme
 from ..core.state import state_of
@@ -303,28 +304,89 @@ BlockFn = Callable[[str, nn.Module, list[torch.Tensor], dict], "dict[str, Scheme
 
 
 def layer_sequential(model: nn.Module, ids: torch.Tensor, process_block: BlockFn, desc: str = "calibrate") -> dict[str, Scheme]:
-    """Drive `process_block` over the decoder blocks in order; returns everything it quantized."""
+    """Drive `process_block` over the decoder blocks in order; returns everything it quantized.
+
+    state_of(model).device: where the blocks and their inputs compute (each block moved there when reached,
+    back to the CPU when done). state_of(model).sink (a streamed run, formats/stream.py): each finished block
+    and the next block's inputs go to disk; a resumed run skips the blocks the sink has and starts from the
+    inputs it saved."""
     blocks = find_blocks(model)
-    lazy = state_of(model).lazy  # a lazily loaded model: read each float block when reached
+    st = state_of(model)
+    lazy, sink, dev = st.lazy, st.sink, torch.device(st.device)
     t0 = time.time()
-    inputs, kw = capture_block_inputs(model, blocks[0][1], ids)
+    start, done, saved = sink.resume_point() if sink is not None else (0, {}, None)
+    ids = ids[dist.shard(ids.shape[0])]  # data-parallel (torchrun): this rank's share of the samples
+    done = dict(done)
+    if start >= len(blocks):
+        inputs, kw = [], {}
+    else:
+        inputs, kw = capture_block_inputs(model, blocks[0][1], ids[:1] if saved is not None else ids)
+        if saved is not None:  # resumed: the next block's inputs as the killed run saved them
+            inputs = saved
+        kw = {k: _to(v, dev) for k, v in kw.items()}
+        inputs = [x.to(dev, COMPUTE_DTYPE) for x in inputs]
     if lazy is not None:  # embeddings and head are not needed again until the end: back to disk
         lazy.release(model, skip=tuple(n + "." for n, _ in blocks))
-    done: dict[str, Scheme] = {}
-    bar = tqdm(blocks, desc=desc, unit="block", file=sys.stderr, leave=False)
+    bar = tqdm(blocks[start:], desc=desc, unit="block", file=sys.stderr, leave=False, initial=0)
     try:
-        for name, block in bar:
+        for i, (name, block) in enumerate(bar, start=start):
             if lazy is not None:
                 lazy.materialize(model, name + ".")
+            stored = _upcast(block, dev)
             r = process_block(name, block, inputs, kw)
             quantized, outputs = r if isinstance(r, tuple) else (r, None)  # a staged block computed its outputs
             done.update(quantized)
-            if outputs is None:
+            last = i == len(blocks) - 1
+            if outputs is None and not last:
                 with dequantized_weights(block):  # the quantized block's outputs: its weights dequantized once
                     outputs = run_block(block, inputs, kw)
             inputs = outputs
+            _restore(block, stored)
+            if sink is not None:
+                sink.finish_block(i, name, block, quantized, None if last else inputs)
             release_free_memory()
     finally:
         close_spill_files()
-    print(f"lowbit: {desc}: {len(blocks)} blocks in {time.time() - t0:.1f}s", file=sys.stderr)
+    print(f"lowbit: {desc}: {len(blocks) - start} blocks in {time.time() - t0:.1f}s", file=sys.stderr)
     return done
+
+
+# Calibration forwards run in float32 whatever the stored dtype (bench/dtype_compute.py: on an AVX2 CPU a
+# bf16 block forward is ~6x slower than float32, and its outputs differ by ~2e-3 relative).
+COMPUTE_DTYPE = torch.float32
+
+
+def _upcast(block: nn.Module, dev: torch.device) -> dict[str, tuple[torch.dtype, torch.device]]:
+    """The block's float tensors to COMPUTE_DTYPE on `dev`, in place; returns what they were, by name."""
+    stored = {}
+    for mname, mod in block.named_modules():
+        for table in (mod._parameters, mod._buffers):
+            for k, t in table.items():
+                if t is None or t.is_meta or (t.device == dev and (t.dtype == COMPUTE_DTYPE or not t.is_floating_point())):
+                    continue
+                stored[f"{mname}.{k}"] = (t.dtype, t.device)
+                new = t.to(dev, COMPUTE_DTYPE if t.is_floating_point() else t.dtype)
+                table[k] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
+    return stored
+
+
+def _restore(block: nn.Module, stored: dict) -> None:
+    """Tensors _upcast changed that are still there (norms: not the replaced linears) back to their dtype and
+    device; the quantized modules' new tensors go to the CPU as they are."""
+    for mname, mod in block.named_modules():
+        for table in (mod._parameters, mod._buffers):
+            for k, t in table.items():
+                if t is None or t.is_meta:
+                    continue
+                dt, dv = stored.get(f"{mname}.{k}", (t.dtype, torch.device("cpu")))
+                if (t.dtype, t.device) != (dt, dv):
+                    new = t.to(dv, dt)
+                    table[k] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
+
+
+def _to(v, dev: torch.device):
+    if isinstance(v, torch.Tensor):
+        return v.to(dev, COMPUTE_DTYPE) if v.is_floating_point() else v.to(dev)
+    if isinstance(v, tuple):
+        return tuple(_to(x, dev) for x in v)
+    return v

@@ -24,7 +24,7 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[1]
     k = max(1, -(-n // GRAM_PANEL))
     b = -(-n // k)
-    out = torch.empty(n, n, dtype=x.dtype)
+    out = torch.empty(n, n, dtype=x.dtype, device=x.device)
     for a0 in range(0, n, b):
         a1 = min(a0 + b, n)
         torch.mm(x[:, a0:a1].T, x[:, a0:], out=out[a0:a1, a0:])  # panel rows a0:a1, columns a0: (upper part)
@@ -32,11 +32,16 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _device_of(m: nn.Module):
+    w = getattr(m, "weight", None)
+    return w.device if isinstance(w, torch.Tensor) and not w.is_meta else None
+
+
 class Hessian:
     """Running H = 2/n Σ x xᵀ over every calibration token of one linear's input."""
 
-    def __init__(self, n: int) -> None:
-        self.H = torch.zeros(n, n, dtype=torch.float32)
+    def __init__(self, n: int, device=None) -> None:
+        self.H = torch.zeros(n, n, dtype=torch.float32, device=device)
         self.count = 0
 
     def add(self, x: torch.Tensor, xtx: torch.Tensor | None = None) -> None:
@@ -55,7 +60,7 @@ class Hessians:
     read the normed hidden states; gate and up too) compute xᵀx once and add it to each of theirs."""
 
     def __init__(self, linears: dict[str, nn.Module]) -> None:
-        self.h = {n: Hessian(m.in_features) for n, m in linears.items()}
+        self.h = {n: Hessian(m.in_features, _device_of(m)) for n, m in linears.items()}
         self.sources: dict[str, list[int]] = {n: [] for n in linears}  # serial numbers of the inputs each saw
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
         self._serial = 0
@@ -83,12 +88,30 @@ class Hessians:
     def __getitem__(self, name: str) -> Hessian:
         return self.h[name]
 
+    def reduce(self, names: list[str]) -> None:
+        """Across data-parallel ranks (core/dist.py): every H of `names` becomes the mean over all ranks' tokens,
+        H = Σ_r count_r H_r / Σ_r count_r (the same collective calls, in the same order, on every rank; linears
+        that read the same inputs hold equal H before, so equal sums after). No-op in one process."""
+        from . import dist
+
+        if dist.world_size() == 1:
+            return
+        for n in names:
+            h = self.h[n]
+            h.H.mul_(h.count)
+            dist.all_reduce_sum(h.H)
+            h.count = dist.all_reduce_count(h.count, h.H.device)
+            h.H.div_(max(h.count, 1))
+
 
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + percdamp·mean(diag H)·I)⁻¹: the rows GPTQ propagates errors with.
     H is modified in place (dampened)."""
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0])
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))  # + d·I without an n x n identity
+    L = torch.linalg.cholesky(H)
+    Hi = torch.cholesky_inverse(L)
+    del L  # one n x n temporary alive at a time besides H (down_proj of an 8B shape: 822 MB each)
+    return torch.linalg.cholesky(Hi, upper=True)
 
 
 def _group_params(W: torch.Tensor, scheme: Scheme, clip_grid: int = 0, hdiag: torch.Tensor | None = None
@@ -136,9 +159,11 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, blocksize: int =
     """
     W = W.detach().float().clone()  # [out, in]
     rows, cols = W.shape
-    H = H.detach().float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    dev = W.device
+    H = H.detach()
+    diag = torch.diag(H).to(dev, torch.float32)
+    dead = diag == 0
+    diag[dead] = 1
     W[:, dead] = 0
 
     g = scheme.group_len(cols) if scheme.granularity == "group" else cols
@@ -147,8 +172,8 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, blocksize: int =
         s_t, z_t = compute_qparams(W, scheme)
         scale, zero = s_t.expand(rows, 1).clone(), (z_t.expand(rows, 1).clone() if z_t is not None else None)
     else:
-        scale = torch.empty(rows, n_groups, dtype=scheme.torch_scale_dtype)
-        zero = None if scheme.symmetric else torch.empty(rows, n_groups, dtype=torch.int16)
+        scale = torch.empty(rows, n_groups, dtype=scheme.torch_scale_dtype, device=dev)
+        zero = None if scheme.symmetric else torch.empty(rows, n_groups, dtype=torch.int16, device=dev)
     hdiag = torch.diag(H).clone()  # the clip search's column weights (dead columns: 1, their weights are 0)
     static = act_order or scheme.granularity != "group"
     if static and scheme.granularity != "tensor":
@@ -158,20 +183,24 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, blocksize: int =
             if zero is not None:
                 zero[:, k:k + 1] = z
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(cols, device=dev)
+    # the permuted copy straight from the caller's H (no clone first: one n x n copy less at the peak)
+    H = H.to(dev, torch.float32)[perm][:, perm] if act_order else H.to(dev, torch.float32).clone()
+    dead_p = dead[perm]
+    H[dead_p, dead_p] = 1
     # The sweep works on the transpose, one contiguous row per weight column: the per-column updates
     # then touch contiguous memory (same arithmetic, same order as on W; much faster on CPU).
     WT = W[:, perm].T.contiguous()  # [in, out]
     del W
-    H = H[perm][:, perm]
     Hinv = inverse_hessian_factor(H, percdamp)
+    del H
 
     group_of = ((perm // g) if scheme.granularity == "group" else torch.zeros(cols, dtype=torch.long)).tolist()
     starts = [(not static) and p % g == 0 for p in perm.tolist()]  # a new group begins at this column
     code_dtype = torch.int8 if scheme.symmetric else torch.uint8
-    QT = torch.zeros(cols, rows, dtype=code_dtype)  # codes are integers in range: stored exactly
-    Err = torch.empty(min(blocksize, cols), rows)  # one lazy block's scaled errors (w - q) / d
-    row_loss = torch.zeros(rows)
+    QT = torch.zeros(cols, rows, dtype=code_dtype, device=dev)  # codes are integers in range: stored exactly
+    Err = torch.empty(min(blocksize, cols), rows, device=dev)  # one lazy block's scaled errors (w - q) / d
+    row_loss = torch.zeros(rows, device=dev)
     qmin, qmax = scheme.qmin, scheme.qmax
     sT = scale.float().T.contiguous()  # [groups, out]
     zT = zero.float().T.contiguous() if zero is not None else None

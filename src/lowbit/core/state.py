@@ -4,6 +4,8 @@
                              api.quantize, QAT's convert and checkpoint loading; read by checkpoint saving,
                              the CLI, a second quantize)
     state_of(model).lazy     the reader of weights still on disk (models/lazy.LazyWeights), while there are some
+    state_of(model).sink     where finished decoder blocks go while a streamed quantization runs
+    state_of(model).device   where calibration forwards and the methods' math run
     state_of(model).source   the MODEL source it was loaded from (models/loading.resolve reads it again:
                              the GGUF exporter copies a source .gguf's tokenizer)
 
@@ -37,11 +39,28 @@ class LazyWeights(Protocol):
     def release(self, model, skip: tuple[str, ...] = ()) -> None: ...
 
 
+class BlockSink(Protocol):
+    """Where a block-streaming quantization puts each finished decoder block (formats/stream.py): its packed
+    tensors on disk, the next block's inputs with them (resume), the block's memory freed."""
+
+    def resume_point(self) -> tuple[int, dict[str, Scheme], list | None]:
+        """(blocks already finished, their modules' schemes, the saved inputs of the next block or None)."""
+        ...
+
+    def finish_block(self, index: int, name: str, block, schemes: dict[str, Scheme], next_inputs) -> None: ...
+
+    def streamed(self) -> tuple[str, ...]:
+        """Prefixes ("model.layers.3.") of the blocks now on disk only."""
+        ...
+
+
 @dataclass
 class ModelState:
     quant: QuantRecord | None = None
     lazy: LazyWeights | None = None
     source: str | None = None
+    sink: BlockSink | None = None  # set while a streamed quantization runs (api.quantize_to)
+    device: str = "cpu"  # where calibrated methods compute (api.quantize(device=...))
 
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

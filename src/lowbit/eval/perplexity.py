@@ -55,8 +55,10 @@ def evaluate(
     limit_tokens: int | None = None,
     base: nn.Module | None = None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> dict:
-    """ppl (+ kl, top1 vs `base`), bits per weight and bytes. Text default: WikiText-2 test."""
+    """ppl (+ kl, top1 vs `base`), bits per weight and bytes. Text default: WikiText-2 test.
+    device: where the models run ("cpu", "cuda"): moved there for the evaluation, back to the CPU after."""
     label = "<text>"
     if text is None:
         text, label = read_text(text_path)
@@ -66,8 +68,12 @@ def evaluate(
     check_token_ids(wins, model)
     nll, count, kl_sum, agree, base_nll = 0.0, 0, 0.0, 0, 0.0
     bar = tqdm(wins, desc="eval", unit="win", file=sys.stderr, disable=not progress, leave=False)
+    if device != "cpu":
+        model.to(device)
+        if base is not None:
+            base.to(device)
     for w in bar:
-        x = w.unsqueeze(0)
+        x = w.unsqueeze(0).to(device)
         target = x[:, 1:].reshape(-1)
         logp = F.log_softmax(model(x).logits[:, :-1].float().flatten(0, 1), dim=-1)
         nll += float(F.nll_loss(logp, target, reduction="sum"))

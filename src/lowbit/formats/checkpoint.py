@@ -38,6 +38,7 @@ from ..nn.kinds import MODULE_KINDS
 # this change, with model.safetensors, still load here).
 WEIGHTS = "lowbit.safetensors"
 LEGACY_WEIGHTS = "model.safetensors"
+INDEX = WEIGHTS + ".index.json"  # a streamed checkpoint's shards (formats/stream.py)
 
 
 def _sha256(path: Path) -> str:
@@ -68,14 +69,9 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, overwri
     default = cfg.scheme if cfg is not None else None
     layers = {}
     for name, scheme in modules.items():
-        mod = model.get_submodule(name)
-        entry = {"kind": getattr(mod, "kind", "linear")}  # the on-disk kind names of nn/kinds.py
-        if hasattr(mod, "entry"):
-            entry.update(mod.entry())
+        entry = layer_entry(model.get_submodule(name))
         if scheme != default:
             entry["scheme"] = scheme.to_dict()
-        if getattr(mod, "rel_error", None) is not None:
-            entry["rel_error"] = mod.rel_error
         layers[name] = entry
     state, aliases = _dedupe(model.state_dict())
     with atomic_path(out, overwrite=overwrite) as tmp:
@@ -88,12 +84,28 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, overwri
             "aliases": aliases,
             "weights_sha256": _sha256(tmp / WEIGHTS),
         }
-        qc["table_sha256"] = table_sha256(qc)
-        conf = model.config.to_dict()
-        conf["quantization_config"] = qc
-        (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
-        save_companions(tmp, model, tokenizer)
+        write_side_files(model, tokenizer, tmp, qc)
     return Path(out)
+
+
+def layer_entry(mod: nn.Module) -> dict:
+    """A quantized module's record in the layer table (without its scheme)."""
+    entry = {"kind": getattr(mod, "kind", "linear")}  # the on-disk kind names of nn/kinds.py
+    if hasattr(mod, "entry"):
+        entry.update(mod.entry())
+    if getattr(mod, "rel_error", None) is not None:
+        entry["rel_error"] = mod.rel_error
+    return entry
+
+
+def write_side_files(model: nn.Module, tokenizer, tmp: Path, qc: dict) -> None:
+    """config.json (with `qc` as its quantization_config and the table's checksum), generation config,
+    tokenizer files."""
+    qc["table_sha256"] = table_sha256(qc)
+    conf = model.config.to_dict()
+    conf["quantization_config"] = qc
+    (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+    save_companions(tmp, model, tokenizer)
 
 
 def save_companions(folder: Path, model: nn.Module, tokenizer) -> None:
@@ -158,12 +170,22 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
         raise _bad(folder, f"config.json: {e}") from None
     validate.check_custom_code(folder, {**conf, "model_type": model_type})
     weights = folder / WEIGHTS
-    if not weights.is_file() and (folder / LEGACY_WEIGHTS).is_file():
+    sharded = (folder / INDEX).is_file() and isinstance(qc.get("weights_sha256"), dict)
+    if not sharded and not weights.is_file() and (folder / LEGACY_WEIGHTS).is_file():
         weights = folder / LEGACY_WEIGHTS
-    if not weights.is_file():
+    if not sharded and not weights.is_file():
         raise _bad(folder, f"{WEIGHTS} is missing")
-    table = validate.tensor_table(folder, weights.name)  # headers checked against the file; the file inside the folder
-    if _sha256(weights) != qc.get("weights_sha256"):
+    # headers checked against the files; the files inside the folder
+    table = validate.tensor_table(folder, weights.name)
+    files = sorted({info.file for info in table.values()}) if sharded else [weights]
+    if sharded:  # a streamed checkpoint (formats/stream.py): every shard has its checksum
+        shas = qc["weights_sha256"]
+        if sorted(shas) != sorted(p.name for p in files):
+            raise _bad(folder, f"{INDEX} and the recorded checksums name different files")
+        for p in files:
+            if _sha256(p) != shas[p.name]:
+                raise _bad(folder, f"{p.name} does not match its checksum: truncated or modified")
+    elif _sha256(weights) != qc.get("weights_sha256"):
         raise _bad(folder, f"{WEIGHTS} does not match its checksum: truncated or modified")
     validate.check_config(conf, table, str(folder / "config.json"))
     try:
@@ -195,12 +217,14 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
         raise _bad(folder, f"layer table: {e}") from None
     aliases = qc.get("aliases", {})
     # every tensor against the module it fills, before any is read (a wrong size here would reach C)
-    validate.check_skeleton(model, table, aliases, str(weights))
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise _bad(folder, f"{WEIGHTS}: {e}") from None
+    validate.check_skeleton(model, table, aliases, str(folder / INDEX) if sharded else str(weights))
+    state = {}
+    for p in files:
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                state.update({k: f.get_tensor(k) for k in f.keys()})
+        except (SafetensorError, OSError) as e:
+            raise _bad(folder, f"{p.name}: {e}") from None
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:

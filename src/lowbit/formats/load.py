@@ -10,21 +10,24 @@ from pathlib import Path
 import torch
 
 from ..core.state import state_of
-from ..models.loading import load_hf, resolve
+from ..models.loading import load_hf, parse_dtype, resolve
 from .gguf.convert import gguf_to_cache
 from ..errors import LowbitError
 from .checkpoint import WEIGHTS, load_checkpoint
 from .export import foreign_source, load_foreign
 
 
-def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32, lazy: bool = False, skeleton=None):
+def load_model(source: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32, lazy: bool = False,
+               skeleton=None):
     """Load any MODEL source -> (model, tokenizer). The model is in eval mode, without gradients.
     skeleton (lowbit checkpoints): the empty model to load into instead of transformers' class, and no
     tokenizer (formats/checkpoint.load_checkpoint). lazy=True (float models in safetensors: GGUF conversions,
     local folders): weights stay on disk until materialized part by part (models/lazy.py). Other sources
-    ignore them."""
+    ignore them. dtype: of the float weights; "auto" or None keeps the stored one (models/loading.parse_dtype);
+    a lowbit checkpoint keeps its stored tensors whatever it says."""
     from ..models.lazy import can_load_lazily, load_lazy
 
+    dtype = parse_dtype(dtype)
     src = resolve(source)
     foreign = foreign_source(src)
     if foreign:  # a compressed-tensors, GPTQ or AWQ folder: its codes go into lowbit's modules as they are

@@ -24,8 +24,8 @@ from .safetensors_read import read_tensors
 
 
 class LazyWeights:
-    def __init__(self, folder: Path, dtype: torch.dtype, table: dict | None = None) -> None:
-        """table: the folder's tensor table (models/validate.tensor_table: every file inside the folder, every
+    def __init__(self, folder: Path, dtype: torch.dtype | None, table: dict | None = None) -> None:
+        """dtype: the float dtype tensors are read into (None: each as stored). table: the folder's tensor table (models/validate.tensor_table: every file inside the folder, every
         header entry checked against its file), read here when not given."""
         self.folder, self.dtype = folder, dtype
         if table is None:
@@ -62,7 +62,7 @@ class LazyWeights:
             # keep every page any block ever touched for as long as that tensor (the embeddings) lives
             entries_of = dict(items)
             for key, t in read_tensors(path, entries_of):
-                if t.is_floating_point() and t.dtype != self.dtype:
+                if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
                     t = t.to(self.dtype)
                 p = nn.Parameter(t, requires_grad=False)  # one object for every module sharing it
                 for _, mod, attr, is_param in entries_of[key]:
@@ -84,7 +84,21 @@ class LazyWeights:
             model.tie_weights()  # a tied head follows its embedding onto meta
 
 
-def load_lazy(folder: Path, dtype: torch.dtype, label: str):
+def stored_float_dtype(table: dict) -> torch.dtype:
+    """The dtype most of a tensor table's floating-point elements are stored in (float32 when none)."""
+    from math import prod
+
+    from .safetensors_read import DTYPES
+
+    count: dict[torch.dtype, int] = {}
+    for info in table.values():
+        dt = DTYPES.get(info.dtype)
+        if dt is not None and dt.is_floating_point:
+            count[dt] = count.get(dt, 0) + prod(info.shape)
+    return max(count, key=count.get) if count else torch.float32
+
+
+def load_lazy(folder: Path, dtype: torch.dtype | None, label: str):
     """(model with meta weights, tokenizer) of a folder of safetensors; the model's state_of(model).lazy reads
     them. The folder is checked first (models/validate.py: no custom code, config sizes against the tensor
     table), then every tensor the files hold against the skeleton: a wrong shape or a missing weight fails
@@ -95,10 +109,11 @@ def load_lazy(folder: Path, dtype: torch.dtype, label: str):
     from .validate import check_skeleton, preflight, without_ignored
 
     table = preflight(folder, label)
+    skeleton_dtype = dtype or stored_float_dtype(table)  # dtype None ("auto"): as stored
     try:
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_config(config, dtype=skeleton_dtype, trust_remote_code=False)
         model.tie_weights()  # from_config leaves tied parameters separate on meta; the file stores one of them
     except Exception as e:  # transformers raises many types; the user gets one line
         raise LowbitError(f"{label}: cannot load model lazily ({type(e).__name__}: {str(e).splitlines()[0]})") from None

@@ -64,12 +64,30 @@ def resolve(source: str | os.PathLike) -> Source:
     raise LowbitError(f"{name}: no such file or folder (and not a hub id or one of: {', '.join(ZOO)})")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    """--dtype: "auto" (None: the dtype the weights are stored in), "float32", "bfloat16", "float16", or a
+    torch float dtype itself."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise LowbitError(f"dtype {dtype} is not one of: {', '.join(DTYPE_CHOICES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise LowbitError(f"--dtype {dtype!r}: choose from {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[dtype]
+
+
 def one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def load_hf(location: str, dtype: torch.dtype, label: str):
+def load_hf(location: str, dtype: torch.dtype | None, label: str):
     """A Hugging Face folder or hub id through transformers: a local folder is checked first
     (models/validate.preflight: no custom code, config sizes against its safetensors' tensor table, every
     weight file inside it); no custom code is ever run, no pickle read, and a weight that the files do not
@@ -85,7 +103,7 @@ def load_hf(location: str, dtype: torch.dtype, label: str):
     prev = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report of missing weights: the error below says it in one line
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=False,
+        model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dtype or "auto", trust_remote_code=False,
                                                            use_safetensors=True, output_loading_info=True)
     except Exception as e:  # transformers raises many types; the user gets one line
         raise LowbitError(f"{label}: cannot load model ({one_line(e)})") from None

@@ -143,12 +143,12 @@ def _inside(folder: Path, name, label: str) -> Path:
 
 
 def weight_files(folder: Path, single_name: str = "model.safetensors") -> dict[str, Path]:
-    """{tensor name: safetensors file} of a folder: its model.safetensors.index.json (sharded) or its
+    """{tensor name: safetensors file} of a folder: its index `<single_name>.index.json` (sharded) or its
     single weights file (`single_name`: model.safetensors; lowbit checkpoints store lowbit.safetensors),
     every file confined to the folder."""
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if single_name == "model.safetensors" and index.is_file():
+    index = folder / f"{single_name}.index.json"  # model.safetensors.index.json, lowbit.safetensors.index.json
+    if index.is_file():
         wm = read_json(index).get("weight_map")
         if not isinstance(wm, dict) or not wm:
             raise LowbitError(f"{index}: no weight_map")
