@@ -624,7 +624,8 @@ def export(
     if format_ not in FORMATS:
         raise LowbitError(f"--format must be one of {', '.join(FORMATS)}; got {format_!r}")
     if format_ == "gguf":
-        return export_gguf(model, out, type_, tensor_type, calib, gptq, nsamples, calib_seqlen, seed, force)
+        return export_gguf(model, out, type_, tensor_type, calib, gptq, nsamples, calib_seqlen, seed, force,
+                           dtype="auto")
     if dtype not in ("auto", "float16", "bfloat16", "float32"):
         raise LowbitError(f"--dtype must be one of auto, float16, bfloat16, float32; got {dtype!r}")
     check_output(out, overwrite=force)
