@@ -4,6 +4,8 @@
     attn_decode(qkv, cos, sin, kc, vc, pos, ...)   rope, K/V cache write, one query's attention
     silu_mul(gu, out)                  out = silu(g) · u
     linear_q(qw, x, out)               out = x Wᵀ (+ b), W 4- or 8-bit codes read in place (QWeight), x int8 per 32
+    gemm_q(qw, x, out)                 the same for x [M, K] (prefill, evaluation): tiles of rows, each row of out
+                                       equal to linear_q's for that row of x
     i8_split(u, zp) / i8_sparse_add    W8A8 prefill: 8-bit activation codes as a 7-bit GEMM operand plus a sparse
                                        rest (kernels/int8.py, kind "onednn-sparse")
 (inputs and outputs float32 or bfloat16, per tensor; the math and the residual in float32; the K/V cache float16).
@@ -37,7 +39,7 @@ from ..core.paths import cache_dir
 from ..errors import LowbitError
 
 SOURCE = Path(__file__).with_name("decode.c")
-ABI_VERSION = 6
+ABI_VERSION = 7
 MAX_HEAD_DIM = 512  # decode.c's per-head accumulator
 _LIB: list = []  # [ctypes.CDLL or None] once tried
 
@@ -238,6 +240,9 @@ def lib():
             handle.lb_silu_mul.argtypes = [p, i, i, p, i]
             handle.lb_attn_decode.argtypes = [p, i, p, p, p, p, i, i, i, i, i, f, p, p, i]
             handle.lb_linear_q.argtypes = [i, i, p, p, p, p, i, i, p, i, p, p, i]
+            handle.lb_gemm_q.argtypes = [i, i, p, p, p, p, i, i, i, p, i, p, p, i]
+            handle.lb_gemm_q.restype = ctypes.c_int
+            handle.lb_isa.restype = ctypes.c_int
             handle.lb_i8_split.argtypes = [p, i, i, p, p, p, p, p]
             handle.lb_i8_split.restype = ctypes.c_int64
             handle.lb_i8_sparse_add.argtypes = [i, i, p, p, p, p, p]
@@ -390,6 +395,7 @@ def attn_decode_reference(qkv, cos, sin, kc, vc, pos, nh, nkv, hd, scale, out_dt
 _F32 = (torch.float32,)
 _IO = (torch.float32, torch.bfloat16)
 INT_MAX = (1 << 31) - 1
+MAX_GEMM_ELEMS = 1 << 40  # rows x columns of one gemm_q input or output (indexing is size_t in C)
 MAX_K = 1 << 20  # decode.c keeps a row's int8 activations (K bytes) and per-block floats on the stack
 
 
@@ -527,5 +533,39 @@ def linear_q(L, qw: QWeight, x, out) -> None:
                   x.data_ptr(), x_bf, None if qw.bias is None else qw.bias.data_ptr(), out.data_ptr(), out_bf)
 
 
-__all__ = ["lib", "build", "QWeight", "linear_q", "i8_split", "i8_split_reference", "i8_sparse_add", "linear_q_reference", "quantize_act_reference", "add_rmsnorm", "silu_mul", "attn_decode", "add_rmsnorm_reference",
+def gemm_q(L, qw: QWeight, x, out) -> None:
+    """out [M, N] = x [M, K] Wᵀ (+ bias): lb_gemm_q, row m equal to linear_q of x[m]. x and out bf16 or float32.
+    M, K and N are checked against both tensors here (qw's own arrays were checked when it was made)."""
+    if x.dim() != 2 or out.dim() != 2 or x.shape[0] != out.shape[0] or not 0 < x.shape[0] <= INT_MAX:
+        raise LowbitError(f"native gemm: input {list(x.shape)}, output {list(out.shape)}")
+    M = x.shape[0]
+    if M * qw.K > MAX_GEMM_ELEMS or M * qw.N > MAX_GEMM_ELEMS:
+        raise LowbitError(f"native gemm: {M} rows of {qw.K} -> {qw.N} exceed {MAX_GEMM_ELEMS} elements")
+    x_bf = _io(x, M * qw.K, "gemm input")
+    out_bf = _io(out, M * qw.N, "gemm out")
+    if L.lb_gemm_q(qw.bits, len(qw.rows), qw._w_ptrs, qw._rows, qw.s.data_ptr(), qw.sz.data_ptr(), qw.K, qw.G, M,
+                   x.data_ptr(), x_bf, None if qw.bias is None else qw.bias.data_ptr(), out.data_ptr(), out_bf):
+        raise MemoryError(f"native gemm: no scratch for {M} rows of {qw.K}")
+
+
+def gemm_q_reference(qw: QWeight, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """lb_gemm_q's math in torch: linear_q_reference row by row."""
+    return torch.stack([linear_q_reference(qw, r, out_dtype) for r in x])
+
+
+def block_dots_reference(qw: QWeight, x: torch.Tensor) -> torch.Tensor:
+    """The exact integer sums under lb_gemm_q: int64 [M, N, K/32], dot(c, xq) per 32-block of each row."""
+    out = []
+    for r in x:
+        xq, _, cols = quantize_act_reference(r, qw.bits == 4)
+        out.append((qw.codes()[:, cols].long() * xq.long().unsqueeze(0)).sum(-1))
+    return torch.stack(out)
+
+
+def isa(L) -> str:
+    """The instruction set this library's kernels were compiled for."""
+    return {0: "generic", 1: "avx2", 2: "avx512-vnni"}.get(int(L.lb_isa()), "unknown")
+
+
+__all__ = ["lib", "build", "QWeight", "linear_q", "gemm_q", "gemm_q_reference", "block_dots_reference", "isa", "i8_split", "i8_split_reference", "i8_sparse_add", "linear_q_reference", "quantize_act_reference", "add_rmsnorm", "silu_mul", "attn_decode", "add_rmsnorm_reference",
            "silu_mul_reference", "attn_decode_reference", "MAX_HEAD_DIM"]

@@ -121,7 +121,7 @@ def _kernel(modules):
 
 
 class NativeLinear(FusedLinear):
-    """kernels/decode.c's matvec on the codes in place: decode rows (prefill calls the modules)."""
+    """kernels/decode.c on the codes in place: its matvec for decode rows, its tiled GEMM for more (prefill)."""
 
     kind = "native"
 
@@ -152,13 +152,17 @@ class NativeLinear(FusedLinear):
         return self.qw.nbytes()
 
     def __call__(self, x):
-        if x.shape[0] == 1:
-            from ..kernels import native
+        from ..kernels import native
 
-            y = torch.empty(1, self.qw.N, dtype=x.dtype)
-            native.linear_q(native.lib(), self.qw, x.contiguous(), y)
-            return y
-        return super().__call__(x)
+        x = x.contiguous()
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            x = x.float()
+        y = torch.empty(x.shape[0], self.qw.N, dtype=x.dtype)
+        if x.shape[0] == 1:
+            native.linear_q(native.lib(), self.qw, x, y)
+        else:  # prefill / evaluation rows: the tiled GEMM, each row as the matvec computes it
+            native.gemm_q(native.lib(), self.qw, x, y)
+        return y
 
 
 class _Packed(FusedLinear):
