@@ -176,6 +176,64 @@ void lb_attn_decode(const void *qkv, int in_bf16, const float *cos, const float 
     }
 }
 
+
+/* ---- prefill: the per-token ops for M rows at once (rows split over threads) -------------------------------- */
+
+/* x [M, n] float32 (x += y when y != NULL, y [M, n] bf16 or float32); out [M, n] = rms_norm(x) * w, row by row
+ * as lb_add_rmsnorm */
+void lb_add_rmsnorm_rows(float *x, const void *y, int y_bf16, const float *w, float eps, int M, int n, void *out,
+                         int out_bf16) {
+    const size_t ye = y_bf16 ? 2 : 4, oe = out_bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static)
+    for (int m = 0; m < M; m++)
+        lb_add_rmsnorm(x + (size_t)m * n, y ? (const char *)y + (size_t)m * n * ye : NULL, y_bf16, w, eps, n,
+                       (char *)out + (size_t)m * n * oe, out_bf16);
+}
+
+/* gu [M, 2n] (gate | up per row) -> out [M, n] = silu(gate) * up, row by row as lb_silu_mul */
+void lb_silu_mul_rows(const void *gu, int in_bf16, int M, int n, void *out, int out_bf16) {
+    const size_t ie = in_bf16 ? 2 : 4, oe = out_bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static)
+    for (int m = 0; m < M; m++)
+        lb_silu_mul((const char *)gu + (size_t)m * 2 * n * ie, in_bf16, n, (char *)out + (size_t)m * n * oe, out_bf16);
+}
+
+/* qkv [M, (nh + 2 nkv) hd] (bf16 or float32) at positions p .. p + M - 1; cos, sin [p + M, hd] float32 (the rotary
+ * table from position 0); kc, vc [nkv, max_len, hd] float16: k (roped) and v written at p .. p + M - 1.
+ * q [nh, M, hd], k [nkv, M, hd], v [nkv, M, hd] float32 (head-major, as attention reads them): roped q and k, v. */
+void lb_rope_rows(const void *qkv, int in_bf16, const float *cos, const float *sin, int p, int M, f16 *kc, f16 *vc,
+                  int max_len, int nh, int nkv, int hd, float *q, float *k, float *v) {
+    const int half = hd / 2, width = (nh + 2 * nkv) * hd;
+#pragma omp parallel for schedule(static)
+    for (int m = 0; m < M; m++) {
+        const int pos = p + m;
+        const float *c = cos + (size_t)pos * hd, *sn = sin + (size_t)pos * hd;
+        const size_t row = (size_t)m * width;
+        for (int h = 0; h < nh + nkv; h++) {
+            const size_t src = row + (size_t)h * hd;
+            float *dst = h < nh ? q + ((size_t)h * M + m) * hd : k + ((size_t)(h - nh) * M + m) * hd;
+            for (int i = 0; i < half; i++) {
+                const float a = ld(qkv, in_bf16, src + i), b = ld(qkv, in_bf16, src + i + half);
+                dst[i] = a * c[i] - b * sn[i];
+                dst[i + half] = b * c[i + half] + a * sn[i + half];
+            }
+            if (h >= nh) {
+                f16 *kd = kc + ((size_t)(h - nh) * max_len + pos) * hd;
+                for (int i = 0; i < hd; i++) kd[i] = (f16)dst[i];
+            }
+        }
+        for (int g = 0; g < nkv; g++) {
+            const size_t src = row + (size_t)(nh + nkv + g) * hd;
+            float *vd = v + ((size_t)g * M + m) * hd;
+            f16 *cd = vc + ((size_t)g * max_len + pos) * hd;
+            for (int i = 0; i < hd; i++) {
+                vd[i] = ld(qkv, in_bf16, src + i);
+                cd[i] = (f16)vd[i];
+            }
+        }
+    }
+}
+
 /* ---- weight-quantized matrix-vector products -------------------------------------------------------------
  * W [N, K] is read where the model keeps it, as lowbit's packed codes u (core/packing.py): 4-bit, two per byte,
  * column 2i in the low nibble and 2i + 1 in the high one; 8-bit, one byte each. Per row n and group g of G

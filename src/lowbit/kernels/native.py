@@ -243,6 +243,11 @@ def lib():
             handle.lb_gemm_q.argtypes = [i, i, p, p, p, p, i, i, i, p, i, p, p, i]
             handle.lb_gemm_q.restype = ctypes.c_int
             handle.lb_isa.restype = ctypes.c_int
+            handle.lb_add_rmsnorm_rows.argtypes = [p, p, i, p, f, i, i, p, i]
+            handle.lb_silu_mul_rows.argtypes = [p, i, i, i, p, i]
+            handle.lb_rope_rows.argtypes = [p, i, p, p, i, i, p, p, i, i, i, i, p, p, p]
+            for fn in (handle.lb_add_rmsnorm_rows, handle.lb_silu_mul_rows, handle.lb_rope_rows):
+                fn.restype = None
             handle.lb_i8_split.argtypes = [p, i, i, p, p, p, p, p]
             handle.lb_i8_split.restype = ctypes.c_int64
             handle.lb_i8_sparse_add.argtypes = [i, i, p, p, p, p, p]
@@ -476,6 +481,53 @@ def attn_decode(L, qkv, cos, sin, kc, vc, pos: int, nh: int, nkv: int, hd: int, 
                      pos, shape[1], nh, nkv, hd, scale, scratch.data_ptr(), out.data_ptr(), out_bf)
 
 
+def add_rmsnorm_rows(L, x, y, w, eps: float, out) -> None:
+    """x [M, n] float32 (+= y [M, n]); out [M, n] = rms_norm(x) · w, each row as add_rmsnorm."""
+    if x.dim() != 2 or x.numel() > INT_MAX or x.shape[0] < 1:
+        raise LowbitError(f"native prefill ops: add_rmsnorm of {list(x.shape)}")
+    M, n = x.shape
+    _f32(x, M * n, "add_rmsnorm x")
+    y_bf = 0 if y is None else _io(y, M * n, "add_rmsnorm y")
+    _f32(w, n, "add_rmsnorm weight")
+    out_bf = _io(out, M * n, "add_rmsnorm out")
+    L.lb_add_rmsnorm_rows(x.data_ptr(), None if y is None else y.data_ptr(), y_bf, w.data_ptr(), eps, M, n,
+                          out.data_ptr(), out_bf)
+
+
+def silu_mul_rows(L, gu, out) -> None:
+    """gu [M, 2n] -> out [M, n] = silu(gate) · up, each row as silu_mul."""
+    if out.dim() != 2 or 2 * out.numel() > INT_MAX or out.shape[0] < 1:
+        raise LowbitError(f"native prefill ops: silu_mul into {list(out.shape)}")
+    M, n = out.shape
+    gu_bf = _io(gu, 2 * M * n, "silu_mul gate|up")
+    out_bf = _io(out, M * n, "silu_mul out")
+    L.lb_silu_mul_rows(gu.data_ptr(), gu_bf, M, n, out.data_ptr(), out_bf)
+
+
+def rope_rows(L, qkv, cos, sin, kc, vc, p: int, nh: int, nkv: int, hd: int, q, k, v) -> None:
+    """qkv [M, (nh+2nkv)·hd] at positions p..p+M-1; cos/sin float32 tables [≥ p+M, hd]; kc/vc float16
+    [nkv, max_len, hd] (k roped and v written at p..p+M-1); q [nh, M, hd], k, v [nkv, M, hd] float32 out."""
+    shape = kc.shape
+    M = qkv.shape[0] if qkv.dim() == 2 else -1
+    if (len(shape) != 3 or shape != vc.shape or shape[0] != nkv or shape[2] != hd or M < 1 or p < 0
+            or p + M > shape[1] or p + M > cos.shape[0] or not 0 < hd <= MAX_HEAD_DIM or hd % 2 or nkv < 1
+            or nh < 1 or nh % nkv or kc.numel() > INT_MAX or M * (nh + 2 * nkv) * hd > INT_MAX
+            or cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != hd):
+        raise LowbitError(f"native prefill ops: rope of {list(qkv.shape)} at {p} ({nh}/{nkv} heads of {hd}) on "
+                          f"caches {list(kc.shape)}, tables {list(cos.shape)}")
+    in_bf = _io(qkv, M * (nh + 2 * nkv) * hd, "rope q|k|v")
+    _f32(cos, cos.numel(), "rope cos")
+    _f32(sin, sin.numel(), "rope sin")
+    for c, what in ((kc, "K cache"), (vc, "V cache")):
+        if c.dtype is not torch.float16 or not c.is_contiguous() or not c.is_cpu:
+            raise _bad(c, (torch.float16,), c.numel(), f"rope {what}")
+    _f32(q, nh * M * hd, "rope q out")
+    _f32(k, nkv * M * hd, "rope k out")
+    _f32(v, nkv * M * hd, "rope v out")
+    L.lb_rope_rows(qkv.data_ptr(), in_bf, cos.data_ptr(), sin.data_ptr(), p, M, kc.data_ptr(), vc.data_ptr(),
+                   shape[1], nh, nkv, hd, q.data_ptr(), k.data_ptr(), v.data_ptr())
+
+
 def i8_split(L, u: torch.Tensor, zp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """u uint8 [M, K], zp int32 [M] -> (uc uint8 [M, K], rowptr int64 [M+1], cols int32, vals float32): q = u - zp
     as c = clamp(q, -64, 63) (uc = c + 64) plus the rest q - c in CSR (see decode.c)."""
@@ -567,5 +619,5 @@ def isa(L) -> str:
     return {0: "generic", 1: "avx2", 2: "avx512-vnni"}.get(int(L.lb_isa()), "unknown")
 
 
-__all__ = ["lib", "build", "QWeight", "linear_q", "gemm_q", "gemm_q_reference", "block_dots_reference", "isa", "i8_split", "i8_split_reference", "i8_sparse_add", "linear_q_reference", "quantize_act_reference", "add_rmsnorm", "silu_mul", "attn_decode", "add_rmsnorm_reference",
+__all__ = ["lib", "build", "QWeight", "linear_q", "gemm_q", "gemm_q_reference", "block_dots_reference", "isa", "add_rmsnorm_rows", "silu_mul_rows", "rope_rows", "i8_split", "i8_split_reference", "i8_sparse_add", "linear_q_reference", "quantize_act_reference", "add_rmsnorm", "silu_mul", "attn_decode", "add_rmsnorm_reference",
            "silu_mul_reference", "attn_decode_reference", "MAX_HEAD_DIM"]

@@ -405,6 +405,46 @@ class LeanDecoder:
         self.pos = p + 1
         return nt["head"](nt["head_in"]).float()
 
+    def _prefill_native(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        """M > 1 tokens at positions p..p+M-1 with the native ops for M rows: the projections as their kinds run M
+        rows (NativeLinear: the tiled int8 GEMM), fused residual + RMSNorm, rope + cache write, silu·up in C;
+        attention through torch's SDPA (flash-style on the CPU: no [heads, M, M] float32 scores), reading the
+        fresh float32 k, v at p == 0, the float16 cache after a cached prefix. ids [M] -> float32 logits."""
+        from ..kernels.native import add_rmsnorm_rows, rope_rows, silu_mul_rows
+
+        nt = self.native
+        L, norms = nt["L"], nt["norms"]
+        M, p = ids.numel(), self.pos
+        T = p + M
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        x = self.embed(ids).float().contiguous()  # residual stream [M, hidden], updated in place
+        hidden = x.shape[1]
+        h = torch.empty(M, hidden)
+        add_rmsnorm_rows(L, x, None, *norms[0], h)
+        q = torch.empty(nh, M, hd)
+        k = torch.empty(nkv, M, hd)
+        v = torch.empty(nkv, M, hd)
+        mask = None
+        if p > 0:  # a chunk after a cached prefix: causal with an offset
+            mask = torch.arange(T).unsqueeze(0) <= (p + torch.arange(M)).unsqueeze(1)
+        for i, (b, (kc, vc)) in enumerate(zip(self.blocks, nt["kv"])):
+            qkv = b.qkv(h).float().contiguous()
+            rope_rows(L, qkv, self.cos, self.sin, kc, vc, p, nh, nkv, hd, q, k, v)
+            K, V = (k, v) if p == 0 else (kc[:, :T].float(), vc[:, :T].float())
+            a = F.scaled_dot_product_attention(q.unsqueeze(0), K.unsqueeze(0), V.unsqueeze(0), attn_mask=mask,
+                                               is_causal=p == 0, scale=self.scaling, enable_gqa=nh != nkv)
+            attn = a[0].transpose(0, 1).reshape(M, nh * hd)
+            add_rmsnorm_rows(L, x, b.o(attn).float().contiguous(), *norms[2 * i + 1], h)
+            gu = b.gate_up(h).float().contiguous()
+            mlp = torch.empty(M, gu.shape[1] // 2)
+            silu_mul_rows(L, gu, mlp)
+            add_rmsnorm_rows(L, x, b.down(mlp).float().contiguous(), *norms[2 * i + 2], h)
+        self.pos = T
+        head_in = h if all_logits else h[-1:]
+        if self.head.bf16_io:
+            head_in = head_in.to(torch.bfloat16)
+        return self.head(head_in.contiguous()).float()
+
     def decode_bytes(self, length: int) -> int:
         """Bytes a decoded token reads at a context of `length` positions: every projection's weights,
         the norms, and the K/V cache (the memory-bandwidth bound of decoding is bandwidth / this)."""
@@ -434,6 +474,8 @@ class LeanDecoder:
             raise LowbitError(f"lean runtime: {p + M} positions exceed the cache of {self.max_len}")
         if M == 1 and self.native is not None:
             return self._decode_native(ids)
+        if self.native is not None:
+            return self._prefill_native(ids, all_logits)
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         x = self.embed(ids).to(self.dtype)  # [M, hidden]
         cos = self.cos[p: p + M].unsqueeze(1)
