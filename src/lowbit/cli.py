@@ -296,6 +296,10 @@ def eval_(
     limit_tokens: Optional[int] = typer.Option(None, help="Score only the first N tokens of the text."),
     base: Optional[str] = typer.Option(None, help="Reference model for KL divergence and top-1 agreement."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last stdout line."),
+    runtime: str = typer.Option("auto", help="lean (one prefill per window; LLaMA family), transformers, or auto "
+                                             "(lean where it applies)."),
+    int8_activations: bool = typer.Option(False, help="lean: score the native int8-activation GEMM (what a prompt "
+                                                      "runs through) instead of float32 products of the weights."),
 ) -> None:
     """Perplexity of MODEL on a text (and KL / top-1 agreement against --base)."""
     from . import api
@@ -304,7 +308,8 @@ def eval_(
     body, label = read_text(text)  # bad text: refuse before loading models
     m, tok = api.load(model)
     b = api.load(base)[0] if base else None
-    res = api.evaluate(m, tok, text=body, seqlen=seqlen, limit_tokens=limit_tokens, base=b)
+    res = api.evaluate(m, tok, text=body, seqlen=seqlen, limit_tokens=limit_tokens, base=b, runtime=runtime,
+                       int8_activations=int8_activations)
     res["text"], res["model"] = label, model
     if base:
         res["base"] = base

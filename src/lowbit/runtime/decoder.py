@@ -151,9 +151,16 @@ class NativeLinear(FusedLinear):
     def nbytes(self):
         return self.qw.nbytes()
 
+    float_rows = False  # LeanDecoder(prefill="float"): rows > 1 through the dequantized weight (transformers' math)
+    _wf = None
+
     def __call__(self, x):
         from ..kernels import native
 
+        if self.float_rows and x.shape[0] > 1:
+            if self._wf is None:  # dequantized once, kept while the decoder lives
+                self._wf = torch.cat([m.dequantize_weight() for m in self.modules]).float()
+            return F.linear(x.float(), self._wf, self.qw.bias).to(x.dtype)
         x = x.contiguous()
         if x.dtype not in (torch.float32, torch.bfloat16):
             x = x.float()
@@ -313,7 +320,13 @@ class LeanDecoder:
         dec.reset()                             # a new sequence
     """
 
-    def __init__(self, model: nn.Module, max_len: int = 2048, native: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, max_len: int = 2048, native: bool | None = None,
+                 prefill: str = "native") -> None:
+        """prefill: "native" (4/8-bit weights in place, activations int8 per 32: the decode steps' numerics) or
+        "float" (prompts through each quantized weight dequantized once to float32: transformers' numerics, for
+        evaluation; decode steps unchanged)."""
+        if prefill not in ("native", "float"):
+            raise LowbitError(f"lean runtime: prefill must be native or float, got {prefill!r}")
         why = unsupported_reason(model)
         if why:
             raise LowbitError(f"lean runtime: {why}")
@@ -337,6 +350,11 @@ class LeanDecoder:
             raise LowbitError("lean runtime: native decode ops requested but kernels/decode.c could not be built")
         self.head = fused_linear([get_module(model, layout.head)], native)
         self.blocks = [_Block(b, layout, native) for _, b in find_blocks(model)]
+        self.prefill = prefill
+        if prefill == "float":
+            for f in (self.head, *(x for b in self.blocks for x in (b.qkv, b.o, b.gate_up, b.down))):
+                if isinstance(f, NativeLinear):
+                    f.float_rows = True
         self.scaling = self.blocks[0].scaling or self.head_dim ** -0.5
         self.max_len = max_len
         self.dtype = self.final_norm_module.weight.dtype  # activations and cache: the model's float dtype
