@@ -485,7 +485,10 @@ def bench(
     if llama_cpp is not None:
         rows.append(speed.llama_cpp_speed(str(llama_cpp), ids, new_tokens=new_tokens, runs=runs,
                                           threads=torch.get_num_threads()))
-    res = {"rows": rows, "peak_rss_bytes": speed.peak_rss_bytes(), "threads": torch.get_num_threads()}
+    from .kernels.native import describe
+
+    res = {"rows": rows, "peak_rss_bytes": speed.peak_rss_bytes(), "threads": torch.get_num_threads(),
+           "native_kernels": describe()}
     if as_json:
         print(json.dumps(res))
         return
@@ -500,6 +503,7 @@ def bench(
               f"{r['model_bytes']:>13,}")
     print(f"prompt {prompt_tokens} tokens, {new_tokens} new tokens, median of {runs} runs, "
           f"{torch.get_num_threads()} threads; peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB")
+    print(f"native kernels: {res['native_kernels']}")
 
 
 @app.command("export-gguf")

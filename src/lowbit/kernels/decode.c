@@ -284,7 +284,7 @@ EXACT static inline float hsum8(__m256 v) {
 
 /* sum_g sz[g] A[g]: one copy of this code for the matvec and the GEMM (no contraction or reordering that
  * differs between them), so that both give the same float result */
-__attribute__((noinline, optimize("no-fast-math", "fp-contract=off"))) static float zero_term(const float *sz,
+__attribute__((noinline, unused, optimize("no-fast-math", "fp-contract=off"))) static float zero_term(const float *sz,
                                                                                               const float *A, int ng) {
     float corr = 0.f;
     for (int g = 0; g < ng; g++) corr += sz[g] * A[g];
@@ -302,12 +302,21 @@ EXACT static inline __attribute__((always_inline)) __m256i block_codes(const uin
     return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wr + (size_t)b * 32)), _mm256_set1_epi8((char)0x80));
 }
 
+/* lane i = sum of the products 4i .. 4i+3 of unsigned a and signed b bytes, exact where a pair's sum fits int16
+ * (always, for the operands below): AVX-512 VNNI's vpdpbusd in one instruction, AVX2's maddubs + madd in two;
+ * the same integers either way */
+EXACT static inline __attribute__((always_inline)) __m256i dot4(__m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+#endif
+}
+
 /* int32 lanes of dot(c, xv) (pairs summed): 4-bit codes are unsigned (0..15, no saturation); 8-bit codes are
  * signed: |c| * sign(x, c) = c * x with |c| <= 128, |x| <= 127, so pair sums fit in int16 */
 EXACT static inline __attribute__((always_inline)) __m256 block_dot(__m256i c, __m256i xv, int bits) {
-    const __m256i p16 = bits == 4 ? _mm256_maddubs_epi16(c, xv)
-                                  : _mm256_maddubs_epi16(_mm256_sign_epi8(c, c), _mm256_sign_epi8(xv, c));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+    return _mm256_cvtepi32_ps(dot4(bits == 4 ? c : _mm256_sign_epi8(c, c), bits == 4 ? xv : _mm256_sign_epi8(xv, c)));
 }
 #endif
 
@@ -473,10 +482,8 @@ EXACT static inline __attribute__((always_inline)) void tile_q(const int bits, c
                 const __m256 db = _mm256_set1_ps(d[(size_t)i * nb + b]);
 #pragma GCC unroll 2
                 for (int j = 0; j < RN; j++) {
-                    const __m256i p16 = bits == 4 ? _mm256_maddubs_epi16(c[j], xv)
-                                                  : _mm256_maddubs_epi16(ca[j], _mm256_sign_epi8(xv, c[j]));
-                    v[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1))), db,
-                                              v[i][j]);
+                    const __m256i p32 = bits == 4 ? dot4(c[j], xv) : dot4(ca[j], _mm256_sign_epi8(xv, c[j]));
+                    v[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), db, v[i][j]);
                 }
             }
         }
