@@ -30,7 +30,7 @@
 #define MAX_HEAD_DIM 512 /* one head's accumulator */
 /* the matvec and the GEMM without fast-math: their intrinsics are the same in both, and so, without
  * reassociation that differs where the code is inlined, are their float results */
-#define EXACT __attribute__((optimize("no-fast-math")))
+#define EXACT __attribute__((optimize("no-fast-math", "fp-contract=off")))
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -284,8 +284,7 @@ EXACT static inline float hsum8(__m256 v) {
 
 /* sum_g sz[g] A[g]: one copy of this code for the matvec and the GEMM (no contraction or reordering that
  * differs between them), so that both give the same float result */
-__attribute__((noinline, unused, optimize("no-fast-math", "fp-contract=off"))) static float zero_term(const float *sz,
-                                                                                              const float *A, int ng) {
+EXACT static inline __attribute__((always_inline, unused)) float zero_term(const float *sz, const float *A, int ng) {
     float corr = 0.f;
     for (int g = 0; g < ng; g++) corr += sz[g] * A[g];
     return corr;
@@ -437,8 +436,12 @@ EXACT void lb_linear_q(int bits, int nseg, const uint8_t *const *w, const int *s
  * for that row of X. The weight rows are split over OpenMP threads (tiles of GN rows); a tile's codes
  * (GN * K/2 or K bytes) stay in L1 while the quantized activations (M * K bytes) stream from L2. */
 
+#ifndef GM
 #define GM 4 /* rows of X per tile */
+#endif
+#ifndef GN
 #define GN 2 /* rows of W per tile */
+#endif
 
 static int64_t isa_id(void) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -492,6 +495,15 @@ EXACT static inline __attribute__((always_inline)) void tile_q(const int bits, c
 #pragma GCC unroll 2
             for (int j = 0; j < RN; j++)
                 acc[i][j] = _mm256_fmadd_ps(v[i][j], _mm256_set1_ps(s[(size_t)j * ng + g]), acc[i][j]);
+    }
+    if (RM * RN == 8) { /* the 8 lane sums at once (transposed), in hsum8's order: ((x0+x1)+(x2+x3))+((x4+x5)+(x6+x7)) */
+        const __m256 *a = &acc[0][0];
+        const __m256 a01 = _mm256_hadd_ps(a[0], a[1]), a23 = _mm256_hadd_ps(a[2], a[3]);
+        const __m256 a45 = _mm256_hadd_ps(a[4], a[5]), a67 = _mm256_hadd_ps(a[6], a[7]);
+        const __m256 a0123 = _mm256_hadd_ps(a01, a23), a4567 = _mm256_hadd_ps(a45, a67);
+        _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(a0123, a4567, 0x20),
+                                            _mm256_permute2f128_ps(a0123, a4567, 0x31)));
+        return;
     }
     for (int i = 0; i < RM; i++)
         for (int j = 0; j < RN; j++) out[i * RN + j] = hsum8(acc[i][j]);
