@@ -17,7 +17,10 @@ One-token steps (decoding) go through kernels/decode.c where it builds (`native`
 place by its int8-activation matvec, fused residual+RMSNorm, rope+cache+attention (float16 cache) and
 silu·up, four C calls per layer. Without it, fused projections keep torch's kernels: 4-bit layers packed
 once, side by side, for torch's int4 matmul (at most kernels.int4.MAX_ROWS rows per call), 8-bit as two
-4-bit halves; float layers and everything else call their own modules. Prefill always runs torch ops.
+4-bit halves; float layers and everything else call their own modules. Prompts (M > 1 rows) with the native
+ops: the projections through decode.c's tiled int8 GEMM (rows equal to the matvec's), residual+RMSNorm, rope+cache
+and silu·up in C for all rows, attention through torch's SDPA (`_prefill_native`); prefill="float" multiplies
+quantized weights dequantized once instead (evaluation: transformers' numbers). Without them, torch ops.
 The model's modules (norms, activation, rotary embedding) are reused, so their numerics are the
 model's; the equivalence test compares logits and greedy tokens with transformers'.
 """
