@@ -13,6 +13,11 @@ lowbit models run on the lean runtime (runtime/decoder.py); the float32 model al
 forward, for reference. Ratios are to the float32 (lean) row of the same run.
 Bandwidth bound: bytes one decoded token reads (weights as the decode path stores them + K/V cache
 at the mean context) against this machine's read bandwidth (sum over a 256 MiB tensor).
+Prompt lengths (issue 25): with --prompt-lengths (default 128 512 2048) the lean models and llama.cpp's Q4_0 also
+prefill each of those lengths, interleaved, median of --runs ("prefill_LEN" columns). Evaluation: --eval-tokens
+(default 4096; 0 skips) WikiText-2 test tokens in 512-token windows through lowbit.evaluate (lean runtime) for
+float32 and W4+head, and through llama.cpp (all logits) on its Q4_0 export, the same windows: tokens/s of each
+("eval tok/s"). The JSON records the CPU flags and the native kernels' instruction set.
 Peak RSS: one fresh process per model that loads it and runs the same prompt + decode; lean rows load
 with lowbit.load(..., lean=True) (runtime/lean.py: no transformers import), the float32 model from a lowbit
 float checkpoint of the same weights (--work/fp32-ckpt), fp32-transformers through transformers.
@@ -118,6 +123,8 @@ def main() -> None:
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--no-rss", action="store_true")
     ap.add_argument("--markdown", type=Path, default=None)
+    ap.add_argument("--prompt-lengths", type=int, nargs="*", default=[128, 512, 2048])
+    ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--rss-of", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -163,6 +170,8 @@ def main() -> None:
                 rows.append(row)
         else:
             log("llama-cpp-python is not installed: no llama.cpp rows")
+    prompt_lengths(args, rows, models, tok)
+    eval_speed(args, rows, models, tok)
     del models
     if not args.no_rss:
         env = dict(os.environ, LOWBIT_BENCH_IDS=json.dumps(ids[0].tolist()))
@@ -183,9 +192,81 @@ def main() -> None:
             ("decode_vs_first", "× fp32", ".2f"), ("decode_bytes_per_token", "bytes read / token", ",d"),
             ("decode_bound_tok_s", "bandwidth bound tok/s", ".0f"), ("decode_share_of_bound", "share of bound", ".2f"),
             ("model_bytes", "model bytes", ",d"), ("peak_rss_bytes", "peak RSS", ",d"), ("rss_vs_fp32", "RSS × fp32", ".2f")]
+    cols += [(f"prefill_{n}_tok_s", f"prefill {n} tok/s", ".1f") for n in args.prompt_lengths]
+    cols += [("eval_tok_s", "eval tok/s", ".1f"), ("eval_ppl", "eval ppl", ".3f")]
+    from lowbit.kernels.native import describe
+
     report(rows, cols, args.markdown, {"read_bandwidth_bytes_s": bw, "threads": torch.get_num_threads(),
+                                       "native_kernels": describe(),
                                        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                                        "runs": args.runs})
+
+def prompt_lengths(args, rows, models, tok) -> None:
+    """prefill_LEN_tok_s for every lean row and llama.cpp's Q4_0 row: each length, models interleaved, median."""
+    from lowbit.eval import speed
+    from lowbit.runtime.decoder import LeanDecoder
+
+    if not args.prompt_lengths:
+        return
+    top = max(args.prompt_lengths)
+    lean = {r["model"]: LeanDecoder(models[r["model"]], max_len=top + 1) for r in rows if r.get("runtime") == "lean"}
+    llm = None
+    q4 = args.work / "lowbit-Q4_0.gguf"
+    if not args.no_llama_cpp and q4.exists():
+        from lowbit.eval.llama_cpp import open_model
+
+        llm = open_model(q4, n_ctx=top + 8, threads=torch.get_num_threads())
+    for n in args.prompt_lengths:
+        ids = speed.prompt_ids(tok, n)[0]
+        times: dict[str, list[float]] = {}
+        for r in range(args.runs + 1):
+            for name, dec in lean.items():
+                dec.reset()
+                t0 = time.perf_counter()
+                dec.forward(ids, all_logits=False)
+                if r:
+                    times.setdefault(name, []).append(time.perf_counter() - t0)
+            if llm is not None:
+                llm.reset()
+                t0 = time.perf_counter()
+                llm.eval(ids.tolist())
+                if r:
+                    times.setdefault(f"llama.cpp:{q4.name}", []).append(time.perf_counter() - t0)
+        for row in rows:
+            if row["model"] in times:
+                row[f"prefill_{n}_tok_s"] = n / statistics.median(times[row["model"]])
+        log(f"prefill {n}: " + ", ".join(f"{k} {n / statistics.median(v):.1f} tok/s" for k, v in times.items()))
+
+
+def eval_speed(args, rows, models, tok) -> None:
+    """eval_tok_s: lowbit.evaluate (lean) of fp32 and w4+head, llama.cpp's Q4_0 on the same windows."""
+    if not args.eval_tokens:
+        return
+    import lowbit
+    from lowbit.core.text import read_text
+    from lowbit.core.tokens import tokenize
+    from lowbit.eval.perplexity import windows
+
+    text = read_text(None)[0]
+    for name in ("fp32", "w4+head"):
+        t0 = time.perf_counter()
+        res = lowbit.evaluate(models[name], tok, text=text, limit_tokens=args.eval_tokens, progress=False,
+                              runtime="lean")
+        dt = time.perf_counter() - t0
+        row = next(r for r in rows if r["model"] == name)
+        row["eval_tok_s"], row["eval_ppl"] = res["tokens"] / dt, res["ppl"]
+    q4 = args.work / "lowbit-Q4_0.gguf"
+    if not args.no_llama_cpp and q4.exists():
+        from lowbit.eval.llama_cpp import perplexity
+
+        wins = windows(tokenize(tok, text, max_tokens=args.eval_tokens), 512, args.eval_tokens)
+        t0 = time.perf_counter()
+        res = perplexity(q4, wins, threads=torch.get_num_threads(), progress=False)
+        dt = time.perf_counter() - t0
+        row = next((r for r in rows if r["model"] == f"llama.cpp:{q4.name}"), None)
+        if row is not None:
+            row["eval_tok_s"], row["eval_ppl"] = wins.numel() / dt, res["ppl"]
+
 
 if __name__ == "__main__":
     main()

@@ -323,6 +323,10 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last stdout line."),
     dtype: str = _dtype_opt(),
     device: str = _device_opt(),
+    runtime: str = typer.Option("auto", help="lean (one prefill per window; LLaMA family), transformers, or auto "
+                                             "(lean where it applies: float32 on the CPU)."),
+    int8_activations: bool = typer.Option(False, help="lean: score the native int8-activation GEMM (what a prompt "
+                                                      "runs through) instead of float32 products of the weights."),
 ) -> None:
     """Perplexity of MODEL on a text (and KL / top-1 agreement against --base)."""
     from . import api
@@ -332,7 +336,8 @@ def eval_(
     dev = api.resolve_device(device)
     m, tok = api.load(model, dtype=dtype)
     b = api.load(base, dtype=dtype)[0] if base else None
-    res = api.evaluate(m, tok, text=body, seqlen=seqlen, limit_tokens=limit_tokens, base=b, device=dev)
+    res = api.evaluate(m, tok, text=body, seqlen=seqlen, limit_tokens=limit_tokens, base=b, device=dev,
+                       runtime=runtime, int8_activations=int8_activations)
     res["text"], res["model"] = label, model
     if base:
         res["base"] = base
@@ -518,7 +523,10 @@ def bench(
     if llama_cpp is not None:
         rows.append(speed.llama_cpp_speed(str(llama_cpp), ids, new_tokens=new_tokens, runs=runs,
                                           threads=torch.get_num_threads()))
-    res = {"rows": rows, "peak_rss_bytes": speed.peak_rss_bytes(), "threads": torch.get_num_threads()}
+    from .kernels.native import describe
+
+    res = {"rows": rows, "peak_rss_bytes": speed.peak_rss_bytes(), "threads": torch.get_num_threads(),
+           "native_kernels": describe()}
     if as_json:
         print(json.dumps(res))
         return
@@ -533,6 +541,7 @@ def bench(
               f"{r['model_bytes']:>13,}")
     print(f"prompt {prompt_tokens} tokens, {new_tokens} new tokens, median of {runs} runs, "
           f"{torch.get_num_threads()} threads; peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB")
+    print(f"native kernels: {res['native_kernels']}")
 
 
 @app.command("export-gguf")

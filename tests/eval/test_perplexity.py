@@ -83,5 +83,6 @@ def test_perplexity_past_float_range_is_infinite(tiny):
         return SimpleNamespace(logits=logits)
 
     model.forward = confident
-    res = lowbit.evaluate(model, tok, text=TEXT, seqlen=32, limit_tokens=64, progress=False)
+    # the fake replaces transformers' forward, which only the transformers runtime calls (auto would pick lean)
+    res = lowbit.evaluate(model, tok, text=TEXT, seqlen=32, limit_tokens=64, progress=False, runtime="transformers")
     assert res["ppl"] == math.inf

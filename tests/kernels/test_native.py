@@ -353,3 +353,79 @@ def test_int8_split_and_sparse_add_check_their_arrays():
                  (rowptr.flip(0), cols, vals, wT, out)]:
         with pytest.raises(LowbitError, match="int8 sparse add"):
             N.i8_sparse_add(L, *args)
+
+
+# ---- prefill: the tiled GEMM and the per-row ops for M rows (issue 25) ---------------------------------------
+
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits,sym,group,K", CASES)
+@pytest.mark.parametrize("M", [1, 3, 4, 9])  # whole tiles of GM = 4 rows and leftovers
+def test_gemm_rows_equal_the_matvec_and_the_integer_reference(bits, sym, group, K, M, xdtype):
+    mods = [qlinear(bits, sym, group, K, n, bias=True, seed=n) for n in (64, 36, 7)]  # segments, odd row counts
+    qw = N.QWeight(mods)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(xdtype)
+    out = torch.empty(M, qw.N)
+    N.gemm_q(L, qw, x, out)
+    for m in range(M):  # the same float operations in the same order as the decode matvec: equal, not close
+        row = torch.empty(qw.N)
+        N.linear_q(L, qw, x[m].contiguous(), row)
+        assert torch.equal(out[m], row)
+    # the integer block sums are exact (int64 reference); their float combination is the reference's
+    dots = N.block_dots_reference(qw, x)
+    assert dots.abs().max() <= 32 * 127 * (15 if bits == 4 else 128)
+    assert close(out, N.gemm_q_reference(qw, x, torch.float32), F32_RTOL)
+
+
+def test_gemm_refuses_sizes_that_do_not_match():
+    qw = N.QWeight([qlinear(4, True, 128, 576, 16)])
+    with pytest.raises(LowbitError):
+        N.gemm_q(L, qw, torch.randn(3, 512), torch.empty(3, 16))
+    with pytest.raises(LowbitError):
+        N.gemm_q(L, qw, torch.randn(3, 576), torch.empty(2, 16))
+    with pytest.raises(LowbitError):
+        N.gemm_q(L, qw, torch.randn(3, 576), torch.empty(3, 17))
+    with pytest.raises(LowbitError):
+        N.gemm_q(L, qw, torch.randn(3, 576).t(), torch.empty(576, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_row_ops_equal_the_single_row_ops(dtype):
+    g = torch.Generator().manual_seed(5)
+    M, n = 5, 576
+    x, y, w = torch.randn(M, n, generator=g), torch.randn(M, n, generator=g).to(dtype), torch.randn(n, generator=g)
+    xr, out = x.clone(), torch.empty(M, n, dtype=dtype)
+    N.add_rmsnorm_rows(L, x, y, w, 1e-5, out)
+    for m in range(M):
+        o = torch.empty(n, dtype=dtype)
+        N.add_rmsnorm(L, xr[m], y[m].contiguous(), w, 1e-5, o)
+        assert torch.equal(out[m], o)
+    assert torch.equal(x, xr)
+    gu = torch.randn(M, 2 * n, generator=g).to(dtype)
+    out = torch.empty(M, n, dtype=dtype)
+    N.silu_mul_rows(L, gu, out)
+    for m in range(M):
+        o = torch.empty(n, dtype=dtype)
+        N.silu_mul(L, gu[m].contiguous(), o)
+        assert torch.equal(out[m], o)
+
+
+@pytest.mark.parametrize("p", [0, 5])
+def test_rope_rows_write_the_cache_once_and_equal_the_reference(p):
+    nh, nkv, hd, M, max_len = 9, 3, 64, 6, 32
+    g = torch.Generator().manual_seed(p)
+    qkv = torch.randn(M, (nh + 2 * nkv) * hd, generator=g)
+    cos, sin = torch.randn(max_len, hd, generator=g), torch.randn(max_len, hd, generator=g)
+    kc, vc = torch.zeros(nkv, max_len, hd).half(), torch.zeros(nkv, max_len, hd).half()
+    q, k, v = torch.empty(nh, M, hd), torch.empty(nkv, M, hd), torch.empty(nkv, M, hd)
+    N.rope_rows(L, qkv, cos, sin, kc, vc, p, nh, nkv, hd, q, k, v)
+    x = qkv.view(M, nh + 2 * nkv, hd)
+    half = hd // 2
+    qk = x[:, : nh + nkv]
+    rot = torch.cat((-qk[..., half:], qk[..., :half]), -1)
+    qk = qk * cos[p: p + M].unsqueeze(1) + rot * sin[p: p + M].unsqueeze(1)
+    assert close(q, qk[:, :nh].transpose(0, 1), F32_RTOL) and close(k, qk[:, nh:].transpose(0, 1), F32_RTOL)
+    assert torch.equal(v, x[:, nh + nkv:].transpose(0, 1).contiguous())
+    assert torch.equal(kc[:, p: p + M], k.half()) and torch.equal(vc[:, p: p + M], v.half())
+    assert not kc[:, :p].any() and not kc[:, p + M:].any()  # written once, at p..p+M-1 only
+    with pytest.raises(LowbitError):
+        N.rope_rows(L, qkv, cos, sin, kc, vc, max_len - M + 1, nh, nkv, hd, q, k, v)

@@ -3,6 +3,12 @@
 Convention (GPTQ/AWQ papers): the text is tokenized once as-is (no BOS
 added), cut into non-overlapping windows of `seqlen` tokens (the remainder is
 dropped), and every next-token prediction inside a window is scored.
+
+Runtime: each window's forward goes through the lean runtime (runtime/decoder.py: one prefill per window,
+native kernels where they build) whenever the model allows it (LLaMA family: float models and lowbit
+checkpoints), else through transformers' forward; `runtime=` forces one. The lean runtime's logits equal
+transformers' within the decoder's named tolerances (tests/eval/test_eval_runtime.py). NLL, KL and top-1 are
+accumulated window by window, in slices of rows (no [tokens, vocab] array of the whole text).
 """
 from __future__ import annotations
 
@@ -45,6 +51,33 @@ def windows(ids: torch.Tensor, seqlen: int, limit_tokens: int | None = None) -> 
     return ids[: n * seqlen].reshape(n, seqlen)
 
 
+SLICE_ROWS = 128  # rows of logits turned into log-probabilities at a time
+
+
+def window_forward(model: nn.Module, seqlen: int, runtime: str = "auto", int8_activations: bool = False):
+    """A function ids [T] (T <= seqlen) -> float32 logits [T, vocab] of one window on its own: the lean runtime's
+    prefill (a decoder made once, reset per window) where `runtime` allows it, else transformers' forward.
+    On the lean runtime, quantized weights are dequantized once and multiplied in float32 (transformers' numbers),
+    or with int8_activations through the native int8 GEMM (what the lean runtime computes for a prompt)."""
+    from ..runtime.generation import pick_runtime
+
+    if pick_runtime(model, runtime) == "lean":
+        from ..runtime.decoder import LeanDecoder
+
+        dec = LeanDecoder(model, max_len=seqlen, prefill="native" if int8_activations else "float")
+
+        def lean(w):
+            dec.reset()
+            return dec.forward(w, all_logits=True)
+        lean.runtime = "lean"
+        return lean
+
+    def hf(w):
+        return model(w.unsqueeze(0)).logits[0].float()
+    hf.runtime = "transformers"
+    return hf
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -56,9 +89,14 @@ def evaluate(
     base: nn.Module | None = None,
     progress: bool = True,
     device: str = "cpu",
+    runtime: str = "auto",
+    int8_activations: bool = False,
 ) -> dict:
     """ppl (+ kl, top1 vs `base`), bits per weight and bytes. Text default: WikiText-2 test.
-    device: where the models run ("cpu", "cuda"): moved there for the evaluation, back to the CPU after."""
+    device: where the models run ("cpu", "cuda"): moved there for the evaluation (they stay there).
+    runtime: auto (lean where the model allows it), lean, or transformers (see the module docstring); auto
+    means transformers on another device or for a model not held in float32;
+    int8_activations: on the lean runtime, score the native int8-activation GEMM's logits (window_forward)."""
     label = "<text>"
     if text is None:
         text, label = read_text(text_path)
@@ -67,22 +105,30 @@ def evaluate(
 
     check_token_ids(wins, model)
     nll, count, kl_sum, agree, base_nll = 0.0, 0, 0.0, 0, 0.0
+    if runtime == "auto" and (device != "cpu" or any(p.is_floating_point() and p.dtype != torch.float32
+                                                     for p in model.parameters())):
+        runtime = "transformers"
+    fwd = window_forward(model, wins.shape[1], runtime, int8_activations)
+    base_fwd = window_forward(base, wins.shape[1], runtime, int8_activations) if base is not None else None
     bar = tqdm(wins, desc="eval", unit="win", file=sys.stderr, disable=not progress, leave=False)
     if device != "cpu":
         model.to(device)
         if base is not None:
             base.to(device)
     for w in bar:
-        x = w.unsqueeze(0).to(device)
-        target = x[:, 1:].reshape(-1)
-        logp = F.log_softmax(model(x).logits[:, :-1].float().flatten(0, 1), dim=-1)
-        nll += float(F.nll_loss(logp, target, reduction="sum"))
+        target = w[1:].to(device)
+        logits = fwd(w.to(device))[:-1]
+        base_logits = base_fwd(w.to(device))[:-1] if base_fwd is not None else None
+        for a in range(0, target.numel(), SLICE_ROWS):  # streaming: log-softmax of a slice of rows at a time
+            sl = slice(a, a + SLICE_ROWS)
+            logp = F.log_softmax(logits[sl].float(), dim=-1)
+            nll += float(F.nll_loss(logp, target[sl], reduction="sum"))
+            if base_logits is not None:
+                logq = F.log_softmax(base_logits[sl].float(), dim=-1)
+                base_nll += float(F.nll_loss(logq, target[sl], reduction="sum"))
+                kl_sum += float(F.kl_div(logp, logq, log_target=True, reduction="sum"))  # KL(base || model)
+                agree += int((logp.argmax(-1) == logq.argmax(-1)).sum())
         count += target.numel()
-        if base is not None:
-            logq = F.log_softmax(base(x).logits[:, :-1].float().flatten(0, 1), dim=-1)
-            base_nll += float(F.nll_loss(logq, target, reduction="sum"))
-            kl_sum += float(F.kl_div(logp, logq, log_target=True, reduction="sum"))  # KL(base || model)
-            agree += int((logp.argmax(-1) == logq.argmax(-1)).sum())
         for m, value in ((model, nll), (base, base_nll)):
             if m is not None and not math.isfinite(value):  # NaN/Inf weights or scales: no number to report
                 raise LowbitError(f"{state_of(m).source or 'model'}: perplexity is {_exp(value / count)}: "
@@ -95,6 +141,7 @@ def evaluate(
         "windows": int(wins.shape[0]),
         "seqlen": int(wins.shape[1]),
         "text": label,
+        "runtime": fwd.runtime + ("-int8" if int8_activations and fwd.runtime == "lean" else ""),
         **weight_stats(model),
     }
     if base is not None:

@@ -9,6 +9,8 @@
  *   lb_attn_decode   rope(q, k) at pos; K/V cache[pos] = k, v; out = softmax(q K^T * scale) V
  *   lb_silu_mul      out = silu(g) * u for g|u = one vector [2n]
  *   lb_linear_q      y = x W^T for 4- or 8-bit codes in groups, read in place; activations int8 per 32
+ *   lb_gemm_q        Y = X W^T for M rows at once (prefill, evaluation): the same math as lb_linear_q per row
+ *   lb_isa           which instruction set this build's kernels use (0 generic, 1 AVX2, 2 AVX-512 VNNI)
  *
  * Matmul inputs and outputs are bfloat16 (torch's int4 kernel's) or float32, chosen by a flag per argument;
  * the residual stream and all math are float32, the K/V cache float16; rounding to bf16 and fp16 is
@@ -19,12 +21,16 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
 
 #define MAX_HEAD_DIM 512 /* one head's accumulator */
+/* the matvec and the GEMM without fast-math: their intrinsics are the same in both, and so, without
+ * reassociation that differs where the code is inlined, are their float results */
+#define EXACT __attribute__((optimize("no-fast-math", "fp-contract=off")))
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -52,7 +58,7 @@ static inline void st(void *p, int bf16, size_t i, float v) {
         ((float *)p)[i] = v;
 }
 
-int lb_abi_version(void) { return 6; }
+int lb_abi_version(void) { return 7; }
 
 typedef _Float16 f16; /* the K/V cache's element (llama.cpp's default cache type): half the bytes of float32 */
 
@@ -170,6 +176,64 @@ void lb_attn_decode(const void *qkv, int in_bf16, const float *cos, const float 
     }
 }
 
+
+/* ---- prefill: the per-token ops for M rows at once (rows split over threads) -------------------------------- */
+
+/* x [M, n] float32 (x += y when y != NULL, y [M, n] bf16 or float32); out [M, n] = rms_norm(x) * w, row by row
+ * as lb_add_rmsnorm */
+void lb_add_rmsnorm_rows(float *x, const void *y, int y_bf16, const float *w, float eps, int M, int n, void *out,
+                         int out_bf16) {
+    const size_t ye = y_bf16 ? 2 : 4, oe = out_bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static)
+    for (int m = 0; m < M; m++)
+        lb_add_rmsnorm(x + (size_t)m * n, y ? (const char *)y + (size_t)m * n * ye : NULL, y_bf16, w, eps, n,
+                       (char *)out + (size_t)m * n * oe, out_bf16);
+}
+
+/* gu [M, 2n] (gate | up per row) -> out [M, n] = silu(gate) * up, row by row as lb_silu_mul */
+void lb_silu_mul_rows(const void *gu, int in_bf16, int M, int n, void *out, int out_bf16) {
+    const size_t ie = in_bf16 ? 2 : 4, oe = out_bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static)
+    for (int m = 0; m < M; m++)
+        lb_silu_mul((const char *)gu + (size_t)m * 2 * n * ie, in_bf16, n, (char *)out + (size_t)m * n * oe, out_bf16);
+}
+
+/* qkv [M, (nh + 2 nkv) hd] (bf16 or float32) at positions p .. p + M - 1; cos, sin [p + M, hd] float32 (the rotary
+ * table from position 0); kc, vc [nkv, max_len, hd] float16: k (roped) and v written at p .. p + M - 1.
+ * q [nh, M, hd], k [nkv, M, hd], v [nkv, M, hd] float32 (head-major, as attention reads them): roped q and k, v. */
+void lb_rope_rows(const void *qkv, int in_bf16, const float *cos, const float *sin, int p, int M, f16 *kc, f16 *vc,
+                  int max_len, int nh, int nkv, int hd, float *q, float *k, float *v) {
+    const int half = hd / 2, width = (nh + 2 * nkv) * hd;
+#pragma omp parallel for schedule(static)
+    for (int m = 0; m < M; m++) {
+        const int pos = p + m;
+        const float *c = cos + (size_t)pos * hd, *sn = sin + (size_t)pos * hd;
+        const size_t row = (size_t)m * width;
+        for (int h = 0; h < nh + nkv; h++) {
+            const size_t src = row + (size_t)h * hd;
+            float *dst = h < nh ? q + ((size_t)h * M + m) * hd : k + ((size_t)(h - nh) * M + m) * hd;
+            for (int i = 0; i < half; i++) {
+                const float a = ld(qkv, in_bf16, src + i), b = ld(qkv, in_bf16, src + i + half);
+                dst[i] = a * c[i] - b * sn[i];
+                dst[i + half] = b * c[i + half] + a * sn[i + half];
+            }
+            if (h >= nh) {
+                f16 *kd = kc + ((size_t)(h - nh) * max_len + pos) * hd;
+                for (int i = 0; i < hd; i++) kd[i] = (f16)dst[i];
+            }
+        }
+        for (int g = 0; g < nkv; g++) {
+            const size_t src = row + (size_t)(nh + nkv + g) * hd;
+            float *vd = v + ((size_t)g * M + m) * hd;
+            f16 *cd = vc + ((size_t)g * max_len + pos) * hd;
+            for (int i = 0; i < hd; i++) {
+                vd[i] = ld(qkv, in_bf16, src + i);
+                cd[i] = (f16)vd[i];
+            }
+        }
+    }
+}
+
 /* ---- weight-quantized matrix-vector products -------------------------------------------------------------
  * W [N, K] is read where the model keeps it, as lowbit's packed codes u (core/packing.py): 4-bit, two per byte,
  * column 2i in the low nibble and 2i + 1 in the high one; 8-bit, one byte each. Per row n and group g of G
@@ -207,18 +271,29 @@ __attribute__((optimize("no-fast-math"))) static void quantize_act(const void *x
 }
 
 #ifdef __AVX2__
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+/* the sum of the 8 lanes, in one fixed order: horizontal adds are builtins that -ffast-math does not reassociate
+ * (the generic vector '+' behind _mm_add_ps would be, differently where it is inlined), so the matvec and the
+ * GEMM that both end with this sum give equal results */
+EXACT static inline float hsum8(__m256 v) {
+    __m128 s = _mm_hadd_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
     return _mm_cvtss_f32(s);
 }
 #endif
 
+/* sum_g sz[g] A[g]: one copy of this code for the matvec and the GEMM (no contraction or reordering that
+ * differs between them), so that both give the same float result */
+EXACT static inline __attribute__((always_inline, unused)) float zero_term(const float *sz, const float *A, int ng) {
+    float corr = 0.f;
+    for (int g = 0; g < ng; g++) corr += sz[g] * A[g];
+    return corr;
+}
+
 #ifdef __AVX2__
 /* the 32 codes of block b of a row, as bytes (4-bit: 0..15, low nibbles = block 2c, high = 2c + 1;
  * 8-bit: u - 128 as int8) */
-static inline __attribute__((always_inline)) __m256i block_codes(const uint8_t *wr, int bits, int b) {
+EXACT static inline __attribute__((always_inline)) __m256i block_codes(const uint8_t *wr, int bits, int b) {
     if (bits == 4) {
         const __m256i raw = _mm256_loadu_si256((const __m256i *)(wr + (size_t)(b / 2) * 32));
         return _mm256_and_si256((b & 1) ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0f));
@@ -226,12 +301,21 @@ static inline __attribute__((always_inline)) __m256i block_codes(const uint8_t *
     return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wr + (size_t)b * 32)), _mm256_set1_epi8((char)0x80));
 }
 
+/* lane i = sum of the products 4i .. 4i+3 of unsigned a and signed b bytes, exact where a pair's sum fits int16
+ * (always, for the operands below): AVX-512 VNNI's vpdpbusd in one instruction, AVX2's maddubs + madd in two;
+ * the same integers either way */
+EXACT static inline __attribute__((always_inline)) __m256i dot4(__m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+#endif
+}
+
 /* int32 lanes of dot(c, xv) (pairs summed): 4-bit codes are unsigned (0..15, no saturation); 8-bit codes are
  * signed: |c| * sign(x, c) = c * x with |c| <= 128, |x| <= 127, so pair sums fit in int16 */
-static inline __attribute__((always_inline)) __m256 block_dot(__m256i c, __m256i xv, int bits) {
-    const __m256i p16 = bits == 4 ? _mm256_maddubs_epi16(c, xv)
-                                  : _mm256_maddubs_epi16(_mm256_sign_epi8(c, c), _mm256_sign_epi8(xv, c));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+EXACT static inline __attribute__((always_inline)) __m256 block_dot(__m256i c, __m256i xv, int bits) {
+    return _mm256_cvtepi32_ps(dot4(bits == 4 ? c : _mm256_sign_epi8(c, c), bits == 4 ? xv : _mm256_sign_epi8(xv, c)));
 }
 #endif
 
@@ -239,7 +323,7 @@ static inline __attribute__((always_inline)) __m256 block_dot(__m256i c, __m256i
 
 /* out[r] for rows n0 .. n0 + R, R = ROWS or 1 (compile-time constants after inlining, so the accumulators stay
  * in registers), bits 4 or 8 likewise */
-static inline __attribute__((always_inline)) void rows_q(const uint8_t *w, size_t row_bytes, const int bits,
+EXACT static inline __attribute__((always_inline)) void rows_q(const uint8_t *w, size_t row_bytes, const int bits,
         const float *s, const float *sz, const int R, int nb, int ng, int bpg, const int8_t *xq,
         const float *d, const float *A, float *out) {
     /* w, s, sz: the first of the R rows */
@@ -267,11 +351,7 @@ static inline __attribute__((always_inline)) void rows_q(const uint8_t *w, size_
         }
     }
     const __m256 accs[4] = {acc0, acc1, acc2, acc3};
-    for (int r = 0; r < R; r++) {
-        float corr = 0.f;
-        for (int g = 0; g < ng; g++) corr += sz[(size_t)r * ng + g] * A[g];
-        out[r] = hsum8(accs[r]) - corr;
-    }
+    for (int r = 0; r < R; r++) out[r] = hsum8(accs[r]) - zero_term(sz + (size_t)r * ng, A, ng);
 #else
     for (int r = 0; r < R; r++) {
         const uint8_t *wr = w + (size_t)r * row_bytes;
@@ -301,7 +381,7 @@ static inline __attribute__((always_inline)) void rows_q(const uint8_t *w, size_
 }
 
 /* segments: nseg weights w[i] of rows seg_rows[i] each (stacked: y rows in this order), one s, sz, bias for all */
-static void linear_q(int bits, int nseg, const uint8_t *const *w, const int *seg_rows, const float *s, const float *sz,
+EXACT static void linear_q(int bits, int nseg, const uint8_t *const *w, const int *seg_rows, const float *s, const float *sz,
                      int K, int G, const void *x, int x_bf16, const float *bias, void *y, int y_bf16) {
     const int nb = K / 32, ng = (K + G - 1) / G, bpg = G / 32;
     int8_t xq[K];
@@ -341,9 +421,185 @@ static void linear_q(int bits, int nseg, const uint8_t *const *w, const int *seg
     }
 }
 
-void lb_linear_q(int bits, int nseg, const uint8_t *const *w, const int *seg_rows, const float *s, const float *sz,
+EXACT void lb_linear_q(int bits, int nseg, const uint8_t *const *w, const int *seg_rows, const float *s, const float *sz,
                  int K, int G, const void *x, int x_bf16, const float *bias, void *y, int y_bf16) {
     linear_q(bits, nseg, w, seg_rows, s, sz, K, G, x, x_bf16, bias, y, y_bf16);
+}
+
+
+/* ---- weight-quantized GEMM for many rows (prefill, evaluation windows) --------------------------------------
+ * Y [M, N] = X [M, K] W^T: every row of X quantized per block of 32 exactly as lb_linear_q does, then tiles of
+ * GM rows of X by GN rows of W whose block dots stay in registers: each block's codes are loaded and unpacked
+ * once per tile and used for GM rows of X, each activation block once per tile for GN weight rows. Per (row,
+ * weight row) the float combination is the matvec's, in the same order (block dots * d into a group sum, group
+ * sums * s into the accumulator, lanes summed, minus the zero term), so a row of Y equals lb_linear_q's result
+ * for that row of X. The weight rows are split over OpenMP threads (tiles of GN rows); a tile's codes
+ * (GN * K/2 or K bytes) stay in L1 while the quantized activations (M * K bytes) stream from L2. */
+
+#ifndef GM
+#define GM 4 /* rows of X per tile */
+#endif
+#ifndef GN
+#define GN 2 /* rows of W per tile */
+#endif
+
+static int64_t isa_id(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    return 2;
+#elif defined(__AVX2__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int lb_isa(void) { return (int)isa_id(); }
+
+#ifdef __AVX2__
+/* a tile: RM rows of X (xq rows K bytes apart, d rows nb apart) by RN rows of W (row_bytes apart, s rows ng
+ * apart); out[i * RN + j] = the lanes' sum before the zero term */
+EXACT static inline __attribute__((always_inline)) void tile_q(const int bits, const int RM, const int RN, const uint8_t *w,
+        size_t row_bytes, const float *s, int ng, int nb, int bpg, const int8_t *xq, size_t K, const float *d,
+        float *out) {
+    __m256 acc[GM][GN], v[GM][GN];
+#pragma GCC unroll 4
+    for (int i = 0; i < RM; i++)
+#pragma GCC unroll 2
+        for (int j = 0; j < RN; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        const int b0 = g * bpg, b1 = b0 + bpg < nb ? b0 + bpg : nb;
+#pragma GCC unroll 4
+        for (int i = 0; i < RM; i++)
+#pragma GCC unroll 2
+            for (int j = 0; j < RN; j++) v[i][j] = _mm256_setzero_ps();
+        for (int b = b0; b < b1; b++) {
+            __m256i c[GN], ca[GN];
+#pragma GCC unroll 2
+            for (int j = 0; j < RN; j++) {
+                c[j] = block_codes(w + (size_t)j * row_bytes, bits, b);
+                if (bits == 8) ca[j] = _mm256_sign_epi8(c[j], c[j]);
+            }
+#pragma GCC unroll 4
+            for (int i = 0; i < RM; i++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)i * K + (size_t)b * 32));
+                const __m256 db = _mm256_set1_ps(d[(size_t)i * nb + b]);
+#pragma GCC unroll 2
+                for (int j = 0; j < RN; j++) {
+                    const __m256i p32 = bits == 4 ? dot4(c[j], xv) : dot4(ca[j], _mm256_sign_epi8(xv, c[j]));
+                    v[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), db, v[i][j]);
+                }
+            }
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < RM; i++)
+#pragma GCC unroll 2
+            for (int j = 0; j < RN; j++)
+                acc[i][j] = _mm256_fmadd_ps(v[i][j], _mm256_set1_ps(s[(size_t)j * ng + g]), acc[i][j]);
+    }
+    if (RM * RN == 8) { /* the 8 lane sums at once (transposed), in hsum8's order: ((x0+x1)+(x2+x3))+((x4+x5)+(x6+x7)) */
+        const __m256 *a = &acc[0][0];
+        const __m256 a01 = _mm256_hadd_ps(a[0], a[1]), a23 = _mm256_hadd_ps(a[2], a[3]);
+        const __m256 a45 = _mm256_hadd_ps(a[4], a[5]), a67 = _mm256_hadd_ps(a[6], a[7]);
+        const __m256 a0123 = _mm256_hadd_ps(a01, a23), a4567 = _mm256_hadd_ps(a45, a67);
+        _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(a0123, a4567, 0x20),
+                                            _mm256_permute2f128_ps(a0123, a4567, 0x31)));
+        return;
+    }
+    for (int i = 0; i < RM; i++)
+        for (int j = 0; j < RN; j++) out[i * RN + j] = hsum8(acc[i][j]);
+}
+#endif
+
+/* bits 4 or 8 as a compile-time constant: one specialized copy of the row loop each */
+EXACT static inline __attribute__((always_inline)) void gemm_rows(const int bits, const uint8_t *w, size_t row_bytes,
+        const float *s, const float *sz, int n0, int R, int ng, int nb, int bpg, int M, const int8_t *xq, size_t K,
+        const float *d, const float *A, const float *bias, void *y, int y_bf16, int N) {
+    /* weight rows n0 .. n0 + R (R <= GN) of a segment whose first row is w; output columns n0.. of y */
+    for (int m0 = 0; m0 < M; m0 += GM) {
+        const int RM = M - m0 < GM ? M - m0 : GM;
+        float out[GM * GN];
+        const int8_t *xr = xq + (size_t)m0 * K;
+        const float *dr = d + (size_t)m0 * nb;
+#ifdef __AVX2__
+        if (RM == GM && R == GN)
+            tile_q(bits, GM, GN, w, row_bytes, s, ng, nb, bpg, xr, K, dr, out);
+        else if (RM == GM)
+            tile_q(bits, GM, 1, w, row_bytes, s, ng, nb, bpg, xr, K, dr, out);
+        else if (R == GN)
+            for (int i = 0; i < RM; i++) tile_q(bits, 1, GN, w, row_bytes, s, ng, nb, bpg, xr + i * K, K, dr + i * nb, out + i * R);
+        else
+            for (int i = 0; i < RM; i++) tile_q(bits, 1, 1, w, row_bytes, s, ng, nb, bpg, xr + i * K, K, dr + i * nb, out + i * R);
+        for (int i = 0; i < RM; i++)
+            for (int j = 0; j < R; j++) {
+                out[i * R + j] -= zero_term(sz + (size_t)j * ng, A + (size_t)(m0 + i) * ng, ng);
+            }
+#else
+        for (int i = 0; i < RM; i++)
+            for (int j = 0; j < R; j++)
+                rows_q(w + (size_t)j * row_bytes, row_bytes, bits, s + (size_t)j * ng, sz + (size_t)j * ng, 1, nb, ng,
+                       bpg, xr + i * K, dr + i * nb, A + (size_t)(m0 + i) * ng, out + i * R + j);
+#endif
+        for (int i = 0; i < RM; i++)
+            for (int j = 0; j < R; j++) {
+                const float o = out[i * R + j];
+                st(y, y_bf16, (size_t)(m0 + i) * N + n0 + j, bias ? o + bias[n0 + j] : o);
+            }
+    }
+}
+
+/* x [M, K] (bf16 or float32), y [M, N]; weights as lb_linear_q's. Returns 0, or -1 where the scratch (M * K
+ * bytes of int8 activations and M * (2 K/32 + ng) floats) cannot be allocated. */
+EXACT int lb_gemm_q(int bits, int nseg, const uint8_t *const *w, const int *seg_rows, const float *s, const float *sz,
+              int K, int G, int M, const void *x, int x_bf16, const float *bias, void *y, int y_bf16) {
+    const int nb = K / 32, ng = (K + G - 1) / G, bpg = G / 32;
+    int8_t *xq = malloc((size_t)M * K);
+    float *d = malloc(sizeof(float) * (size_t)M * nb), *dsum = malloc(sizeof(float) * (size_t)M * nb);
+    float *A = malloc(sizeof(float) * (size_t)M * ng);
+    if (!xq || !d || !dsum || !A) {
+        free(xq), free(d), free(dsum), free(A);
+        return -1;
+    }
+    const size_t esize = x_bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static)
+    for (int m = 0; m < M; m++) {
+        quantize_act((const char *)x + (size_t)m * K * esize, x_bf16, K, bits == 4, xq + (size_t)m * K,
+                     d + (size_t)m * nb, dsum + (size_t)m * nb);
+        float *Am = A + (size_t)m * ng;
+        const float *ds = dsum + (size_t)m * nb;
+        for (int g = 0; g < ng; g++) {
+            Am[g] = 0.f;
+            for (int b = g * bpg; b < (g + 1) * bpg && b < nb; b++) Am[g] += ds[b];
+        }
+    }
+    const size_t row_bytes = bits == 4 ? (size_t)K / 2 : (size_t)K;
+    int N = 0;
+    for (int i = 0; i < nseg; i++) N += seg_rows[i];
+    int *seg_step = malloc(sizeof(int) * (nseg + 1)), *seg_row0 = malloc(sizeof(int) * (nseg + 1));
+    if (!seg_step || !seg_row0) {
+        free(seg_step), free(seg_row0), free(xq), free(d), free(dsum), free(A);
+        return -1;
+    }
+    seg_step[0] = seg_row0[0] = 0;
+    for (int i = 0; i < nseg; i++) {
+        seg_step[i + 1] = seg_step[i] + (seg_rows[i] + GN - 1) / GN;
+        seg_row0[i + 1] = seg_row0[i] + seg_rows[i];
+    }
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < seg_step[nseg]; t++) {
+        int sg = 0;
+        while (t >= seg_step[sg + 1]) sg++;
+        const int local = (t - seg_step[sg]) * GN, R = seg_rows[sg] - local < GN ? seg_rows[sg] - local : GN;
+        const int n0 = seg_row0[sg] + local;
+        const uint8_t *wr = w[sg] + (size_t)local * row_bytes;
+        if (bits == 4)
+            gemm_rows(4, wr, row_bytes, s + (size_t)n0 * ng, sz + (size_t)n0 * ng, n0, R, ng, nb, bpg, M, xq, K, d, A,
+                      bias, y, y_bf16, N);
+        else
+            gemm_rows(8, wr, row_bytes, s + (size_t)n0 * ng, sz + (size_t)n0 * ng, n0, R, ng, nb, bpg, M, xq, K, d, A,
+                      bias, y, y_bf16, N);
+    }
+    free(seg_step), free(seg_row0), free(xq), free(d), free(dsum), free(A);
+    return 0;
 }
 
 /* ---- W8A8 prefill with 8-bit activations on u8 x s8 GEMMs that are exact for 7-bit ones only ----------------

@@ -4,6 +4,8 @@
     attn_decode(qkv, cos, sin, kc, vc, pos, ...)   rope, K/V cache write, one query's attention
     silu_mul(gu, out)                  out = silu(g) · u
     linear_q(qw, x, out)               out = x Wᵀ (+ b), W 4- or 8-bit codes read in place (QWeight), x int8 per 32
+    gemm_q(qw, x, out)                 the same for x [M, K] (prefill, evaluation): tiles of rows, each row of out
+                                       equal to linear_q's for that row of x
     i8_split(u, zp) / i8_sparse_add    W8A8 prefill: 8-bit activation codes as a 7-bit GEMM operand plus a sparse
                                        rest (kernels/int8.py, kind "onednn-sparse")
 (inputs and outputs float32 or bfloat16, per tensor; the math and the residual in float32; the K/V cache float16).
@@ -37,7 +39,7 @@ from ..core.paths import cache_dir
 from ..errors import LowbitError
 
 SOURCE = Path(__file__).with_name("decode.c")
-ABI_VERSION = 6
+ABI_VERSION = 7
 MAX_HEAD_DIM = 512  # decode.c's per-head accumulator
 _LIB: list = []  # [ctypes.CDLL or None] once tried
 
@@ -73,14 +75,73 @@ def _cpu_key() -> str:
 _PRIVATE: list[Path] = []  # this process's temporary build folder, where the cache is unusable
 
 
-def _toolchain() -> tuple[str, list[str], list[str], str]:
-    """(compiler, compile flags, link flags, digest of source + compiler + flags + CPU)."""
+# ---- CPU dispatch: one library per instruction set, chosen at run time --------------------------------------
+#
+# x86-64: the best of ISAS that the CPU has (from /proc/cpuinfo), or LOWBIT_ISA (a lower one: "generic" forces the
+# plain C loops); each is compiled with its own flags and cached under its own digest. decode.c picks its code
+# paths from the compiler's macros (__AVX2__, __AVX512VNNI__ ...): "avx512-vnni" runs the same tiles with vpdpbusd
+# (whose 4-product lane sums are the integers maddubs + madd give, so its results equal the AVX2 build's).
+# Other machines: one "native" build (-march=native).
+
+ISAS = ("avx512-vnni", "avx2", "generic")  # best first
+ISA_FLAGS = {
+    "avx512-vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "generic": [],
+    "native": ["-march=native"],
+}
+ISA_NEEDS = {"avx512-vnni": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"},
+             "avx2": {"avx2", "fma", "f16c"}, "generic": set()}
+_ISA_LIBS: dict = {}
+_HELD_FDS: list[int] = []  # descriptors the loaded libraries were opened through (see load)  # isa -> loaded library (or None), for explicitly requested instruction sets
+
+
+def cpu_flags() -> set[str]:
+    try:
+        line = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
+    except OSError:
+        line = ""
+    return set(line.split(":", 1)[1].split()) if ":" in line else set()
+
+
+def cpu_features() -> dict:
+    """What this CPU offers that the kernels could use (AMX and AVX-512 BF16 are detected, no kernel uses them)."""
+    f = cpu_flags()
+    names = {"avx2": "avx2", "fma": "fma", "f16c": "f16c", "avx512f": "avx512f", "avx512bw": "avx512bw",
+             "avx512vl": "avx512vl", "avx512_vnni": "avx512_vnni", "avx512_bf16": "avx512_bf16",
+             "avx_vnni": "avx_vnni", "amx_tile": "amx_tile", "amx_int8": "amx_int8", "amx_bf16": "amx_bf16"}
+    return {k: v in f for k, v in names.items()}
+
+
+def supported_isas() -> list[str]:
+    """Instruction sets this machine can run, best first."""
+    if platform.machine() not in ("x86_64", "AMD64", "i686", "i386"):
+        return ["native"]
+    f = cpu_flags()
+    return [i for i in ISAS if ISA_NEEDS[i] <= f]
+
+
+def selected_isa() -> str:
+    """The best supported instruction set, or LOWBIT_ISA where it names a supported one (else an error)."""
+    have = supported_isas()
+    want = os.environ.get("LOWBIT_ISA", "").strip()
+    if not want:
+        return have[0]
+    if want not in have:
+        raise OSError(f"LOWBIT_ISA={want}: this CPU runs {', '.join(have)}")
+    return want
+
+
+def _toolchain(isa: str | None = None) -> tuple[str, list[str], list[str], str]:
+    """(compiler, compile flags, link flags, digest of source + compiler + flags + CPU) for one instruction set."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise OSError("no C compiler (cc/gcc) on PATH")
+    isa = isa or selected_isa()
     # -ffast-math only when compiling (vectorized expf, reassociated sums): linked with it, gcc < 13 adds
     # crtfastmath.o, which turns on flush-to-zero for the whole process (torch included) when the library loads
-    cflags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
+    tune = [] if isa == "native" else ["-mtune=native"]
+    cflags = ["-O3", *ISA_FLAGS[isa], *tune, "-ffast-math", "-fopenmp", "-fPIC"]
     lflags = ["-shared", "-fopenmp", "-lmvec", "-lm"]
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *cflags, *lflags, _cpu_key()]).encode()).hexdigest()
     return cc, cflags, lflags, digest
@@ -190,10 +251,10 @@ def _compile(cc: str, cflags: list[str], lflags: list[str], digest: str, out_dir
         os.replace(side, _sidecar(path))  # recorded after the library: a crash between leaves a mismatch (rebuilt)
 
 
-def build(out_dir: Path | None = None) -> Path:
-    """Compile decode.c into a shared library (cached by source, compiler and CPU, in a private folder) and
-    return its path: the cached one where it is the library recorded at build time, else built again."""
-    cc, cflags, lflags, digest = _toolchain()
+def build(out_dir: Path | None = None, isa: str | None = None) -> Path:
+    """Compile decode.c into a shared library (cached by source, compiler, instruction set and CPU, in a private
+    folder) and return its path: the cached one where it is the library recorded at build time, else built again."""
+    cc, cflags, lflags, digest = _toolchain(isa)
     out_dir = private_dir(out_dir) if out_dir is not None else _cache_or_private()
     path = out_dir / f"lowbit_decode_{digest[:16]}.so"
     fd = _open_verified(path, digest)
@@ -204,25 +265,35 @@ def build(out_dir: Path | None = None) -> Path:
     return path
 
 
-def load(out_dir: Path | None = None):
+def load(out_dir: Path | None = None, isa: str | None = None):
     """The library built (or found) by `build`, loaded through the descriptor of the file whose hash was checked
     (no window in which another file can take its place). OSError where it cannot be built or stays unverified."""
-    digest = _toolchain()[3]
+    digest = _toolchain(isa)[3]
     for _ in range(2):  # a library changed between build and load is built once more
-        path = build(out_dir)
+        path = build(out_dir, isa)
         fd = _open_verified(path, digest)
         if fd is None:
             continue
-        try:
-            proc = f"/proc/self/fd/{fd}"
-            return ctypes.CDLL(proc if os.path.exists(proc) else str(path))
-        finally:
+        proc = f"/proc/self/fd/{fd}"
+        if not os.path.exists(proc):
             os.close(fd)
+            return ctypes.CDLL(str(path))
+        handle = ctypes.CDLL(proc)
+        # the descriptor stays open while the library is loaded: dlopen matches libraries by path name first, and a
+        # reused descriptor number would hand back the library loaded earlier under that name (another ISA's)
+        _HELD_FDS.append(fd)
+        return handle
     raise OSError(f"{path}: does not match the hash recorded when it was built")
 
 
-def lib():
-    """The loaded library, or None where it cannot be built (reason logged once) or LOWBIT_NATIVE=0."""
+def lib(isa: str | None = None):
+    """The loaded library for this CPU's instruction set (selected_isa: the best, or LOWBIT_ISA), or for `isa`
+    (tests: each path where the CPU runs it); None where it cannot be built (reason logged once), the CPU cannot run
+    `isa`, or LOWBIT_NATIVE=0."""
+    if isa is not None:
+        if isa not in _ISA_LIBS:
+            _ISA_LIBS[isa] = _open(isa) if isa in supported_isas() else None
+        return _ISA_LIBS[isa]
     if _LIB:
         return _LIB[0]
     handle = None
@@ -230,24 +301,46 @@ def lib():
         _log("native decode ops: off (LOWBIT_NATIVE=0)")
     else:
         try:
-            handle = load()
-            if handle.lb_abi_version() != ABI_VERSION:
-                raise OSError("ABI version mismatch")
-            p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-            handle.lb_add_rmsnorm.argtypes = [p, p, i, p, f, i, p, i]
-            handle.lb_silu_mul.argtypes = [p, i, i, p, i]
-            handle.lb_attn_decode.argtypes = [p, i, p, p, p, p, i, i, i, i, i, f, p, p, i]
-            handle.lb_linear_q.argtypes = [i, i, p, p, p, p, i, i, p, i, p, p, i]
-            handle.lb_i8_split.argtypes = [p, i, i, p, p, p, p, p]
-            handle.lb_i8_split.restype = ctypes.c_int64
-            handle.lb_i8_sparse_add.argtypes = [i, i, p, p, p, p, p]
-            for fn in (handle.lb_add_rmsnorm, handle.lb_silu_mul, handle.lb_attn_decode, handle.lb_linear_q,
-                       handle.lb_i8_sparse_add):
-                fn.restype = None
+            handle = _open(selected_isa(), raise_=True)
         except (OSError, AttributeError) as e:
-            _log(f"native decode ops unavailable ({e}); the lean decoder uses torch ops")
+            if raise_:
+                raise
+            _log(f"native decode ops for {isa} unavailable ({e})")
             handle = None
-    _LIB.append(handle)
+    return handle
+
+
+def _open(isa: str, raise_: bool = False):
+    """The library of one instruction set, loaded and its entry points typed; None (or the error) on failure."""
+    handle = None
+    try:
+        handle = load(isa=isa)
+        if handle.lb_abi_version() != ABI_VERSION:
+            raise OSError("ABI version mismatch")
+        p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        handle.lb_add_rmsnorm.argtypes = [p, p, i, p, f, i, p, i]
+        handle.lb_silu_mul.argtypes = [p, i, i, p, i]
+        handle.lb_attn_decode.argtypes = [p, i, p, p, p, p, i, i, i, i, i, f, p, p, i]
+        handle.lb_linear_q.argtypes = [i, i, p, p, p, p, i, i, p, i, p, p, i]
+        handle.lb_gemm_q.argtypes = [i, i, p, p, p, p, i, i, i, p, i, p, p, i]
+        handle.lb_gemm_q.restype = ctypes.c_int
+        handle.lb_isa.restype = ctypes.c_int
+        handle.lb_add_rmsnorm_rows.argtypes = [p, p, i, p, f, i, i, p, i]
+        handle.lb_silu_mul_rows.argtypes = [p, i, i, i, p, i]
+        handle.lb_rope_rows.argtypes = [p, i, p, p, i, i, p, p, i, i, i, i, p, p, p]
+        for fn in (handle.lb_add_rmsnorm_rows, handle.lb_silu_mul_rows, handle.lb_rope_rows):
+            fn.restype = None
+        handle.lb_i8_split.argtypes = [p, i, i, p, p, p, p, p]
+        handle.lb_i8_split.restype = ctypes.c_int64
+        handle.lb_i8_sparse_add.argtypes = [i, i, p, p, p, p, p]
+        for fn in (handle.lb_add_rmsnorm, handle.lb_silu_mul, handle.lb_attn_decode, handle.lb_linear_q,
+                   handle.lb_i8_sparse_add):
+            fn.restype = None
+    except (OSError, AttributeError) as e:
+        if raise_:
+            raise
+        _log(f"native decode ops for {isa} unavailable ({e})")
+        handle = None
     return handle
 
 
@@ -390,6 +483,7 @@ def attn_decode_reference(qkv, cos, sin, kc, vc, pos, nh, nkv, hd, scale, out_dt
 _F32 = (torch.float32,)
 _IO = (torch.float32, torch.bfloat16)
 INT_MAX = (1 << 31) - 1
+MAX_GEMM_ELEMS = 1 << 40  # rows x columns of one gemm_q input or output (indexing is size_t in C)
 MAX_K = 1 << 20  # decode.c keeps a row's int8 activations (K bytes) and per-block floats on the stack
 
 
@@ -470,6 +564,53 @@ def attn_decode(L, qkv, cos, sin, kc, vc, pos: int, nh: int, nkv: int, hd: int, 
                      pos, shape[1], nh, nkv, hd, scale, scratch.data_ptr(), out.data_ptr(), out_bf)
 
 
+def add_rmsnorm_rows(L, x, y, w, eps: float, out) -> None:
+    """x [M, n] float32 (+= y [M, n]); out [M, n] = rms_norm(x) · w, each row as add_rmsnorm."""
+    if x.dim() != 2 or x.numel() > INT_MAX or x.shape[0] < 1:
+        raise LowbitError(f"native prefill ops: add_rmsnorm of {list(x.shape)}")
+    M, n = x.shape
+    _f32(x, M * n, "add_rmsnorm x")
+    y_bf = 0 if y is None else _io(y, M * n, "add_rmsnorm y")
+    _f32(w, n, "add_rmsnorm weight")
+    out_bf = _io(out, M * n, "add_rmsnorm out")
+    L.lb_add_rmsnorm_rows(x.data_ptr(), None if y is None else y.data_ptr(), y_bf, w.data_ptr(), eps, M, n,
+                          out.data_ptr(), out_bf)
+
+
+def silu_mul_rows(L, gu, out) -> None:
+    """gu [M, 2n] -> out [M, n] = silu(gate) · up, each row as silu_mul."""
+    if out.dim() != 2 or 2 * out.numel() > INT_MAX or out.shape[0] < 1:
+        raise LowbitError(f"native prefill ops: silu_mul into {list(out.shape)}")
+    M, n = out.shape
+    gu_bf = _io(gu, 2 * M * n, "silu_mul gate|up")
+    out_bf = _io(out, M * n, "silu_mul out")
+    L.lb_silu_mul_rows(gu.data_ptr(), gu_bf, M, n, out.data_ptr(), out_bf)
+
+
+def rope_rows(L, qkv, cos, sin, kc, vc, p: int, nh: int, nkv: int, hd: int, q, k, v) -> None:
+    """qkv [M, (nh+2nkv)·hd] at positions p..p+M-1; cos/sin float32 tables [≥ p+M, hd]; kc/vc float16
+    [nkv, max_len, hd] (k roped and v written at p..p+M-1); q [nh, M, hd], k, v [nkv, M, hd] float32 out."""
+    shape = kc.shape
+    M = qkv.shape[0] if qkv.dim() == 2 else -1
+    if (len(shape) != 3 or shape != vc.shape or shape[0] != nkv or shape[2] != hd or M < 1 or p < 0
+            or p + M > shape[1] or p + M > cos.shape[0] or not 0 < hd <= MAX_HEAD_DIM or hd % 2 or nkv < 1
+            or nh < 1 or nh % nkv or kc.numel() > INT_MAX or M * (nh + 2 * nkv) * hd > INT_MAX
+            or cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != hd):
+        raise LowbitError(f"native prefill ops: rope of {list(qkv.shape)} at {p} ({nh}/{nkv} heads of {hd}) on "
+                          f"caches {list(kc.shape)}, tables {list(cos.shape)}")
+    in_bf = _io(qkv, M * (nh + 2 * nkv) * hd, "rope q|k|v")
+    _f32(cos, cos.numel(), "rope cos")
+    _f32(sin, sin.numel(), "rope sin")
+    for c, what in ((kc, "K cache"), (vc, "V cache")):
+        if c.dtype is not torch.float16 or not c.is_contiguous() or not c.is_cpu:
+            raise _bad(c, (torch.float16,), c.numel(), f"rope {what}")
+    _f32(q, nh * M * hd, "rope q out")
+    _f32(k, nkv * M * hd, "rope k out")
+    _f32(v, nkv * M * hd, "rope v out")
+    L.lb_rope_rows(qkv.data_ptr(), in_bf, cos.data_ptr(), sin.data_ptr(), p, M, kc.data_ptr(), vc.data_ptr(),
+                   shape[1], nh, nkv, hd, q.data_ptr(), k.data_ptr(), v.data_ptr())
+
+
 def i8_split(L, u: torch.Tensor, zp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """u uint8 [M, K], zp int32 [M] -> (uc uint8 [M, K], rowptr int64 [M+1], cols int32, vals float32): q = u - zp
     as c = clamp(q, -64, 63) (uc = c + 64) plus the rest q - c in CSR (see decode.c)."""
@@ -527,5 +668,46 @@ def linear_q(L, qw: QWeight, x, out) -> None:
                   x.data_ptr(), x_bf, None if qw.bias is None else qw.bias.data_ptr(), out.data_ptr(), out_bf)
 
 
-__all__ = ["lib", "build", "QWeight", "linear_q", "i8_split", "i8_split_reference", "i8_sparse_add", "linear_q_reference", "quantize_act_reference", "add_rmsnorm", "silu_mul", "attn_decode", "add_rmsnorm_reference",
+def gemm_q(L, qw: QWeight, x, out) -> None:
+    """out [M, N] = x [M, K] Wᵀ (+ bias): lb_gemm_q, row m equal to linear_q of x[m]. x and out bf16 or float32.
+    M, K and N are checked against both tensors here (qw's own arrays were checked when it was made)."""
+    if x.dim() != 2 or out.dim() != 2 or x.shape[0] != out.shape[0] or not 0 < x.shape[0] <= INT_MAX:
+        raise LowbitError(f"native gemm: input {list(x.shape)}, output {list(out.shape)}")
+    M = x.shape[0]
+    if M * qw.K > MAX_GEMM_ELEMS or M * qw.N > MAX_GEMM_ELEMS:
+        raise LowbitError(f"native gemm: {M} rows of {qw.K} -> {qw.N} exceed {MAX_GEMM_ELEMS} elements")
+    x_bf = _io(x, M * qw.K, "gemm input")
+    out_bf = _io(out, M * qw.N, "gemm out")
+    if L.lb_gemm_q(qw.bits, len(qw.rows), qw._w_ptrs, qw._rows, qw.s.data_ptr(), qw.sz.data_ptr(), qw.K, qw.G, M,
+                   x.data_ptr(), x_bf, None if qw.bias is None else qw.bias.data_ptr(), out.data_ptr(), out_bf):
+        raise MemoryError(f"native gemm: no scratch for {M} rows of {qw.K}")
+
+
+def gemm_q_reference(qw: QWeight, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """lb_gemm_q's math in torch: linear_q_reference row by row."""
+    return torch.stack([linear_q_reference(qw, r, out_dtype) for r in x])
+
+
+def block_dots_reference(qw: QWeight, x: torch.Tensor) -> torch.Tensor:
+    """The exact integer sums under lb_gemm_q: int64 [M, N, K/32], dot(c, xq) per 32-block of each row."""
+    out = []
+    for r in x:
+        xq, _, cols = quantize_act_reference(r, qw.bits == 4)
+        out.append((qw.codes()[:, cols].long() * xq.long().unsqueeze(0)).sum(-1))
+    return torch.stack(out)
+
+
+def isa(L) -> str:
+    """The instruction set this library's kernels were compiled for."""
+    return {0: "generic", 1: "avx2", 2: "avx512-vnni"}.get(int(L.lb_isa()), "unknown")
+
+
+def describe() -> str:
+    """Which native path runs here, for `lowbit bench`: e.g. "avx2 (CPU: avx2 fma f16c)"."""
+    L = lib()
+    have = " ".join(k for k, v in cpu_features().items() if v) or "no SIMD flags"
+    return f"{isa(L) if L is not None else 'torch ops (no native library)'} (CPU: {have})"
+
+
+__all__ = ["lib", "build", "QWeight", "linear_q", "gemm_q", "gemm_q_reference", "block_dots_reference", "isa", "describe", "cpu_features", "supported_isas", "selected_isa", "add_rmsnorm_rows", "silu_mul_rows", "rope_rows", "i8_split", "i8_split_reference", "i8_sparse_add", "linear_q_reference", "quantize_act_reference", "add_rmsnorm", "silu_mul", "attn_decode", "add_rmsnorm_reference",
            "silu_mul_reference", "attn_decode_reference", "MAX_HEAD_DIM"]

@@ -17,7 +17,10 @@ One-token steps (decoding) go through kernels/decode.c where it builds (`native`
 place by its int8-activation matvec, fused residual+RMSNorm, rope+cache+attention (float16 cache) and
 silu·up, four C calls per layer. Without it, fused projections keep torch's kernels: 4-bit layers packed
 once, side by side, for torch's int4 matmul (at most kernels.int4.MAX_ROWS rows per call), 8-bit as two
-4-bit halves; float layers and everything else call their own modules. Prefill always runs torch ops.
+4-bit halves; float layers and everything else call their own modules. Prompts (M > 1 rows) with the native
+ops: the projections through decode.c's tiled int8 GEMM (rows equal to the matvec's), residual+RMSNorm, rope+cache
+and silu·up in C for all rows, attention through torch's SDPA (`_prefill_native`); prefill="float" multiplies
+quantized weights dequantized once instead (evaluation: transformers' numbers). Without them, torch ops.
 The model's modules (norms, activation, rotary embedding) are reused, so their numerics are the
 model's; the equivalence test compares logits and greedy tokens with transformers'.
 """
@@ -121,7 +124,7 @@ def _kernel(modules):
 
 
 class NativeLinear(FusedLinear):
-    """kernels/decode.c's matvec on the codes in place: decode rows (prefill calls the modules)."""
+    """kernels/decode.c on the codes in place: its matvec for decode rows, its tiled GEMM for more (prefill)."""
 
     kind = "native"
 
@@ -151,14 +154,25 @@ class NativeLinear(FusedLinear):
     def nbytes(self):
         return self.qw.nbytes()
 
-    def __call__(self, x):
-        if x.shape[0] == 1:
-            from ..kernels import native
+    float_rows = False  # LeanDecoder(prefill="float"): rows > 1 through the dequantized weight (transformers' math)
+    _wf = None
 
-            y = torch.empty(1, self.qw.N, dtype=x.dtype)
-            native.linear_q(native.lib(), self.qw, x.contiguous(), y)
-            return y
-        return super().__call__(x)
+    def __call__(self, x):
+        from ..kernels import native
+
+        if self.float_rows and x.shape[0] > 1:
+            if self._wf is None:  # dequantized once, kept while the decoder lives
+                self._wf = torch.cat([m.dequantize_weight() for m in self.modules]).float()
+            return F.linear(x.float(), self._wf, self.qw.bias).to(x.dtype)
+        x = x.contiguous()
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            x = x.float()
+        y = torch.empty(x.shape[0], self.qw.N, dtype=x.dtype)
+        if x.shape[0] == 1:
+            native.linear_q(native.lib(), self.qw, x, y)
+        else:  # prefill / evaluation rows: the tiled GEMM, each row as the matvec computes it
+            native.gemm_q(native.lib(), self.qw, x, y)
+        return y
 
 
 class _Packed(FusedLinear):
@@ -309,7 +323,13 @@ class LeanDecoder:
         dec.reset()                             # a new sequence
     """
 
-    def __init__(self, model: nn.Module, max_len: int = 2048, native: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, max_len: int = 2048, native: bool | None = None,
+                 prefill: str = "native") -> None:
+        """prefill: "native" (4/8-bit weights in place, activations int8 per 32: the decode steps' numerics) or
+        "float" (prompts through each quantized weight dequantized once to float32: transformers' numerics, for
+        evaluation; decode steps unchanged)."""
+        if prefill not in ("native", "float"):
+            raise LowbitError(f"lean runtime: prefill must be native or float, got {prefill!r}")
         why = unsupported_reason(model)
         if why:
             raise LowbitError(f"lean runtime: {why}")
@@ -333,6 +353,11 @@ class LeanDecoder:
             raise LowbitError("lean runtime: native decode ops requested but kernels/decode.c could not be built")
         self.head = fused_linear([get_module(model, layout.head)], native)
         self.blocks = [_Block(b, layout, native) for _, b in find_blocks(model)]
+        self.prefill = prefill
+        if prefill == "float":
+            for f in (self.head, *(x for b in self.blocks for x in (b.qkv, b.o, b.gate_up, b.down))):
+                if isinstance(f, NativeLinear):
+                    f.float_rows = True
         self.scaling = self.blocks[0].scaling or self.head_dim ** -0.5
         self.max_len = max_len
         self.dtype = self.final_norm_module.weight.dtype  # activations and cache: the model's float dtype
@@ -401,6 +426,46 @@ class LeanDecoder:
         self.pos = p + 1
         return nt["head"](nt["head_in"]).float()
 
+    def _prefill_native(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        """M > 1 tokens at positions p..p+M-1 with the native ops for M rows: the projections as their kinds run M
+        rows (NativeLinear: the tiled int8 GEMM), fused residual + RMSNorm, rope + cache write, silu·up in C;
+        attention through torch's SDPA (flash-style on the CPU: no [heads, M, M] float32 scores), reading the
+        fresh float32 k, v at p == 0, the float16 cache after a cached prefix. ids [M] -> float32 logits."""
+        from ..kernels.native import add_rmsnorm_rows, rope_rows, silu_mul_rows
+
+        nt = self.native
+        L, norms = nt["L"], nt["norms"]
+        M, p = ids.numel(), self.pos
+        T = p + M
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        x = self.embed(ids).float().contiguous()  # residual stream [M, hidden], updated in place
+        hidden = x.shape[1]
+        h = torch.empty(M, hidden)
+        add_rmsnorm_rows(L, x, None, *norms[0], h)
+        q = torch.empty(nh, M, hd)
+        k = torch.empty(nkv, M, hd)
+        v = torch.empty(nkv, M, hd)
+        mask = None
+        if p > 0:  # a chunk after a cached prefix: causal with an offset
+            mask = torch.arange(T).unsqueeze(0) <= (p + torch.arange(M)).unsqueeze(1)
+        for i, (b, (kc, vc)) in enumerate(zip(self.blocks, nt["kv"])):
+            qkv = b.qkv(h).float().contiguous()
+            rope_rows(L, qkv, self.cos, self.sin, kc, vc, p, nh, nkv, hd, q, k, v)
+            K, V = (k, v) if p == 0 else (kc[:, :T].float(), vc[:, :T].float())
+            a = F.scaled_dot_product_attention(q.unsqueeze(0), K.unsqueeze(0), V.unsqueeze(0), attn_mask=mask,
+                                               is_causal=p == 0, scale=self.scaling, enable_gqa=nh != nkv)
+            attn = a[0].transpose(0, 1).reshape(M, nh * hd)
+            add_rmsnorm_rows(L, x, b.o(attn).float().contiguous(), *norms[2 * i + 1], h)
+            gu = b.gate_up(h).float().contiguous()
+            mlp = torch.empty(M, gu.shape[1] // 2)
+            silu_mul_rows(L, gu, mlp)
+            add_rmsnorm_rows(L, x, b.down(mlp).float().contiguous(), *norms[2 * i + 2], h)
+        self.pos = T
+        head_in = h if all_logits else h[-1:]
+        if self.head.bf16_io:
+            head_in = head_in.to(torch.bfloat16)
+        return self.head(head_in.contiguous()).float()
+
     def decode_bytes(self, length: int) -> int:
         """Bytes a decoded token reads at a context of `length` positions: every projection's weights,
         the norms, and the K/V cache (the memory-bandwidth bound of decoding is bandwidth / this)."""
@@ -430,6 +495,8 @@ class LeanDecoder:
             raise LowbitError(f"lean runtime: {p + M} positions exceed the cache of {self.max_len}")
         if M == 1 and self.native is not None:
             return self._decode_native(ids)
+        if self.native is not None:
+            return self._prefill_native(ids, all_logits)
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         x = self.embed(ids).to(self.dtype)  # [M, hidden]
         cos = self.cos[p: p + M].unsqueeze(1)

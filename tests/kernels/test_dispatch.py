@@ -1,0 +1,69 @@
+"""Run-time CPU dispatch of the native kernels (issue 25): one library per instruction set, each path checked where
+this CPU runs it (skipped with the reason elsewhere), and the plain-C fallback forced on any CPU."""
+import pytest
+import torch
+
+from lowbit.kernels import native as N
+from tests.kernels.test_native import CASES, F32_RTOL, close, qlinear
+
+pytestmark = pytest.mark.skipif(N.lib() is None, reason="no C compiler: the lean decoder uses torch ops")
+
+
+def gemm(L, qw, x):
+    out = torch.empty(x.shape[0], qw.N)
+    N.gemm_q(L, qw, x, out)
+    return out
+
+
+def matvec(L, qw, x):
+    out = torch.empty(qw.N)
+    N.linear_q(L, qw, x, out)
+    return out
+
+
+def isa_lib(isa):
+    if isa not in N.supported_isas():
+        pytest.skip(f"this CPU has no {isa} (flags: {' '.join(k for k, v in N.cpu_features().items() if v)}): "
+                    f"the {isa} kernels are compiled elsewhere, not tested here")
+    L = N.lib(isa)
+    assert L is not None and N.isa(L) == isa
+    return L
+
+
+@pytest.mark.parametrize("bits,sym,group,K", CASES)
+def test_avx512_vnni_equals_avx2(bits, sym, group, K):
+    """vpdpbusd's 4-product lane sums are the integers of maddubs + madd: the same results, bit for bit."""
+    vnni, avx2 = isa_lib("avx512-vnni"), isa_lib("avx2")
+    qw = N.QWeight([qlinear(bits, sym, group, K, n, bias=True, seed=n) for n in (64, 7)])
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(gemm(vnni, qw, x), gemm(avx2, qw, x))
+    assert torch.equal(matvec(vnni, qw, x[0].contiguous()), matvec(avx2, qw, x[0].contiguous()))
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+@pytest.mark.parametrize("bits,sym,group,K", CASES)
+def test_each_path_equals_the_reference(isa, bits, sym, group, K):
+    L = isa_lib(isa)
+    qw = N.QWeight([qlinear(bits, sym, group, K, n, bias=True, seed=n) for n in (64, 7)])
+    x = torch.randn(6, K, generator=torch.Generator().manual_seed(1))
+    out = gemm(L, qw, x)
+    assert close(out, N.gemm_q_reference(qw, x, torch.float32), F32_RTOL)
+    assert torch.equal(out[2], matvec(L, qw, x[2].contiguous()))  # each build's GEMM rows are its matvec's
+
+
+def test_forced_fallback(monkeypatch):
+    monkeypatch.setenv("LOWBIT_ISA", "generic")
+    assert N.selected_isa() == "generic"
+    monkeypatch.setattr(N, "_LIB", [])
+    L = N.lib()
+    assert L is not None and N.isa(L) == "generic" and N.describe().startswith("generic")
+    monkeypatch.setenv("LOWBIT_ISA", "no-such-isa")
+    with pytest.raises(OSError):
+        N.selected_isa()
+
+
+def test_the_best_supported_path_is_the_default(monkeypatch):
+    monkeypatch.delenv("LOWBIT_ISA", raising=False)
+    best = N.supported_isas()[0]
+    assert N.selected_isa() == best
+    assert N.describe().split()[0] == N.isa(N.lib()) == (best if best != "native" else N.isa(N.lib()))
