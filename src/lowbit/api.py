@@ -245,12 +245,14 @@ def _second_moments(model: nn.Module, stats: dict) -> dict:
     return full
 
 
-def plan_gguf(model: nn.Module, tokenizer, calib_ids: torch.Tensor, target_size: int | None = None,
-              target_bpw: float | None = None, calibrated: bool = False, allowed=None, progress: bool = True):
+def plan_gguf(model: nn.Module, tokenizer, calib_ids: torch.Tensor | None, target_size: int | None = None,
+              target_bpw: float | None = None, calibrated: bool = False, allowed=None, progress: bool = True,
+              reuse: dict | None = None):
     """A per-tensor GGUF type plan (formats/gguf/budget.py) for the float `model` whose file takes at most
     `target_size` bytes (or `target_bpw` bits per weight over every tensor, header and padding included).
     Returns (plan, stats): the sensitivity statistics double as the calibrated export's imatrix/Hessians.
-    `calibrated`: the costs are those of the importance-weighted encoders the calibrated export uses."""
+    `calibrated`: the costs are those of the importance-weighted encoders the calibrated export uses.
+    `reuse`: a plan whose recorded costs are allocated again under this target (stats: None)."""
     from .calibration.sensitivity import layer_statistics
     from .formats.gguf.budget import CANDIDATES, PLAN_KEY, compact_plan, header_bytes, plan_types, tensor_nbytes
     from .formats.gguf.export import export_gguf
@@ -264,8 +266,6 @@ def plan_gguf(model: nn.Module, tokenizer, calib_ids: torch.Tensor, target_size:
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     emb = table.embeddings[0] if table.embeddings else None
     head = table.head[0] if table.head else None
-    stats = layer_statistics(model, calib_ids, None, progress=progress)
-    imatrix = {k: torch.diagonal(h).clone() for k, h in _second_moments(model, stats).items()} if calibrated else None
     two_d = {hf: t for hf, t in tensors.items() if t.dim() == 2}
     infos = {names[hf]: tuple(t.shape) for hf, t in tensors.items()}
     # the plan's own metadata entry: reserved at its largest (every choice 4 characters, numbers at 20)
@@ -288,6 +288,16 @@ def plan_gguf(model: nn.Module, tokenizer, calib_ids: torch.Tensor, target_size:
         size, target = fixed + int(target_bpw * weights / 8), {"bpw": target_bpw}
     else:
         size, target = target_size, {"size": target_size}
+    if reuse is not None:
+        from .formats.gguf.budget import replan_types
+
+        if set(reuse.get("sensitivity", {}).get("costs", {})) != {names[hf] for hf in two_d}:
+            raise LowbitError("the plan's tensors are not this model's")
+        plan = replan_types(reuse, size, fixed, target)
+        plan["plan_chars"] = nchars
+        return plan, None
+    stats = layer_statistics(model, calib_ids, None, progress=progress)
+    imatrix = {k: torch.diagonal(h).clone() for k, h in _second_moments(model, stats).items()} if calibrated else None
     plan = plan_types(two_d, names, stats, size, fixed, head if tied else None, emb, imatrix=imatrix,
                       allowed=tuple(allowed or CANDIDATES), target=target, progress=progress)
     plan["sensitivity"]["calibration_tokens"] = int(calib_ids.numel())
@@ -321,6 +331,9 @@ def export_gguf_planned(model: nn.Module, tokenizer, out, plan: dict, calib_ids:
         counts[r["choice"]] = counts.get(r["choice"], 0) + 1
     main = max(counts, key=counts.get)
     ftype = main if main in FILE_TYPES else ALIASES.get(main, "F16")
+    record = compact_plan(plan)
+    if len(record) > int(plan.get("plan_chars", len(record))):
+        raise LowbitError("the plan's metadata outgrew the room reserved for it (plan again)")
     return export_gguf(model, tokenizer, out, ftype, overrides=plan_tensor_types(plan), imatrix=imatrix,
                        hessians=hessians, overwrite=overwrite,
-                       extra_kv={PLAN_KEY: compact_plan(plan).ljust(int(plan.get("plan_chars", 0)))})
+                       extra_kv={PLAN_KEY: record.ljust(int(plan.get("plan_chars", 0)))})

@@ -656,13 +656,14 @@ def _export_gguf_budget(model, out, type_, calib, gptq, nsamples, calib_seqlen, 
     m, tok = api.load(model)
     t0 = time.time()
     stats = None
+    retarget = loaded is not None and (size is not None or target_bpw is not None)
     if loaded is None or calib is not None:
         ids, _ = calibration_ids(tok, None if calib in (None, "default") else calib,
                                  nsamples=nsamples if calib is not None else budget_nsamples, seqlen=calib_seqlen,
                                  seed=seed)
-    if loaded is None:
-        loaded, stats = api.plan_gguf(m, tok, ids, target_size=size, target_bpw=target_bpw,
-                                      calibrated=calib is not None)
+    if loaded is None or retarget:
+        loaded, stats = api.plan_gguf(m, tok, None if retarget else ids, target_size=size, target_bpw=target_bpw,
+                                      calibrated=calib is not None, reuse=loaded if retarget else None)
     print(plan_table(loaded))
     print(f"planned in {time.time() - t0:.1f}s")
     if save_plan is not None:

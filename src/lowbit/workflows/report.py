@@ -192,7 +192,7 @@ def render(folder: str | os.PathLike, out: str | os.PathLike) -> dict:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise LowbitError("lowbit report needs matplotlib (pip install 'lowbit[plots]')") from None
+        raise LowbitError("lowbit report needs matplotlib (pip install matplotlib)") from None
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise LowbitError(f"{out}: the report is an .html file")

@@ -133,6 +133,25 @@ def plan_types(tensors: dict[str, torch.Tensor], names: dict[str, str], stats: d
     if bar is not None:
         bar.close()
     t_cost = time.time() - t0
+    shapes = {names[hf]: list(W.shape) for hf, W in todo}
+    sens = {"measure": "proxy", "candidates": list(allowed), "costs": costs, "shapes": shapes,
+            "calibrated_encoders": imatrix is not None,
+            "seconds": {"costs": round(t_cost, 1), "total": round(time.time() - t0, 1)}}
+    return allocate(items, target_size, fixed_bytes, target, sens)
+
+
+def replan_types(plan: dict, target_size: int, fixed_bytes: int, target: dict | None = None) -> dict:
+    """A GGUF plan's recorded costs under another file size (nothing measured again)."""
+    sens = plan.get("sensitivity") or {}
+    costs, shapes = sens.get("costs"), sens.get("shapes")
+    if not (costs and shapes):
+        raise LowbitError("this plan records no candidate costs: plan again (without --plan)")
+    items = [Item(g, tuple(Choice(t, tensor_nbytes(t, tuple(shapes[g])), float(c)) for t, c in cs.items()),
+                  int(torch.tensor(shapes[g]).prod())) for g, cs in costs.items()]
+    return allocate(items, target_size, fixed_bytes, target, sens)
+
+
+def allocate(items: list[Item], target_size: int, fixed_bytes: int, target: dict | None, sens: dict) -> dict:
     budget = target_size - fixed_bytes
     if budget <= 0:
         raise LowbitError(f"--target-size {target_size:,} B: the header, metadata and F32 tensors alone take "
@@ -146,10 +165,7 @@ def plan_types(tensors: dict[str, torch.Tensor], names: dict[str, str], stats: d
             "budget_bytes": budget, "bytes": alloc.bytes, "fixed_bytes": fixed_bytes,
             "file_bytes": fixed_bytes + alloc.bytes, "weights": weights,
             "bpw": round(8 * alloc.bytes / weights, 4), "cost": alloc.cost, "lower_bound": alloc.lower_bound,
-            "gap": alloc.gap, "exact": alloc.exact, "layers": layers,
-            "sensitivity": {"measure": "proxy", "candidates": list(allowed), "costs": costs,
-                            "calibrated_encoders": imatrix is not None,
-                            "seconds": {"costs": round(t_cost, 1), "total": round(time.time() - t0, 1)}}}
+            "gap": alloc.gap, "exact": alloc.exact, "layers": layers, "sensitivity": sens}
 
 
 def plan_tensor_types(plan: dict) -> list[tuple[str, str]]:
@@ -164,7 +180,10 @@ def plan_tensor_types(plan: dict) -> list[tuple[str, str]]:
 
 def compact_plan(plan: dict) -> str:
     """What the GGUF file records: the plan without its candidate costs."""
-    keep = {k: v for k, v in plan.items() if k != "sensitivity"}
-    keep["sensitivity"] = {k: v for k, v in plan.get("sensitivity", {}).items() if k != "costs"}
+    keys = ("format", "kind", "target", "budget_bytes", "bytes", "fixed_bytes", "file_bytes", "weights", "bpw", "cost",
+            "lower_bound", "gap", "exact")
+    keep = {k: plan[k] for k in keys if k in plan}
+    sens = plan.get("sensitivity", {})
+    keep["sensitivity"] = {k: sens[k] for k in ("measure", "candidates", "calibrated_encoders", "seconds") if k in sens}
     keep["layers"] = [{"name": r["name"], "choice": r["choice"]} for r in plan["layers"]]
     return json.dumps(keep, separators=(",", ":"))
