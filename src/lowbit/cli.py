@@ -347,8 +347,8 @@ def _quantize(model: str, out: Path, method: str, bits: Optional[int], group_siz
         print(f"budgeted: {st['bpw']:.4f} bits/weight; model.safetensors + config.json {stored:,} bytes"
               + (f" (target {size:,})" if size else f" (target {target_bpw} bits/weight)" if target_bpw else ""),
               file=sys.stderr)
-    print(f"quantized {len(state_of(m).quant.modules)} layers ({config.scheme.describe()}, {spec.name}) "
-          f"in {t_quant:.1f}s: {st['bpw']:.3f} bits/weight, {st['quantized_bytes'] / 2**20:.1f} MiB -> {out}",
+    what = "per-layer plan" if budgeted else config.scheme.describe()
+    print(f"quantized {len(state_of(m).quant.modules)} layers ({what}, {spec.name}) in {t_quant:.1f}s: {st['bpw']:.3f} bits/weight, {st['quantized_bytes'] / 2**20:.1f} MiB -> {out}",
           file=sys.stderr)
 
 
