@@ -348,8 +348,8 @@ def _quantize(model: str, out: Path, method: str, bits: Optional[int], group_siz
               + (f" (target {size:,})" if size else f" (target {target_bpw} bits/weight)" if target_bpw else ""),
               file=sys.stderr)
     what = "per-layer plan" if budgeted else config.scheme.describe()
-    print(f"quantized {len(state_of(m).quant.modules)} layers ({what}, {spec.name}) in {t_quant:.1f}s: {st['bpw']:.3f} bits/weight, {st['quantized_bytes'] / 2**20:.1f} MiB -> {out}",
-          file=sys.stderr)
+    print(f"quantized {len(state_of(m).quant.modules)} layers ({what}, {spec.name}) in {t_quant:.1f}s: "
+          f"{st['bpw']:.3f} bits/weight, {st['quantized_bytes'] / 2**20:.1f} MiB -> {out}", file=sys.stderr)
 
 
 app.command("quantize", help=_quantize.__doc__)(
