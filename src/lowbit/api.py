@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 import sys
 from pathlib import Path
 
@@ -238,4 +239,201 @@ def export(model: nn.Module, tokenizer, out: str | os.PathLike, format: str, dty
     return export_model(model, tokenizer, out, format, dtype=dtype, overwrite=overwrite, **gguf_options)
 
 
-__all__ = ["QuantConfig", "evaluate", "export", "generate", "load", "quantize", "quantize_to", "resolve_device", "save"]
+__all__ = ["QuantConfig", "apply_plan", "evaluate", "export", "export_gguf_planned", "generate", "load", "plan_budget",
+           "plan_gguf", "quantize", "quantize_to", "resolve_device", "save"]
+
+
+# ----------------------------------------------------------------------------- budgets (issue 23)
+
+CHECKPOINT_OVERHEAD = 256 * 1024  # config.json (with the plan) and the safetensors header: reserved in size budgets
+
+
+def plan_budget(model: nn.Module, tokenizer, config: QuantConfig, target_bpw: float | None = None,
+                target_size: int | None = None, candidates=None, kl: bool = False, validate: bool = False,
+                nsamples: int = 8, seqlen: int = 512, kl_samples: int = 2, kl_layers: int | None = 30,
+                progress: bool = True, calib_ids: torch.Tensor | None = None, reuse: dict | None = None) -> dict:
+    """A per-layer scheme plan for the float `model` under a bits-per-weight target (over the layers
+    `config` selects) or a size target (bytes of the whole checkpoint: quantized layers, every float tensor
+    kept, and a reserve for config.json and the safetensors header). Candidates: the schemes the method
+    takes among `candidates` (default: 2/3/4/5/6/8 bits x groups 32/64/128, asymmetric). `kl`: rescale the
+    proxy per layer by the KL measured on held-out windows (`validate`: measure it, report the proxy's rank
+    correlation on `kl_layers` evenly spaced layers, keep the proxy). `calib_ids`: [N, T] windows to use instead
+    of drawing them (the last `kl_samples` are the held-out ones when the KL is measured). `reuse`: a plan whose
+    recorded costs are allocated again under this target (nothing measured)."""
+    from .algorithms.budget import candidate_schemes, plan_schemes
+    from .calibration.data import calibration_ids
+    from .models.arch import select_modules
+
+    spec = resolve(config)
+    if (target_bpw is None) == (target_size is None):
+        raise LowbitError("give one of --target-bpw and --target-size")
+    cands = [s for s in (candidates or candidate_schemes()) if spec.schemes.accepts(s)]
+    if len(cands) < 2:
+        raise LowbitError(f"method {spec.name} takes fewer than two of the candidate schemes: nothing to choose")
+    names = select_modules(model, config.include, config.exclude, tuple(config.overrides))
+    if not names:
+        raise LowbitError("no layer matched: nothing to plan (check --include/--exclude)")
+    weights = sum(model.get_submodule(n).weight.numel() for n in names)
+    if target_bpw is not None:
+        if not 0 < target_bpw <= 32:
+            raise LowbitError(f"--target-bpw must be in (0, 32], got {target_bpw}")
+        budget, target = int(target_bpw * weights / 8), {"bpw": target_bpw}
+    else:
+        skip = {n + ".weight" for n in names}
+        seen, fixed, ntensors = set(), 0, 0
+        for k, t in model.state_dict().items():
+            if k in skip:
+                ntensors += 3
+                continue
+            key = t.untyped_storage().data_ptr()
+            ntensors += 1
+            if key not in seen:
+                seen.add(key)
+                fixed += t.numel() * t.element_size()
+        budget = target_size - fixed - CHECKPOINT_OVERHEAD - 160 * ntensors
+        target = {"size": target_size, "fixed_bytes": fixed, "reserve_bytes": CHECKPOINT_OVERHEAD + 160 * ntensors}
+        if budget <= 0:
+            raise LowbitError(f"--target-size {target_size:,} B: the float tensors kept alone take {fixed:,} B "
+                              "(quantize them too with --include, or give a larger size)")
+    if reuse is not None:
+        from .algorithms.budget import replan
+
+        planned = set(reuse.get("sensitivity", {}).get("costs", {}))
+        if planned and planned != set(names):
+            raise LowbitError("the plan's layers are not the layers selected here (check --include/--exclude)")
+        out = replan(reuse, budget, target)
+        out["method"] = spec.name
+        return out
+    extra = kl_samples if kl or validate else 0
+    if calib_ids is not None:
+        if calib_ids.shape[0] <= extra:
+            raise LowbitError(f"need more than {extra} calibration windows")
+        ids, info, nsamples = calib_ids, {"given": list(calib_ids.shape)}, calib_ids.shape[0] - extra
+    else:
+        ids, info = calibration_ids(tokenizer, None, nsamples=nsamples + extra, seqlen=seqlen, seed=config.seed)
+    held = ids[nsamples:] if extra else None
+    ref = candidate_schemes((3,), (128,))[0] if kl or validate else None
+    plan = plan_schemes(model, names, cands, budget, ids[:nsamples], held, kl=kl, kl_ref=ref, target=target,
+                        progress=progress, kl_layers=kl_layers)
+    plan["sensitivity"]["calibration"] = info
+    plan["method"] = spec.name
+    return plan
+
+
+def apply_plan(model: nn.Module, config: QuantConfig, plan: dict) -> QuantConfig:
+    """`config` with the plan's per-layer schemes as exact-name overrides (before any other override) and the
+    plan recorded (checkpoints keep it in their quantization_config)."""
+    from .algorithms.budget import plan_overrides
+    from .models.arch import select_modules
+
+    names = select_modules(model, config.include, config.exclude, tuple(config.overrides))
+    overrides = plan_overrides(plan, names)
+    config.overrides = {**overrides, **{k: v for k, v in config.overrides.items() if k not in overrides}}
+    config.budget = plan
+    return config
+
+
+def _second_moments(model: nn.Module, stats: dict) -> dict:
+    """{module: E[x xᵀ]} of the linears; a tied embedding gets the head's (llama.cpp's imatrix does the same)."""
+    from .models.arch import arch_of
+
+    full = {k: s.H for k, s in stats.items() if s.H is not None}
+    table = arch_of(model)
+    if getattr(model.config, "tie_word_embeddings", False) and table.embeddings and table.head:
+        if table.head[0] in full:
+            full[table.embeddings[0]] = full[table.head[0]]
+    return full
+
+
+def plan_gguf(model: nn.Module, tokenizer, calib_ids: torch.Tensor | None, target_size: int | None = None,
+              target_bpw: float | None = None, calibrated: bool = False, allowed=None, progress: bool = True,
+              reuse: dict | None = None):
+    """A per-tensor GGUF type plan (formats/gguf/budget.py) for the float `model` whose file takes at most
+    `target_size` bytes (or `target_bpw` bits per weight over every tensor, header and padding included).
+    Returns (plan, stats): the sensitivity statistics double as the calibrated export's imatrix/Hessians.
+    `calibrated`: the costs are those of the importance-weighted encoders the calibrated export uses.
+    `reuse`: a plan whose recorded costs are allocated again under this target (stats: None)."""
+    from .calibration.sensitivity import layer_statistics
+    from .formats.gguf.budget import CANDIDATES, PLAN_KEY, compact_plan, header_bytes, plan_types, tensor_nbytes
+    from .formats.gguf.export import export_gguf
+    from .models.arch import arch_of
+
+    if (target_size is None) == (target_bpw is None):
+        raise LowbitError("give one of --target-bpw and --target-size")
+    parts = export_gguf(model, tokenizer, "unused.gguf", "F16", writer_only=True)
+    tensors, names, shapes = parts["tensors"], parts["names"], parts["shapes"]
+    table = arch_of(model)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    emb = table.embeddings[0] if table.embeddings else None
+    head = table.head[0] if table.head else None
+    two_d = {hf: t for hf, t in tensors.items() if t.dim() == 2}
+    infos = {names[hf]: tuple(t.shape) for hf, t in tensors.items()}
+    # the plan's own metadata entry: reserved at its largest (every choice 4 characters, numbers at 20)
+    dummy = {"format": "x" * 24, "kind": "gguf", "target": {"size": 10**15, "bpw": 1e15}, "budget_bytes": 10**15,
+             "bytes": 10**15, "fixed_bytes": 10**15, "file_bytes": 10**15, "weights": 10**15, "bpw": 1e15,
+             "cost": -1.2345678901234567e-300, "lower_bound": -1.2345678901234567e-300,
+             "gap": 1.2345678901234567e-300, "exact": False,
+             "layers": [{"name": names[hf], "choice": "Q8_0"} for hf in two_d],
+             "sensitivity": {"measure": "proxy", "candidates": list(allowed or CANDIDATES),
+                             "calibrated_encoders": False,
+                             "seconds": {"costs": 1e15, "total": 1e15}}}
+    nchars = len(compact_plan(dummy)) + 64  # the recorded plan is padded to this many characters
+    parts = export_gguf(model, tokenizer, "unused.gguf", "F16", writer_only=True, extra_kv={PLAN_KEY: "x" * nchars})
+    header = header_bytes(parts["new_writer"], infos)
+    fixed = header + sum(tensor_nbytes("F32", tuple(t.shape)) for t in tensors.values() if t.dim() != 2)
+    weights = sum(t.numel() for t in tensors.values())
+    if target_size is None:
+        if not 0 < target_bpw <= 32:
+            raise LowbitError(f"--target-bpw must be in (0, 32], got {target_bpw}")
+        size, target = fixed + int(target_bpw * weights / 8), {"bpw": target_bpw}
+    else:
+        size, target = target_size, {"size": target_size}
+    if reuse is not None:
+        from .formats.gguf.budget import replan_types
+
+        if set(reuse.get("sensitivity", {}).get("costs", {})) != {names[hf] for hf in two_d}:
+            raise LowbitError("the plan's tensors are not this model's")
+        plan = replan_types(reuse, size, fixed, target)
+        plan["plan_chars"] = nchars
+        return plan, None
+    stats = layer_statistics(model, calib_ids, None, progress=progress)
+    imatrix = {k: torch.diagonal(h).clone() for k, h in _second_moments(model, stats).items()} if calibrated else None
+    plan = plan_types(two_d, names, stats, size, fixed, head if tied else None, emb, imatrix=imatrix,
+                      allowed=tuple(allowed or CANDIDATES), target=target, progress=progress)
+    plan["sensitivity"]["calibration_tokens"] = int(calib_ids.numel())
+    plan["plan_chars"] = nchars
+    return plan, stats
+
+
+def export_gguf_planned(model: nn.Module, tokenizer, out, plan: dict, calib_ids: torch.Tensor | None = None,
+                        stats: dict | None = None, gptq: bool = False, overwrite: bool = False) -> dict:
+    """Write the GGUF of a plan: every tensor its planned type, the plan recorded under `lowbit.budget`.
+    `calib_ids` (or the planner's `stats`): calibrated blocks (imatrix = diag E[x xᵀ]; `gptq`: the codes by GPTQ)."""
+    from .formats.gguf.budget import PLAN_KEY, compact_plan, plan_tensor_types
+    from .formats.gguf.export import export_gguf
+    from .formats.gguf.mixtures import ALIASES, FILE_TYPES
+
+    imatrix = hessians = None
+    if calib_ids is not None:
+        if stats is None:
+            from .calibration.sensitivity import layer_statistics
+
+            stats = layer_statistics(model, calib_ids)
+        full = _second_moments(model, stats)
+        if gptq:
+            hessians = full
+        else:
+            imatrix = {k: torch.diagonal(h).clone() for k, h in full.items()}
+    elif gptq:
+        raise LowbitError("--gptq needs calibration: add --calib default (or --calib FILE)")
+    counts: dict[str, int] = {}
+    for r in plan["layers"]:
+        counts[r["choice"]] = counts.get(r["choice"], 0) + 1
+    main = max(counts, key=counts.get)
+    ftype = main if main in FILE_TYPES else ALIASES.get(main, "F16")
+    record = compact_plan(plan)
+    if len(record) > int(plan.get("plan_chars", len(record))):
+        raise LowbitError("the plan's metadata outgrew the room reserved for it (plan again)")
+    return export_gguf(model, tokenizer, out, ftype, overrides=plan_tensor_types(plan), imatrix=imatrix,
+                       hessians=hessians, overwrite=overwrite,
+                       extra_kv={PLAN_KEY: record.ljust(int(plan.get("plan_chars", 0)))})

@@ -242,7 +242,41 @@ def _quantize_params() -> list[Parameter]:
                                                       "block (block-streaming methods; the state is kept in "
                                                       ".OUT.lowbit-resume beside OUT).")),
         _opt("force", bool, typer.Option(False, help="Replace OUT if it exists.")),
+        *_budget_params("checkpoint"),
     ]
+
+
+def _budget_params(what: str) -> list[Parameter]:
+    """--target-bpw / --target-size / --plan and the planner's settings (issue 23), for quantize and export-gguf."""
+    size = ("the whole checkpoint (quantized layers, float tensors kept, config and header reserve)"
+            if what == "checkpoint" else "the whole .gguf file (every tensor, metadata, padding)")
+    return [
+        _opt("target_bpw", Optional[float], typer.Option(None, help="Budget: choose one scheme per layer for the "
+             "least sensitivity cost at this many bits per weight (of the quantized layers).", show_default=False)),
+        _opt("target_size", Optional[str], typer.Option(None, help=f"Budget: bytes of {size}, e.g. 80MB, 75MiB, "
+             "80000000.", show_default=False)),
+        _opt("plan", Optional[Path], typer.Option(None, help="Reuse a plan (a plan JSON from --save-plan, or a "
+             "budgeted checkpoint's config.json) instead of planning; with --target-bpw/--target-size: its measured "
+             "costs under that budget.", show_default=False)),
+        _opt("save_plan", Optional[Path], typer.Option(None, help="Write the plan as JSON here too.",
+                                                       show_default=False)),
+        _opt("budget_kl", bool, typer.Option(False, help="Budget: measure each layer's KL on held-out calibration "
+             "windows and rescale its proxy costs to it (slower).")),
+        _opt("budget_validate", bool, typer.Option(False, help="Budget: measure the KL too and report the proxy's "
+             "rank correlation (on 30 evenly spaced layers), but plan with the proxy.")),
+        _opt("budget_nsamples", int, typer.Option(8, help="Budget: calibration windows for the sensitivity "
+                                                           "statistics.")),
+        *([_opt("budget_schemes", str, typer.Option("2,3,4,5,6,8/32,64,128/asym", help="Budget: candidate "
+              "schemes, BITS,.../GROUPS,.../sym|asym|both."))] if what == "checkpoint" else []),
+    ]
+
+
+def _budget_given(target_bpw, target_size, plan) -> bool:
+    if target_bpw is not None and target_size is not None:
+        raise LowbitError("give one of --target-bpw and --target-size (with --plan: its costs, another budget)")
+    if target_bpw is not None and not 0 < target_bpw <= 32:
+        raise LowbitError(f"--target-bpw must be in (0, 32], got {target_bpw}")
+    return any(x is not None for x in (target_bpw, target_size, plan))
 
 
 def _scheme_from_flags(default, bits: Optional[int], group_size: Optional[int], sym: Optional[bool],
@@ -261,7 +295,9 @@ def _scheme_from_flags(default, bits: Optional[int], group_size: Optional[int], 
 
 def _quantize(model: str, out: Path, method: str, bits: Optional[int], group_size: Optional[int], per_tensor: bool,
               sym: Optional[bool], include: List[str], exclude: List[str], override: List[str], seed: int,
-              dtype: str, device: str, resume: bool, force: bool, given: dict) -> None:
+              dtype: str, device: str, resume: bool, force: bool, target_bpw: Optional[float],
+              target_size: Optional[str], plan: Optional[Path], save_plan: Optional[Path], budget_kl: bool,
+              budget_validate: bool, budget_nsamples: int, budget_schemes: str, given: dict) -> None:
     """Quantize MODEL and save a packed lowbit checkpoint to OUT."""
     from . import api
     from .algorithms.registry import get_spec, resolve
@@ -287,12 +323,39 @@ def _quantize(model: str, out: Path, method: str, bits: Optional[int], group_siz
                          include=tuple(include), exclude=tuple(exclude), overrides=overrides, seed=seed,
                          options=_nested(given))
     resolve(config, preflight=True)  # scheme, options, calibration text: refuse before loading anything
+    budgeted = _budget_given(target_bpw, target_size, plan)
+    if budgeted:
+        from .algorithms.budget import parse_candidates, read_plan
+        from .core.budget import parse_size
+
+        size = parse_size(target_size) if target_size is not None else None
+        loaded_plan = read_plan(plan, "lowbit") if plan is not None else None
+        cands = parse_candidates(budget_schemes)
+        if save_plan is not None:
+            check_output(save_plan, overwrite=True, kind="file")
     check_output(out, overwrite=force)  # unwritable OUT: refuse before the long work
     dev = api.resolve_device(device)
     from .core import dist
 
     dist.init_from_env(dev)  # under torchrun: data-parallel calibration, rank 0 writes (core/dist.py)
-    m, tok = api.load(model, dtype=dtype, lazy=spec.streams_blocks)  # block-sequential: one float block at a time
+    # block-sequential methods: one float block at a time (a budget's statistics need the whole float model)
+    planning = budgeted and (plan is None or target_bpw is not None or size is not None)
+    m, tok = api.load(model, dtype=dtype, lazy=spec.streams_blocks and not planning)
+    t0 = time.time()
+    if budgeted:
+        if loaded_plan is None or target_bpw is not None or size is not None:
+            loaded_plan = api.plan_budget(m, tok, config, target_bpw=target_bpw, target_size=size, candidates=cands,
+                                          kl=budget_kl, validate=budget_validate, nsamples=budget_nsamples,
+                                          reuse=loaded_plan)
+        api.apply_plan(m, config, loaded_plan)
+        from .algorithms.budget import plan_table
+
+        print(plan_table(loaded_plan))
+        secs = loaded_plan.get("sensitivity", {}).get("seconds", {})
+        print(f"planned in {time.time() - t0:.1f}s" + (f" (statistics {secs.get('statistics')}s, proxy "
+              f"{secs.get('proxy')}s, KL {secs.get('kl')}s)" if plan is None and secs else ""))
+        if save_plan is not None:
+            save_plan.write_text(json.dumps(loaded_plan) + "\n")
     t0 = time.time()
     if spec.streams_output:  # each finished block's packed tensors go to disk as it is done: resumable
         api.quantize_to(m, config, out, tokenizer=tok, overwrite=force, resume=resume, device=dev)
@@ -304,9 +367,14 @@ def _quantize(model: str, out: Path, method: str, bits: Optional[int], group_siz
     from .eval.size import weight_stats
 
     st = weight_stats(m)
-    print(f"quantized {len(state_of(m).quant.modules)} layers ({config.scheme.describe()}, {spec.name}) "
-          f"in {t_quant:.1f}s: {st['bpw']:.3f} bits/weight, {st['quantized_bytes'] / 2**20:.1f} MiB -> {out}",
-          file=sys.stderr)
+    if budgeted:
+        stored = sum((out / f).stat().st_size for f in ("model.safetensors", "config.json"))
+        print(f"budgeted: {st['bpw']:.4f} bits/weight; model.safetensors + config.json {stored:,} bytes"
+              + (f" (target {size:,})" if size else f" (target {target_bpw} bits/weight)" if target_bpw else ""),
+              file=sys.stderr)
+    what = "per-layer plan" if budgeted else config.scheme.describe()
+    print(f"quantized {len(state_of(m).quant.modules)} layers ({what}, {spec.name}) in {t_quant:.1f}s: "
+          f"{st['bpw']:.3f} bits/weight, {st['quantized_bytes'] / 2**20:.1f} MiB -> {out}", file=sys.stderr)
 
 
 app.command("quantize", help=_quantize.__doc__)(
@@ -561,8 +629,18 @@ def export_gguf(
     seed: int = typer.Option(0, help="--calib: seed of the calibration windows."),
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
     dtype: str = _dtype_opt(),
+    target_bpw: Optional[float] = typer.Option(None, help="Budget: one type per tensor for the least sensitivity "
+                                               "cost at this many bits per weight (every tensor, header and "
+                                               "padding included).", show_default=False),
+    target_size: Optional[str] = typer.Option(None, help="Budget: bytes of the whole .gguf file, e.g. 93MB, "
+                                              "93509920.", show_default=False),
+    plan: Optional[Path] = typer.Option(None, help="Reuse a GGUF plan (JSON from --save-plan).", show_default=False),
+    save_plan: Optional[Path] = typer.Option(None, help="Write the plan as JSON here too.", show_default=False),
+    budget_nsamples: int = typer.Option(8, help="Budget without --calib: calibration windows for the "
+                                                "sensitivity statistics (with --calib: --nsamples)."),
 ) -> None:
-    """Write MODEL as a GGUF file for llama.cpp (and ollama, LM Studio): its types and mixtures."""
+    """Write MODEL as a GGUF file for llama.cpp (and ollama, LM Studio): its types and mixtures, or (--target-size,
+    --target-bpw) the types that fit a budget best."""
     from . import api
     from .formats.gguf.blocks import get_type
     from .formats.gguf.export import export_gguf as export
@@ -588,6 +666,10 @@ def export_gguf(
         from .core.text import read_text
 
         read_text(calib)
+    budgeted = _budget_given(target_bpw, target_size, plan)
+    if budgeted:
+        return _export_gguf_budget(model, out, type_, calib, gptq, nsamples, calib_seqlen, seed, force, target_bpw,
+                                   target_size, plan, save_plan, budget_nsamples, overrides)
     m, tok = api.load(model, dtype=dtype)
     imatrix = hessians = None
     if calib is not None:
@@ -634,7 +716,8 @@ def export(
         raise LowbitError(f"--format must be one of {', '.join(FORMATS)}; got {format_!r}")
     if format_ == "gguf":
         return export_gguf(model, out, type_, tensor_type, calib, gptq, nsamples, calib_seqlen, seed, force,
-                           dtype="auto")
+                           dtype="auto", target_bpw=None, target_size=None, plan=None, save_plan=None,
+                           budget_nsamples=8)
     if dtype not in ("auto", "float16", "bfloat16", "float32"):
         raise LowbitError(f"--dtype must be one of auto, float16, bfloat16, float32; got {dtype!r}")
     check_output(out, overwrite=force)
@@ -642,6 +725,60 @@ def export(
     res = api.export(m, tok, out, format_, dtype=dtype, overwrite=force)
     kind = f" ({res['kind']})" if res.get("kind") else ""
     print(f"{out}: {res['format']}{kind}, {res['layers']} quantized layers, float tensors in {res['dtype']}")
+
+
+def _export_gguf_budget(model, out, type_, calib, gptq, nsamples, calib_seqlen, seed, force, target_bpw,
+                        target_size, plan, save_plan, budget_nsamples, overrides) -> None:
+    from . import api
+    from .algorithms.budget import plan_table, read_plan
+    from .calibration.data import calibration_ids
+    from .core.budget import parse_size
+    from .core.io import check_output
+
+    if overrides:
+        raise LowbitError("--tensor-type and a budget do not combine (the plan sets every tensor's type)")
+    size = parse_size(target_size) if target_size is not None else None
+    loaded = read_plan(plan, "gguf") if plan is not None else None
+    if save_plan is not None:
+        check_output(save_plan, overwrite=True, kind="file")
+    m, tok = api.load(model)
+    t0 = time.time()
+    stats = None
+    retarget = loaded is not None and (size is not None or target_bpw is not None)
+    if loaded is None or calib is not None:
+        ids, _ = calibration_ids(tok, None if calib in (None, "default") else calib,
+                                 nsamples=nsamples if calib is not None else budget_nsamples, seqlen=calib_seqlen,
+                                 seed=seed)
+    if loaded is None or retarget:
+        loaded, stats = api.plan_gguf(m, tok, None if retarget else ids, target_size=size, target_bpw=target_bpw,
+                                      calibrated=calib is not None, reuse=loaded if retarget else None)
+    print(plan_table(loaded))
+    print(f"planned in {time.time() - t0:.1f}s")
+    if save_plan is not None:
+        save_plan.write_text(json.dumps(loaded) + "\n")
+    res = api.export_gguf_planned(m, tok, out, loaded, ids if calib is not None else None, stats, gptq=gptq,
+                                  overwrite=force)
+    kinds = ", ".join(f"{k} x{v}" for k, v in sorted(res["tensor_types"].items()))
+    how = " (calibrated, GPTQ)" if res["gptq"] else " (calibrated)" if res["calibrated"] else ""
+    print(f"{out}: budgeted{how}, {res['bytes']:,} bytes (planned {loaded.get('file_bytes', 0):,}"
+          + (f", target {size:,}" if size else "") + f"), {res['bpw']:.3f} bits/weight; tensors: {kinds}")
+
+
+@app.command()
+def report(
+    runs: Path = typer.Argument(..., help="A folder of runs: lowbit checkpoints and .gguf files, each with its eval "
+                                          "JSON (NAME.eval.json next to it, or NAME/eval.json)."),
+    out: Path = typer.Option(Path("report.html"), help="The HTML page to write (its PNGs go next to it)."),
+) -> None:
+    """A self-contained HTML page: ppl vs bits per weight (Pareto frontier), sensitivity heat map, bits per layer."""
+    from .core.io import check_output
+    from .workflows.report import render
+
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise LowbitError(f"{out}: the report is an .html file")
+    check_output(out, overwrite=True, kind="file")
+    res = render(runs, out)
+    print(f"{res['runs']} runs -> {res['html']} ({', '.join(res['plots'].values())})")
 
 
 def _inspect_gguf(path: Path, as_json: bool) -> None:

@@ -163,6 +163,7 @@ class QuantConfig:
     exclude    regexes of modules to leave in float
     overrides  {regex: Scheme}: the first matching pattern sets a layer's scheme
     seed       recorded in the checkpoint; methods that sample use it
+    budget     the budget plan the per-layer overrides came from (algorithms/budget.py), recorded as is
     options    the method's typed options (its Options class), or a mapping of some of their fields, which
                quantize converts and validates against the method (unknown keys are an error); recorded in
                the checkpoint as one JSON object. Read back from a checkpoint they stay a mapping (formats
@@ -176,6 +177,7 @@ class QuantConfig:
     overrides: dict[str, Scheme] = field(default_factory=dict)
     seed: int = 0
     options: Options | dict = field(default_factory=dict)
+    budget: dict | None = None
 
     def __post_init__(self) -> None:
         self.include = tuple(self.include)
@@ -201,6 +203,7 @@ class QuantConfig:
         return self.options.to_dict() if isinstance(self.options, Options) else dict(self.options)
 
     def to_dict(self) -> dict:
+        extra = {"budget": self.budget} if self.budget is not None else {}
         return {
             "method": self.method,
             "scheme": self.scheme.to_dict() if self.scheme is not None else None,
@@ -209,6 +212,7 @@ class QuantConfig:
             "overrides": {k: v.to_dict() for k, v in self.overrides.items()},
             "seed": self.seed,
             "options": self.options_dict(),
+            **extra,
         }
 
     @classmethod
@@ -221,4 +225,5 @@ class QuantConfig:
             overrides={k: Scheme.from_dict(v) for k, v in d.get("overrides", {}).items()},
             seed=d.get("seed", 0),
             options=d.get("options", {}),
+            budget=d.get("budget"),
         )

@@ -202,7 +202,8 @@ def source_gguf_of(model: nn.Module) -> str | None:
 
 def export_gguf(model: nn.Module, tok, out: str | os.PathLike, ftype: str = "Q4_K_M",
                 overrides: list[tuple[str, str]] = (), imatrix: dict[str, torch.Tensor] | None = None,
-                hessians: dict[str, torch.Tensor] | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+                hessians: dict[str, torch.Tensor] | None = None, overwrite: bool = False, progress: bool = True,
+                extra_kv: dict[str, str] | None = None, writer_only: bool = False) -> dict:
     """Write ``model`` to ``out`` as GGUF of file type ``ftype`` (a tensor type or a mixture such as Q4_K_M).
 
     ``imatrix``: HF module name -> mean x² per input column (from calibration); with it, every block
@@ -245,8 +246,8 @@ def export_gguf(model: nn.Module, tok, out: str | os.PathLike, ftype: str = "Q4_
     shapes = {i.name: i.shape for i in infos}
     src = source_gguf_of(model)
 
-    with atomic_path(out, overwrite=overwrite, is_dir=False, kind="gguf") as tmp:
-        w = gguf.GGUFWriter(str(tmp), arch)
+    def new_writer(path):
+        w = gguf.GGUFWriter(str(path), arch)
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(str(state_of(model).source or getattr(cfg, "_name_or_path", "") or "model"))
         _hparams(w, cfg, arch)
@@ -258,6 +259,14 @@ def export_gguf(model: nn.Module, tok, out: str | os.PathLike, ftype: str = "Q4_
             _build_tokenizer(w, tok, cfg.vocab_size)
         else:
             raise LowbitError("no tokenizer: llama.cpp needs one in the GGUF file")
+        for k, v in (extra_kv or {}).items():
+            w.add_string(k, v)
+        return w
+
+    if writer_only:  # the budget planner measures the header this way (formats/gguf/budget.py)
+        return {"new_writer": new_writer, "tensors": tensors, "names": names, "shapes": shapes}
+    with atomic_path(out, overwrite=overwrite, is_dir=False, kind="gguf") as tmp:
+        w = new_writer(tmp)
         t0 = time.time()
         bar = None
         if progress:

@@ -1,0 +1,229 @@
+"""Budget-driven mixed precision for lowbit checkpoints: one scheme per layer, the least summed sensitivity
+cost (calibration/sensitivity.py) under a bits-per-weight or byte budget (core/budget.py's solver).
+
+`plan_schemes` measures, for every targeted layer and every candidate scheme, the bytes the layer would
+store (codes + fp16 scales + packed zero points: exactly what QuantLinear keeps) and the proxy cost of its
+round-to-nearest error; optionally (`kl=True`) the whole model's KL on held-out windows for every layer at
+one reference scheme, which validates the proxy (Spearman's rank correlation) and rescales each layer's
+costs to it. The plan is a JSON-able dict; `plan_overrides` turns it into exact-name scheme overrides, which
+every method (rtn, gptq, awq, awq+gptq) honours through `QuantConfig.scheme_for`.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..calibration.sensitivity import LayerStats, float_logprobs, kl_cost, layer_statistics, proxy_cost, spearman
+from ..core.budget import PLAN_FORMAT, Allocation, Choice, Item, solve
+from ..core.packing import packed_row_bytes
+from ..core.quant import dequantize, quantize
+from ..core.scheme import Scheme
+from ..errors import LowbitError
+
+DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
+DEFAULT_GROUPS = (32, 64, 128)
+
+
+def scheme_label(s: Scheme) -> str:
+    """'4/128/asym' (Scheme.parse reads it back)."""
+    g = s.group_size if s.granularity == "group" else -1
+    if s.granularity == "tensor":
+        raise LowbitError("per-tensor schemes are not budget candidates")
+    return f"{s.bits}/{g}/{'sym' if s.symmetric else 'asym'}"
+
+
+def scheme_nbytes(s: Scheme, rows: int, cols: int) -> int:
+    """Bytes QuantLinear stores for a [rows, cols] weight: packed codes, scales, packed zero points."""
+    groups = 1 if s.granularity == "tensor" else s.n_groups(cols)
+    r = 1 if s.granularity == "tensor" else rows
+    n = rows * packed_row_bytes(cols, s.bits) + r * groups * torch.finfo(s.torch_scale_dtype).bits // 8
+    if not s.symmetric:
+        n += r * packed_row_bytes(groups, s.bits)
+    return n
+
+
+def candidate_schemes(bits=DEFAULT_BITS, groups=DEFAULT_GROUPS, symmetric=(False,)) -> list[Scheme]:
+    return [Scheme.from_cli(b, g, s) for b in bits for g in groups for s in symmetric]
+
+
+def parse_candidates(text: str) -> list[Scheme]:
+    """'BITS,.../GROUPS,.../sym|asym|both' -> schemes, e.g. '2,3,4,5,6,8/32,64,128/asym'."""
+    parts = text.split("/")
+    try:
+        bits = [int(b) for b in parts[0].split(",")]
+        groups = [int(g) for g in parts[1].split(",")] if len(parts) > 1 else list(DEFAULT_GROUPS)
+    except ValueError:
+        raise LowbitError(f"--budget-schemes {text!r}: expected BITS,.../GROUPS,.../sym|asym|both") from None
+    sym = parts[2] if len(parts) > 2 else "asym"
+    if sym not in ("sym", "asym", "both") or len(parts) > 3:
+        raise LowbitError(f"--budget-schemes {text!r}: expected BITS,.../GROUPS,.../sym|asym|both")
+    syms = {"sym": (True,), "asym": (False,), "both": (True, False)}[sym]
+    return candidate_schemes(bits, groups, syms)
+
+
+MAX_ROWS = 256  # rows per tensor the proxy is computed on (evenly strided; scaled up): rows quantize alone
+
+
+def row_sample(rows: int, max_rows: int = MAX_ROWS) -> tuple[slice, float]:
+    """An evenly strided sample of at most ~max_rows rows and the factor that scales its sum up to all rows."""
+    step = -(-rows // max_rows)
+    n = len(range(0, rows, step))
+    return slice(0, rows, step), rows / n
+
+
+def _layer_costs(W: torch.Tensor, st: LayerStats, cands: list[Scheme], max_rows: int = MAX_ROWS) -> list[float]:
+    sl, k = row_sample(W.shape[0], max_rows)
+    Ws = W[sl]
+    sub = LayerStats(st.H, st.f[sl])
+    out = []
+    for s in cands:
+        if s.granularity == "tensor":
+            raise LowbitError("per-tensor schemes are not budget candidates")
+        D = dequantize(quantize(Ws, s)) - Ws
+        out.append(k * proxy_cost(D, sub))
+    return out
+
+
+def plan_schemes(model: nn.Module, names: list[str], candidates: list[Scheme], budget_bytes: int,
+                 calib_ids: torch.Tensor, heldout_ids: torch.Tensor | None = None, kl: bool = False,
+                 kl_ref: Scheme | None = None, target: dict | None = None, progress: bool = True,
+                 kl_layers: int | None = None) -> dict:
+    """The plan (a dict, see module doc) for the float linears `names` of `model` under `budget_bytes`
+    (bytes of the quantized layers). `kl_layers`: validate on that many evenly spaced layers only (without
+    `kl`: the rescaling needs every layer)."""
+    t0 = time.time()
+    mods = {n: model.get_submodule(n) for n in names}
+    for n, m in mods.items():
+        if not isinstance(m, nn.Linear):
+            raise LowbitError(f"budget: {n} is {type(m).__name__}; budgets plan Linear layers")
+    stats = layer_statistics(model, calib_ids, names, progress=progress)
+    t_stats = time.time() - t0
+    costs, nbytes = {}, {}
+    for n, m in mods.items():
+        W = m.weight.detach().float()
+        costs[n] = _layer_costs(W, stats[n], candidates)
+        nbytes[n] = [scheme_nbytes(s, *W.shape) for s in candidates]
+    t_proxy = time.time() - t0 - t_stats
+    validation = None
+    if heldout_ids is not None and (kl or kl_ref is not None):
+        ref = kl_ref or Scheme.from_cli(3, 128, False)
+        ref_i = candidates.index(ref) if ref in candidates else None
+        base = float_logprobs(model, heldout_ids)
+        kls, proxies = {}, {}
+        from tqdm.auto import tqdm
+
+        measured = names
+        if kl_layers is not None and not kl and kl_layers < len(names):
+            step = len(names) / kl_layers
+            measured = [names[int(i * step)] for i in range(kl_layers)]
+        for n in tqdm(measured, desc="KL per layer", unit="layer", file=sys.stderr, disable=not progress):
+            W = mods[n].weight.detach().float()
+            kls[n] = kl_cost(model, heldout_ids, base, {n + ".weight": dequantize(quantize(W, ref))})
+            proxies[n] = costs[n][ref_i] if ref_i is not None else _layer_costs(W, stats[n], [ref])[0]
+        rho = spearman([proxies[n] for n in measured], [kls[n] for n in measured])
+        validation = {"reference": scheme_label(ref), "spearman": round(rho, 4), "tokens": heldout_ids.numel(),
+                      "layers": len(measured), "kl": kls, "proxy": proxies,
+                      "used": bool(kl)}
+        if kl:  # the real measure sets each layer's scale; the proxy the shape across its candidates
+            for n in names:
+                r = kls[n] / proxies[n] if proxies[n] > 0 else 1.0
+                costs[n] = [c * r for c in costs[n]]
+    t_kl = time.time() - t0 - t_stats - t_proxy
+    items = [Item(n, tuple(Choice(scheme_label(s), b, c) for s, b, c in zip(candidates, nbytes[n], costs[n])),
+                  mods[n].weight.numel()) for n in names]
+    alloc = solve(items, budget_bytes)
+    return plan_dict(alloc, items, "lowbit", target, {
+        "candidates": [scheme_label(s) for s in candidates], "costs": {n: costs[n] for n in names},
+        "shapes": {n: list(mods[n].weight.shape) for n in names},
+        "measure": "kl-rescaled proxy" if kl else "proxy", "validation": validation,
+        "calibration_tokens": calib_ids.numel(),
+        "seconds": {"statistics": round(t_stats, 1), "proxy": round(t_proxy, 1), "kl": round(t_kl, 1),
+                    "total": round(time.time() - t0, 1)}})
+
+
+def replan(plan: dict, budget_bytes: int, target: dict | None = None) -> dict:
+    """The same measured costs, another budget: a new allocation without measuring anything again."""
+    sens = plan.get("sensitivity") or {}
+    cands, costs, shapes = sens.get("candidates"), sens.get("costs"), sens.get("shapes")
+    if not (cands and costs and shapes):
+        raise LowbitError("this plan records no candidate costs: plan again (without --plan)")
+    schemes = [Scheme.parse(c) for c in cands]
+    items = []
+    for n, cs in costs.items():
+        rows, cols = shapes[n]
+        items.append(Item(n, tuple(Choice(cands[i], scheme_nbytes(schemes[i], rows, cols), float(cs[i]))
+                                   for i in range(len(cands))), rows * cols))
+    alloc = solve(items, budget_bytes)
+    out = plan_dict(alloc, items, "lowbit", target, sens)
+    out["method"] = plan.get("method")
+    return out
+
+
+def plan_dict(alloc: Allocation, items: list[Item], kind: str, target: dict | None, sensitivity: dict) -> dict:
+    weights = sum(it.weights for it in items)
+    layers = []
+    for it in items:
+        c = alloc.choice(it.name)
+        layers.append({"name": it.name, "choice": c.label, "bytes": c.bytes, "weights": it.weights,
+                       "bpw": round(8 * c.bytes / it.weights, 4) if it.weights else None, "cost": c.cost})
+    return {"format": PLAN_FORMAT, "kind": kind, "target": target or {}, "budget_bytes": alloc.budget,
+            "bytes": alloc.bytes, "weights": weights, "bpw": round(8 * alloc.bytes / weights, 4) if weights else None,
+            "cost": alloc.cost, "lower_bound": alloc.lower_bound, "gap": alloc.gap, "exact": alloc.exact,
+            "layers": layers, "sensitivity": sensitivity}
+
+
+def read_plan(path: str | Path, kind: str) -> dict:
+    try:
+        plan = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LowbitError(f"--plan {path}: cannot read a plan ({e.__class__.__name__})") from None
+    if isinstance(plan, dict) and "budget" in plan and "format" not in plan:  # a checkpoint's quantization_config
+        plan = plan["budget"]
+    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT or not isinstance(plan.get("layers"), list):
+        raise LowbitError(f"--plan {path}: not a lowbit budget plan ({PLAN_FORMAT})")
+    if plan.get("kind") != kind:
+        raise LowbitError(f"--plan {path}: a plan for {plan.get('kind')!r}, not {kind!r}")
+    for row in plan["layers"]:
+        if not isinstance(row, dict) or not isinstance(row.get("name"), str) or not isinstance(row.get("choice"), str):
+            raise LowbitError(f"--plan {path}: every layer needs a name and a choice")
+    return plan
+
+
+def plan_overrides(plan: dict, names: list[str] | None = None) -> dict[str, Scheme]:
+    """{'^exact\\.name$': Scheme} from a lowbit plan; with `names`, every planned layer must be one of them."""
+    out = {}
+    for row in plan["layers"]:
+        if names is not None and row["name"] not in names:
+            raise LowbitError(f"plan layer {row['name']!r} is not a quantizable layer of this model")
+        out["^" + re.escape(row["name"]) + "$"] = Scheme.parse(row["choice"])
+    return out
+
+
+def plan_table(plan: dict, limit: int | None = None) -> str:
+    """The plan as a text table (one row per layer) and its totals."""
+    rows = plan["layers"]
+    w = max([len(r["name"]) for r in rows] + [5])
+    lines = [f"{'layer':<{w}} {'choice':>12} {'bytes':>10} {'bpw':>7} {'cost':>11}"]
+    for r in rows[:limit]:
+        lines.append(f"{r['name']:<{w}} {r['choice']:>12} {r['bytes']:>10,} {r['bpw'] or 0:>7.3f} {r['cost']:>11.4g}")
+    if limit is not None and len(rows) > limit:
+        lines.append(f"... {len(rows) - limit} more")
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["choice"]] = counts.get(r["choice"], 0) + 1
+    mix = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    gap = "exact" if plan["exact"] else f"within {plan['gap']:.3g} of the optimum (LP bound)"
+    lines.append(f"{len(rows)} layers: {mix}")
+    lines.append(f"budget {plan['budget_bytes']:,} B; planned {plan['bytes']:,} B = {plan['bpw']} bits/weight; "
+                 f"cost {plan['cost']:.5g} ({gap})")
+    v = plan.get("sensitivity", {}).get("validation")
+    if v:
+        lines.append(f"proxy vs KL (one layer quantized at {v['reference']}): Spearman {v['spearman']:.3f}"
+                     f"{'; costs rescaled to the KL' if v['used'] else ''}")
+    return "\n".join(lines)
