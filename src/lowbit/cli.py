@@ -368,8 +368,9 @@ def _quantize(model: str, out: Path, method: str, bits: Optional[int], group_siz
 
     st = weight_stats(m)
     if budgeted:
-        stored = sum((out / f).stat().st_size for f in ("model.safetensors", "config.json"))
-        print(f"budgeted: {st['bpw']:.4f} bits/weight; model.safetensors + config.json {stored:,} bytes"
+        stored = sum(p.stat().st_size for p in out.iterdir()
+                     if p.name == "config.json" or p.name.endswith((".safetensors", ".safetensors.index.json")))
+        print(f"budgeted: {st['bpw']:.4f} bits/weight; weights + config.json {stored:,} bytes"
               + (f" (target {size:,})" if size else f" (target {target_bpw} bits/weight)" if target_bpw else ""),
               file=sys.stderr)
     what = "per-layer plan" if budgeted else config.scheme.describe()
