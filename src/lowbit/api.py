@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import sys
 from pathlib import Path
@@ -163,7 +164,7 @@ def quantize_to(model: nn.Module, config: QuantConfig, out: str | os.PathLike, t
     with the next block's calibration inputs (formats/stream.py), so memory holds one block, not the model,
     and a run that was killed continues with resume=True from its last finished block, to the same bytes
     as an uninterrupted run. Ctrl-C stops it with a note on how to resume. single_file_max: the checkpoint is
-    one model.safetensors up to this many bytes (default 1 GiB), else sharded."""
+    one lowbit.safetensors up to this many bytes (default 1 GiB), else sharded."""
     from .algorithms.registry import resolve as resolve_spec
     from .core.io import check_output
     from .formats.stream import StreamSink, save_streamed
@@ -190,8 +191,13 @@ def quantize_to(model: nn.Module, config: QuantConfig, out: str | os.PathLike, t
     st.sink = sink
     try:
         quantize(model, config, tokenizer=tokenizer, calib_ids=calib_ids, device=device)
-        path = save_streamed(model, tokenizer, out, sink, overwrite=overwrite,
-                             **({} if single_file_max is None else {"single_file_max": single_file_max}))
+        try:
+            path = save_streamed(model, tokenizer, out, sink, overwrite=overwrite,
+                                 **({} if single_file_max is None else {"single_file_max": single_file_max}))
+        except LowbitError:  # e.g. OUT made by another run meanwhile: refused, and nothing left beside it
+            sink.close()
+            shutil.rmtree(sink.dir, ignore_errors=True)
+            raise
     except KeyboardInterrupt:
         print(f"\nlowbit: interrupted after {len(sink.blocks)} finished blocks; the state is in {sink.dir}: run the "
               f"same command with --resume to continue", file=sys.stderr)

@@ -18,7 +18,9 @@ def test_load_and_quantize_record_state_without_patching_the_model(tiny_dir, tmp
     lowbit.quantize(model, QuantConfig(scheme=Scheme(4, True, "group", 32)), tokenizer=tok)
     assert st.lazy is None and isinstance(st.quant, QuantRecord) and st.quant.config.method == "rtn"
     assert st.quant.modules and all(isinstance(s, Scheme) for s in st.quant.modules.values())
-    assert set(vars(model)) == before and not any(k.startswith("lowbit") for k in vars(model))
+    # the one attribute set on a quantized model: its save_pretrained refuses (core/state.set_quant), so
+    # transformers never writes a folder that would load with random weights
+    assert set(vars(model)) - before == {"save_pretrained"} and not any(k.startswith("lowbit") for k in vars(model))
     lowbit.save(model, tok, tmp_path / "ckpt")
     loaded, _ = lowbit.load(tmp_path / "ckpt")
     assert state_of(loaded).quant.modules == st.quant.modules
@@ -31,6 +33,7 @@ def test_the_state_goes_with_the_model():
     model = make_tiny_llama()
     state_of(model).source = "somewhere"
     ref = weakref.ref(model)
+    gc.collect()  # states of models other tests left to the collector go first
     n = len(_STATES)
     del model
     gc.collect()

@@ -52,9 +52,9 @@ def test_lazy_rtn_reads_one_layer_at_a_time(tiny_dir, monkeypatch):
     seen = []
     orig = rtn.quantize_module
 
-    def spy(mod, scheme):
+    def spy(mod, scheme, *rest):
         seen.append((mod.weight.is_meta, last.weight.is_meta))
-        return orig(mod, scheme)
+        return orig(mod, scheme, *rest)
 
     monkeypatch.setattr(rtn, "quantize_module", spy)
     api.quantize(model, QuantConfig(method="rtn", scheme=Scheme(4, True, "group", 32)))
