@@ -300,13 +300,13 @@ def lib(isa: str | None = None):
     if os.environ.get("LOWBIT_NATIVE", "1") == "0":
         _log("native decode ops: off (LOWBIT_NATIVE=0)")
     else:
+        chosen = selected_isa()
         try:
-            handle = _open(selected_isa(), raise_=True)
+            handle = _open(chosen, raise_=True)
         except (OSError, AttributeError) as e:
-            if raise_:
-                raise
-            _log(f"native decode ops for {isa} unavailable ({e})")
+            _log(f"native decode ops for {chosen} unavailable ({e})")
             handle = None
+    _LIB.append(handle)  # once per process: callers ask on every matmul
     return handle
 
 
