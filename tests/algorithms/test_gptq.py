@@ -177,9 +177,11 @@ def test_stacked_sweep_equals_one_sweep_per_linear(act_order, symmetric):
         hess.observe("o", x.clone())  # another tensor: its own H, not stacked with the others
     assert hess.shared(list(linears)) == [["q", "k", "v"], ["o"]]
     config = QuantConfig(method="gptq", scheme=scheme, options=GptqOptions(act_order=act_order))
+    Hs = {n: hess[n].H.clone() for n in linears}
     got = gptq_linears(linears, hess, config, config.options)
+    assert all(hess[n]._H is None for n in linears)  # each H handed to its sweep: nothing kept
     for n, lin in linears.items():
-        want, loss = gptq_quantize(lin.weight, hess[n].H, scheme, act_order=act_order)
+        want, loss = gptq_quantize(lin.weight, Hs[n], scheme, act_order=act_order)
         qt, got_loss = got[n]
         assert torch.equal(qt.codes, want.codes) and torch.equal(qt.scale, want.scale)
         assert (qt.zero is None) == (want.zero is None) and (qt.zero is None or torch.equal(qt.zero, want.zero))

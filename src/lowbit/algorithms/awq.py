@@ -204,7 +204,7 @@ def awq_block(model: nn.Module, config: QuantConfig, selected: set[str], use_gpt
             s, alpha, loss = search_scale(hess[names[0]].H, means[names[0]], lins,
                                           [config.scheme_for(n) for n in names], opts.awq_grid)
             apply_scale(prev, lins, s)
-            for n in names:  # their inputs are now x / s, so H = 2/n Σ x xᵀ becomes H / (s sᵀ)
+            for n in hess.distinct(names):  # their inputs are now x / s, so H = 2/n Σ x xᵀ becomes H / (s sᵀ)
                 hess[n].H.div_(torch.outer(s, s).to(hess[n].H.dtype))
             tqdm.write(f"lowbit: awq {block_name}: {'+'.join(r.rsplit('.', 1)[-1] for r in rel_names)} "
                        f"alpha {alpha:.2f} loss {loss:.4g}", file=sys.stderr)

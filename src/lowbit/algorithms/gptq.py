@@ -15,6 +15,7 @@ from ..core.config import QuantConfig, option
 from ..core.gptq import Hessians, gptq_rows
 from ..core.quant import QTensor
 from ..core.scheme import Scheme
+from ..core.state import state_of
 from ..errors import LowbitError
 from ..models.arch import block_linears, sequential_groups, set_module
 from ..nn.qlinear import QuantLinear
@@ -60,8 +61,10 @@ def _split_rows(qt: QTensor, sizes: list[int]) -> list[QTensor]:
 def gptq_linears(linears: dict[str, nn.Module], hess: Hessians, config: QuantConfig, opts: GptqSweepOptions
                  ) -> dict[str, tuple[QTensor, float]]:
     """GPTQ each linear with its H; linears with the same H and scheme (q/k/v, gate/up) in one stacked sweep:
-    the same codes as one sweep each, one Cholesky and one column loop instead of several."""
+    the same codes as one sweep each, one Cholesky and one column loop instead of several. Each H is handed
+    to its sweep (hess forgets it: memory is one n x n matrix per sweep, freed when it is done)."""
     out = {}
+    hess.drop_cache()  # the inputs are all observed
     for same_h in hess.shared(list(linears)):
         by_scheme: dict[tuple, tuple[Scheme, list[str]]] = {}
         for n in same_h:
@@ -69,14 +72,22 @@ def gptq_linears(linears: dict[str, nn.Module], hess: Hessians, config: QuantCon
             key = (scheme,) if scheme.granularity != "tensor" else (scheme, n)  # a tensor scale spans one weight
             by_scheme.setdefault(key, (scheme, []))[1].append(n)
         for scheme, names in by_scheme.values():
-            W = torch.cat([linears[n].weight.detach() for n in names]) if len(names) > 1 else linears[names[0]].weight
-            qt, row_loss = gptq_rows(W, hess[names[0]].H, scheme, opts.blocksize, opts.percdamp, opts.act_order,
-                                     opts.clip_grid)
+            for n in names[1:]:
+                hess[n].forget()  # shared with names[0] (or an equal copy)
+            H, alone = hess.take(names[0])  # handed to the sweep (factored in its memory when large and alone)
+            qt, row_loss = gptq_rows([linears[n].weight for n in names], H, scheme, opts.blocksize, opts.percdamp,
+                                     opts.act_order, opts.clip_grid, consume=alone)
+            del H
             sizes = [linears[n].out_features for n in names]
             parts = _split_rows(qt, sizes) if len(names) > 1 else [qt]
             for n, part, loss in zip(names, parts, row_loss.split(sizes)):
                 out[n] = (part, float(loss.sum()))
     return out
+
+
+def _on_meta(w: torch.Tensor) -> nn.Parameter:
+    """A weight's placeholder without memory (its shape and dtype kept)."""
+    return nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=False)
 
 
 def gptq_block(model: nn.Module, config: QuantConfig, selected: set[str], staged: bool = True):
@@ -114,19 +125,37 @@ def gptq_block(model: nn.Module, config: QuantConfig, selected: set[str], staged
             return None
         groups = [[prefix + r for r in grp] for grp in probed[key]]
         hess, quantized, floats = Hessians(linears), {}, {}
+        # a lazily loaded model (models/lazy.py) keeps no float copies: a linear's float weight is dropped once
+        # it is quantized (read again from the file if the block turns out irregular), and the dequantized
+        # weights of a group once every batch has gone past it (at the next group). Else the floats stay.
+        lazy = state_of(model).lazy
+        used: list[str] = []  # the group before the current one: no batch calls it again
 
         def on_group(names: list[str]) -> None:
+            if lazy is not None:  # every batch waits at this group: the one before is behind them all
+                for n in used:
+                    linears[n].weight = _on_meta(linears[n].weight)
+                used[:] = names
             for n, q in quantize_group(names, linears, hess).items():
-                quantized[n], floats[n] = q, linears[n].weight
+                quantized[n], floats[n] = q, (None if lazy is not None else linears[n].weight)
                 linears[n].weight = nn.Parameter(q.dequantize_weight(), requires_grad=False)  # what q computes
 
         try:
-            outputs = run_block_staged(block, linears, groups, inputs, kw, hess.observe, on_group)
+            outputs = run_block_staged(block, linears, groups, inputs, kw, hess.observe, on_group,
+                                           observe_group=hess.observe_group)
         except Irregular:
             outputs = None
         finally:
             for n, w in floats.items():
-                linears[n].weight = w
+                if w is not None:
+                    linears[n].weight = w
+        if outputs is None and lazy is not None and floats:  # the slow path needs the float weights again
+            like = {n: (linears[n].weight.dtype, linears[n].weight.device) for n in floats}
+            for n in floats:
+                linears[n].weight = _on_meta(linears[n].weight)
+            lazy.materialize(model, prefix)
+            for n, (dt, dv) in like.items():
+                linears[n].weight = nn.Parameter(linears[n].weight.to(dv, dt), requires_grad=False)
         return (quantized, outputs) if outputs is not None else None
 
     def process(block_name: str, block: nn.Module, inputs, kw):

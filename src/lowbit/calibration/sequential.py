@@ -182,14 +182,16 @@ def probe_groups(block: nn.Module, modules: dict[str, nn.Module], sample: torch.
 def run_block_staged(block: nn.Module, modules: dict[str, nn.Module], groups: list[list[str]],
                      inputs: list[torch.Tensor], kw: dict, observe: Callable[[str, torch.Tensor], None],
                      on_group: Callable[[list[str]], None], batch: int | None = None,
-                     park_inputs: bool = True) -> list[torch.Tensor]:
+                     park_inputs: bool = True,
+                     observe_group: Callable[[list[str], torch.Tensor], None] | None = None) -> list[torch.Tensor]:
     """The block's outputs over every sample in one pass that quantizes its linears group by group on the way
     (true-sequential order: each group's statistics come from inputs computed with the groups before it
     already quantized).
 
     Each batch of samples runs in its own worker thread; the workers take turns in batch order, so one runs
     at a time and the order of every floating-point sum is fixed. At the first module of a group, a worker
-    passes the group's input to observe(name, x) for every module of the group, then hands the turn on; the
+    passes the group's input to observe(name, x) for every module of the group (or to observe_group(names, x)
+    once, when given), then hands the turn on; the
     last worker then calls on_group(names), which must make those modules compute with their quantized
     weights, and the turn goes back to the first. The same result as a statistics pass per group followed by
     an output pass, for one forward per sample. Raises Irregular (nothing half-done by this function) when a
@@ -223,8 +225,11 @@ def run_block_staged(block: nn.Module, modules: dict[str, nn.Module], groups: li
             raise Irregular(f"{name} called out of order")
         pos[i] += 1
         x = args[0]
-        for n in heads[name]:
-            observe(n, x)
+        if observe_group is not None:
+            observe_group(heads[name], x)
+        else:
+            for n in heads[name]:
+                observe(n, x)
         if i == nb - 1:
             on_group(heads[name])
         parked = park(i, x) if i != nb - 1 else None  # the last worker goes on at once

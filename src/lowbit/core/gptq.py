@@ -41,36 +41,95 @@ class Hessian:
     """Running H = 2/n Σ x xᵀ over every calibration token of one linear's input."""
 
     def __init__(self, n: int, device=None) -> None:
-        self.H = torch.zeros(n, n, dtype=torch.float32, device=device)
+        self.n, self.device = n, device
+        self._H: torch.Tensor | None = None  # allocated by the first add (n x n float32: 822 MB at n = 14,336)
         self.count = 0
 
+    @property
+    def H(self) -> torch.Tensor:
+        if self._H is None:
+            self._H = torch.zeros(self.n, self.n, dtype=torch.float32, device=self.device)
+        return self._H
+
+    def take(self) -> torch.Tensor:
+        """H, handed over: this object forgets it (its memory goes with the caller's last reference)."""
+        H = self.H
+        self._H = None
+        return H
+
+    def forget(self) -> None:
+        self._H = None
+
     def add(self, x: torch.Tensor, xtx: torch.Tensor | None = None) -> None:
-        """Add the tokens of x ([..., in]); xtx = xᵀx of those tokens when already computed."""
+        """Add the tokens of x ([..., in]); xtx = xᵀx of those tokens when already computed.
+
+        Without xtx, xᵀx is never held whole: the first add computes it into H's memory and scales it, later
+        ones update H panel by panel (gram()'s panels, the same elementwise arithmetic: the same bits as
+        H·c/(c+m) + 2/(c+m)·gram(x)), so the peak is H plus one panel, not two n x n matrices."""
         x = x.reshape(-1, x.shape[-1])
         m = x.shape[0]
-        if xtx is None:
-            xtx = gram(x.float())
-        self.H *= self.count / (self.count + m)
+        beta = self.count / (self.count + m)
         self.count += m
-        self.H.add_(xtx, alpha=2 / self.count)
+        alpha = 2 / self.count
+        if xtx is not None:
+            H = self.H
+            H *= beta
+            H.add_(xtx, alpha=alpha)
+            return
+        x = x.float()
+        if self._H is None:  # 0·beta + alpha·g = alpha·g
+            self._H = gram(x).mul_(alpha)
+            return
+        H, n = self._H, self.n
+        k = max(1, -(-n // GRAM_PANEL))
+        b = -(-n // k)
+        for a0 in range(0, n, b):
+            a1 = min(a0 + b, n)
+            P = torch.mm(x[:, a0:a1].T, x[:, a0:])  # gram()'s panel: rows a0:a1, columns a0:
+            H[a0:a1, a0:].mul_(beta).add_(P, alpha=alpha)
+            del P
+            H[a1:, a0:a1].copy_(H[a0:a1, a1:].T)  # H stays exactly symmetric off the diagonal blocks
 
 
 class Hessians:
-    """One running H per observed linear; linears that read the same input tensor in a forward pass (q, k, v
-    read the normed hidden states; gate and up too) compute xᵀx once and add it to each of theirs."""
+    """One running H per observed linear. Linears that read the same input tensor in a forward pass (q, k, v
+    read the normed hidden states; gate and up too) compute its xᵀx once (observe), or, observed together
+    (observe_group), share one H tensor while they have seen the very same inputs."""
 
     def __init__(self, linears: dict[str, nn.Module]) -> None:
         self.h = {n: Hessian(m.in_features, _device_of(m)) for n, m in linears.items()}
         self.sources: dict[str, list[int]] = {n: [] for n in linears}  # serial numbers of the inputs each saw
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # the last input and its xᵀx
         self._serial = 0
 
     def observe(self, name: str, x: torch.Tensor) -> None:
+        """Add x to name's H. Linears observed one by one with the same tensor compute its xᵀx once (kept until
+        another tensor comes, or drop_cache)."""
         if self._last is None or self._last[0] is not x:
             self._last = (x, gram(x.reshape(-1, x.shape[-1]).float()))
             self._serial += 1
-        self.h[name].add(x, self._last[1])
+        h = self.h[name]
+        if h._H is not None and any(o is not h and o._H is h._H for o in self.h.values()):
+            h._H = h._H.clone()  # it shared H with others (observe_group): it goes its own way now
+        h.add(x, self._last[1])
         self.sources[name].append(self._serial)
+
+    def observe_group(self, names: list[str], x: torch.Tensor) -> None:
+        """Add x to the H of every linear in `names` (all reading this very tensor): when they have seen the same
+        inputs so far they share one H tensor, added to once (xᵀx never held whole: Hessian.add); else one
+        by one."""
+        hs = [self.h[n] for n in names]
+        h0, src0 = hs[0], self.sources[names[0]]
+        if not all(h._H is h0._H and h.count == h0.count and self.sources[n] == src0 for n, h in zip(names, hs)):
+            for n in names:
+                self.observe(n, x)
+            return
+        self._last = None
+        self._serial += 1
+        h0.add(x)
+        for n, h in zip(names, hs):
+            h._H, h.count = h0._H, h0.count
+            self.sources[n].append(self._serial)
 
     def shared(self, names: list[str]) -> list[list[str]]:
         """`names` grouped by identical H: linears that saw the very same input tensors, in order (and whose H
@@ -85,23 +144,104 @@ class Hessians:
                 groups.append([n])
         return groups
 
+    def drop_cache(self) -> None:
+        """Forget the last input (call once every linear of a group has observed it)."""
+        self._last = None
+
+    def take(self, name: str) -> tuple[torch.Tensor, bool]:
+        """(name's H, whether it is the caller's alone): this object forgets it. Not alone while another
+        linear here still shares the tensor: the caller must then leave it unchanged."""
+        H = self.h[name].take()
+        return H, not any(o._H is H for o in self.h.values())
+
     def __getitem__(self, name: str) -> Hessian:
         return self.h[name]
+
+    def distinct(self, names: list[str]) -> list[str]:
+        """`names` with one name per H tensor (the first of each set sharing one): what to update in place."""
+        seen, out = set(), []
+        for n in names:
+            key = id(self.h[n].H)
+            if key not in seen:
+                seen.add(key)
+                out.append(n)
+        return out
 
     def reduce(self, names: list[str]) -> None:
         """Across data-parallel ranks (core/dist.py): every H of `names` becomes the mean over all ranks' tokens,
         H = Σ_r count_r H_r / Σ_r count_r (the same collective calls, in the same order, on every rank; linears
-        that read the same inputs hold equal H before, so equal sums after). No-op in one process."""
+        that read the same inputs share their H: reduced once). No-op in one process."""
         from . import dist
 
         if dist.world_size() == 1:
             return
-        for n in names:
+        for n in self.distinct(names):
             h = self.h[n]
             h.H.mul_(h.count)
             dist.all_reduce_sum(h.H)
             h.count = dist.all_reduce_count(h.count, h.H.device)
             h.H.div_(max(h.count, 1))
+            for o in names:
+                if self.h[o]._H is h._H:
+                    self.h[o].count = h.count
+
+
+LEAN_N = 8192  # H of at least this many columns is factored in place (n x n float32: 256 MB and up)
+LEAN_BLOCK = 512  # the in-place factorization's block size
+
+
+def permute_symmetric_(H: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """H[perm][:, perm], computed in H's own memory (one row of temporary): rows moved along the permutation's
+    cycles, then each row gathered. Returns H."""
+    p = perm.tolist()
+    seen = bytearray(len(p))
+    for start in range(len(p)):
+        if seen[start] or p[start] == start:
+            seen[start] = 1
+            continue
+        tmp = H[start].clone()
+        j = start
+        while True:  # row j receives row p[j]
+            seen[j] = 1
+            nxt = p[j]
+            if nxt == start:
+                H[j] = tmp
+                break
+            H[j] = H[nxt]
+            j = nxt
+    for i in range(H.shape[0]):
+        H[i] = H[i, perm]
+    return H
+
+
+def inverse_hessian_factor_(H: torch.Tensor, block: int = LEAN_BLOCK) -> torch.Tensor:
+    """The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU, positive diagonal), written over H (already dampened)
+    without an n x n temporary: H = R Rᵀ with R upper triangular (Cholesky from the bottom-right corner, by
+    blocks), then U = R⁻¹ (H⁻¹ = R⁻ᵀR⁻¹ = UᵀU), by column blocks. Equal to `inverse_hessian_factor` up to
+    floating-point rounding (tests/core/test_gptq_lean.py). Returns H."""
+    n = H.shape[0]
+    for k1 in range(n, 0, -block):  # 1. R, block column by block column from the right; upper triangle only
+        k0 = max(0, k1 - block)
+        # the diagonal block: A = R22 R22ᵀ; with J the reversal, JAJ = L Lᵀ (lower L) and R22 = J L J.
+        # (JAJ's lower triangle is A's upper one: the only part kept up to date)
+        R22 = torch.linalg.cholesky(H[k0:k1, k0:k1].flip(0, 1)).flip(0, 1)
+        H[k0:k1, k0:k1] = R22
+        if k0 == 0:
+            break
+        R12 = torch.linalg.solve_triangular(R22.T, H[:k0, k0:k1], upper=False, left=False)  # A12 R22⁻ᵀ
+        H[:k0, k0:k1] = R12
+        for r0 in range(0, k0, block):  # A11 -= R12 R12ᵀ, upper triangle, one block row at a time
+            r1 = min(r0 + block, k0)
+            H[r0:r1, r0:k0].addmm_(R12[r0:r1], R12[r0:k0].T, alpha=-1)
+    H.triu_()
+    for j0 in range(0, n, block):  # 2. U = R⁻¹: U22 = R22⁻¹, U12 = -U11 R12 U22 (U11 already over R11)
+        j1 = min(j0 + block, n)
+        eye = torch.eye(j1 - j0, dtype=H.dtype, device=H.device)
+        U22 = torch.linalg.solve_triangular(H[j0:j1, j0:j1], eye, upper=True)
+        if j0 > 0:
+            H[:j0, j0:j1] = -(H[:j0, :j0] @ H[:j0, j0:j1]) @ U22
+        H[j0:j1, j0:j1] = U22
+    return H
 
 
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -124,6 +264,18 @@ def _group_params(W: torch.Tensor, scheme: Scheme, clip_grid: int = 0, hdiag: to
     return compute_qparams(W, per_row)
 
 
+ACT_ORDER_STEPS = 256  # act-order keys: log2(diag H) rounded to 1/256 (columns within ~0.27% are equals)
+
+
+def act_order_perm(diag: torch.Tensor) -> torch.Tensor:
+    """Act-order's sweep order: descending diag(H), with diagonals that agree to ~0.27% (the same key) in
+    column order. A Hessian whose sums were added in another order (data-parallel calibration, another
+    device) differs in its last bits; a plain argsort would then swap near-equal columns and change the sweep
+    of the whole layer, this order only where a key sits on a rounding boundary."""
+    key = torch.round(torch.log2(diag.double()) * ACT_ORDER_STEPS)
+    return torch.sort(key, descending=True, stable=True).indices
+
+
 CLIP_MIN_SHRINK = 0.5  # the clip search's smallest range, as a fraction of min/max's
 
 
@@ -144,10 +296,12 @@ def gptq_quantize(
 
 
 @torch.no_grad()
-def gptq_rows(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, blocksize: int = 128, percdamp: float = 0.01,
-              act_order: bool = False, clip_grid: int = 0) -> tuple[QTensor, torch.Tensor]:
+def gptq_rows(W: torch.Tensor | list[torch.Tensor], H: torch.Tensor, scheme: Scheme, blocksize: int = 128,
+              percdamp: float = 0.01, act_order: bool = False, clip_grid: int = 0, consume: bool = False
+              ) -> tuple[QTensor, torch.Tensor]:
     """`gptq_quantize` with the loss of every output row ([out]). Rows never interact in GPTQ (H acts on
-    columns; group params are per row), so weights that share H can be swept as one stacked matrix.
+    columns; group params are per row), so weights that share H can be swept as one stacked matrix: W may be
+    a list of weights [out_i, in], swept as their row concatenation (without building it).
 
     Groups are contiguous in the natural column order (last one may be shorter).
     Without act-order a group's params are fitted when the sweep reaches it, on
@@ -156,20 +310,40 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, blocksize: int =
     fitted on the original weights up front, so the stored layout is unchanged.
     clip_grid > 1: each group's range is searched (clipped) for the least diag(H)-weighted squared rounding
     error instead of min/max (0 or 1: min/max, the reference).
+    consume: H is the caller's to give (a float32 tensor on W's device that nothing reads afterwards): it is
+    permuted and factored in its own memory when it has at least LEAN_N columns, so the sweep's peak holds one
+    n x n matrix instead of two or three.
     """
-    W = W.detach().float().clone()  # [out, in]
-    rows, cols = W.shape
-    dev = W.device
+    parts = [w.detach() for w in W] if isinstance(W, (list, tuple)) else [W.detach()]
+    rows, cols = sum(w.shape[0] for w in parts), parts[0].shape[1]
+    dev = parts[0].device
     H = H.detach()
     diag = torch.diag(H).to(dev, torch.float32)
     dead = diag == 0
     diag[dead] = 1
-    W[:, dead] = 0
+    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(cols, device=dev)
+    dead_p = dead[perm]
+    # The sweep works on the transpose, one contiguous row per weight column: the per-column updates
+    # then touch contiguous memory (same arithmetic, same order as on W; much faster on CPU). Built a slice of
+    # columns at a time from each part: no float copy of the whole (stacked) weight besides WT itself.
+    WT = torch.empty(cols, rows, dtype=torch.float32, device=dev)  # [in, out], columns in sweep order
+    r0 = 0
+    for w in parts:
+        for c0 in range(0, cols, 1024):
+            idx = perm[c0:c0 + 1024]
+            WT[c0:c0 + len(idx), r0:r0 + w.shape[0]] = w[:, idx].T
+        r0 += w.shape[0]
+    WT[dead_p] = 0
 
     g = scheme.group_len(cols) if scheme.granularity == "group" else cols
     n_groups = 1 if scheme.granularity == "tensor" else scheme.n_groups(cols)
+    inv_perm = torch.argsort(perm)
+
+    def natural(c0: int, c1: int) -> torch.Tensor:  # original columns c0:c1 (dead ones 0) as [out, c1 - c0]
+        return WT[inv_perm[c0:c1]].T.contiguous() if act_order else WT[c0:c1].T.contiguous()
+
     if scheme.granularity == "tensor":
-        s_t, z_t = compute_qparams(W, scheme)
+        s_t, z_t = compute_qparams(natural(0, cols), scheme)
         scale, zero = s_t.expand(rows, 1).clone(), (z_t.expand(rows, 1).clone() if z_t is not None else None)
     else:
         scale = torch.empty(rows, n_groups, dtype=scheme.torch_scale_dtype, device=dev)
@@ -178,21 +352,23 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, blocksize: int =
     static = act_order or scheme.granularity != "group"
     if static and scheme.granularity != "tensor":
         for k in range(n_groups):
-            s, z = _group_params(W[:, k * g: (k + 1) * g], scheme, clip_grid, hdiag[k * g: (k + 1) * g])
+            s, z = _group_params(natural(k * g, (k + 1) * g), scheme, clip_grid, hdiag[k * g: (k + 1) * g])
             scale[:, k:k + 1] = s
             if zero is not None:
                 zero[:, k:k + 1] = z
 
-    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(cols, device=dev)
-    # the permuted copy straight from the caller's H (no clone first: one n x n copy less at the peak)
-    H = H.to(dev, torch.float32)[perm][:, perm] if act_order else H.to(dev, torch.float32).clone()
-    dead_p = dead[perm]
-    H[dead_p, dead_p] = 1
-    # The sweep works on the transpose, one contiguous row per weight column: the per-column updates
-    # then touch contiguous memory (same arithmetic, same order as on W; much faster on CPU).
-    WT = W[:, perm].T.contiguous()  # [in, out]
-    del W
-    Hinv = inverse_hessian_factor(H, percdamp)
+    lean = consume and cols >= LEAN_N and H.dtype == torch.float32 and H.device == dev
+    if lean:  # in H's own memory
+        if act_order:
+            permute_symmetric_(H, perm)
+        H[dead_p, dead_p] = 1
+        H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
+        Hinv = inverse_hessian_factor_(H)
+    else:
+        # the permuted copy straight from the caller's H (no clone first: one n x n copy less at the peak)
+        H = H.to(dev, torch.float32)[perm][:, perm] if act_order else H.to(dev, torch.float32).clone()
+        H[dead_p, dead_p] = 1
+        Hinv = inverse_hessian_factor(H, percdamp)
     del H
 
     group_of = ((perm // g) if scheme.granularity == "group" else torch.zeros(cols, dtype=torch.long)).tolist()
