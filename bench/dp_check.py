@@ -4,7 +4,8 @@
     nice -n 10 python bench/dp_check.py [--model smollm2-135m] [--method gptq] [--nsamples 16] [--ranks 2]
         [--limit-tokens 8192] [--workdir /work/runs/dp]
 
-Prints one JSON line: wall times, how many codes differ (and of how many), the largest |scale| difference,
+Every process (the one-process run and each rank) runs with the same number of threads. Prints one JSON
+line: wall times, how many codes differ (and of how many), the largest |scale| difference,
 perplexity of each on the first --limit-tokens tokens of WikiText-2 test.
 """
 from __future__ import annotations
@@ -29,17 +30,21 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--limit-tokens", type=int, default=8192)
     ap.add_argument("--workdir", type=Path, default=Path("/work/runs/dp"))
+    ap.add_argument("--threads", type=int, default=None, help="threads of every process (default: cores / ranks)")
     a = ap.parse_args()
     shutil.rmtree(a.workdir, ignore_errors=True)
     a.workdir.mkdir(parents=True)
     one, many = a.workdir / "one", a.workdir / "dp"
     flags = ["--method", a.method, "--bits", "4", "--group-size", "128", "--sym", "--nsamples", str(a.nsamples)]
+    # every process gets the same number of threads (the CPU's cores / ranks): torch's CPU matmuls split their
+    # sums by thread, so a one-process run with more threads differs in its last bits (and GPTQ then in codes)
+    threads = a.threads or max(1, (os.cpu_count() or 2) // a.ranks)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "lowbit", "quantize", a.model, str(one), *flags], check=True,
-                   stderr=subprocess.DEVNULL)
+                   stderr=subprocess.DEVNULL, env=env)
     t_one = time.time() - t0
     t0 = time.time()
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // a.ranks))}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(a.ranks),
                     "-m", "lowbit", "quantize", a.model, str(many), *flags], check=True, env=env,
                    stderr=subprocess.DEVNULL)
@@ -63,7 +68,7 @@ def main() -> None:
         r = subprocess.run([sys.executable, "-m", "lowbit", "eval", str(path), "--limit-tokens", str(a.limit_tokens),
                             "--json"], check=True, capture_output=True, text=True)
         ppl[name] = json.loads(r.stdout.strip().splitlines()[-1])["ppl"]
-    emit({"model": a.model, "method": a.method, "nsamples": a.nsamples, "ranks": a.ranks, "one_process_s": round(t_one, 1),
+    emit({"model": a.model, "method": a.method, "nsamples": a.nsamples, "ranks": a.ranks, "threads_per_process": threads, "one_process_s": round(t_one, 1),
           "data_parallel_s": round(t_many, 1), "codes_differing": diff, "codes": total,
           "files_identical": (one / "lowbit.safetensors").read_bytes() == (many / "lowbit.safetensors").read_bytes(),
           "max_scale_diff": scale_diff, "ppl_one": ppl["one"], "ppl_dp": ppl["dp"],

@@ -11,7 +11,10 @@ from lowbit.core.scheme import Scheme
 
 
 def main() -> None:
-    model_dir, calib_path, out, method = sys.argv[1:5]
+    model_dir, calib_path, out, method, batch = sys.argv[1:6]
+    from lowbit.calibration import sequential
+
+    sequential.BATCH = int(batch)  # samples per calibration batch (the test's one-process run uses the same)
     dist.init_process_group("gloo")
     ids = torch.load(calib_path)
     m, tok = api.load(model_dir, lazy=True)

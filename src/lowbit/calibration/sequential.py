@@ -320,7 +320,7 @@ def layer_sequential(model: nn.Module, ids: torch.Tensor, process_block: BlockFn
     lazy, sink, dev = st.lazy, st.sink, torch.device(st.device)
     t0 = time.time()
     start, done, saved = sink.resume_point() if sink is not None else (0, {}, None)
-    ids = ids[dist.shard(ids.shape[0])]  # data-parallel (torchrun): this rank's share of the samples
+    ids = ids[dist.shard(ids.shape[0], BATCH)]  # data-parallel (torchrun): this rank's share, in whole batches
     done = dict(done)
     if start >= len(blocks):
         inputs, kw = [], {}

@@ -1,9 +1,12 @@
 """Data-parallel calibration over torch.distributed (`torchrun --nproc-per-node N -m lowbit quantize ...`).
 
 Every rank holds the whole (lazily loaded) model and runs the same blocks in the same order; the calibration
-windows are split between the ranks (contiguous shares), each rank gathers statistics (Hessians, AWQ's mean
-|x|) over its share, and the statistics are summed across the ranks (all_reduce) before any decision is made
-from them, so every rank takes the same decisions from the same numbers. Only rank 0 writes.
+windows are split between the ranks (contiguous shares of whole calibration batches), each rank gathers
+statistics over its share, and the statistics are combined across the ranks before any decision is made from
+them, so every rank takes the same decisions from the same numbers. GPTQ's Hessians are combined exactly as
+one process adds them: every batch's xᵀx is replayed into the running mean in the global batch order
+(core/gptq.Hessian.replay), so the result has the bits of a one-process run; AWQ's mean |x| sums are
+all-reduced (float64). Only rank 0 writes.
 gloo on the CPU, NCCL on CUDA. Nothing here does anything in a single process.
 """
 from __future__ import annotations
@@ -51,12 +54,39 @@ def init_from_env(device: str) -> None:
     dist.init_process_group(backend=backend)
 
 
-def shard(n: int) -> slice:
-    """This rank's contiguous share of n calibration samples (the first n % world ranks take one more)."""
+def shard(n: int, unit: int = 1) -> slice:
+    """This rank's contiguous share of n calibration samples, in whole units of `unit` samples (the calibration
+    batch) when there are at least `unit` per rank: every rank then runs the very batches one process would
+    (the last rank takes the remainder), so statistics gathered per batch are the same bits. Otherwise (or
+    unit 1) the first n % world ranks take one sample more."""
     w, r = world_size(), rank()
+    if unit > 1 and n >= w * unit:
+        units = -(-n // unit)
+        base, extra = divmod(units, w)
+        start = (r * base + min(r, extra)) * unit
+        return slice(min(start, n), min(start + (base + (1 if r < extra else 0)) * unit, n))
     base, extra = divmod(n, w)
     start = r * base + min(r, extra)
     return slice(start, start + base + (1 if r < extra else 0))
+
+
+def gather_int(n: int, device=None) -> list[int]:
+    """n of every rank, in rank order ([n] in one process)."""
+    d = _dist()
+    if d is None or d.get_world_size() == 1:
+        return [n]
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    out = [torch.zeros_like(t) for _ in range(d.get_world_size())]
+    d.all_gather(out, t)
+    return [int(x.item()) for x in out]
+
+
+def broadcast_(t: torch.Tensor, src: int) -> torch.Tensor:
+    """t of rank `src`, into t on every rank (in place; no-op in one process)."""
+    d = _dist()
+    if d is not None and d.get_world_size() > 1:
+        d.broadcast(t, src=src)
+    return t
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

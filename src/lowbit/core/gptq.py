@@ -44,6 +44,8 @@ class Hessian:
         self.n, self.device = n, device
         self._H: torch.Tensor | None = None  # allocated by the first add (n x n float32: 822 MB at n = 14,336)
         self.count = 0
+        # data-parallel calibration (core/dist.py): every added batch's (tokens, xᵀx), combined by replay()
+        self.parts: list[tuple[int, torch.Tensor]] | None = [] if _data_parallel() else None
 
     @property
     def H(self) -> torch.Tensor:
@@ -68,6 +70,10 @@ class Hessian:
         H·c/(c+m) + 2/(c+m)·gram(x)), so the peak is H plus one panel, not two n x n matrices."""
         x = x.reshape(-1, x.shape[-1])
         m = x.shape[0]
+        if self.parts is not None:  # data-parallel: kept for the ordered replay across ranks
+            self.parts.append((m, xtx if xtx is not None else gram(x.float())))
+            self.count += m
+            return
         beta = self.count / (self.count + m)
         self.count += m
         alpha = 2 / self.count
@@ -91,6 +97,43 @@ class Hessian:
             H[a1:, a0:a1].copy_(H[a0:a1, a1:].T)  # H stays exactly symmetric off the diagonal blocks
 
 
+    def replay(self) -> None:
+        """Data-parallel: H from every rank's batches, added in the global batch order (rank 0's, then rank
+        1's, ...) with the same running-mean arithmetic as one process (`add` with xtx): the bits of a
+        one-process run over the same batches. Every rank calls it for the same Hessians in the same order
+        (collectives: one broadcast per batch)."""
+        from . import dist
+
+        parts, self.parts = self.parts or [], []
+        dev = parts[0][1].device if parts else self.device
+        per_rank = dist.gather_int(len(parts), dev)
+        H = torch.zeros(self.n, self.n, dtype=torch.float32, device=dev)
+        count = 0
+        for r, k in enumerate(per_rank):
+            for i in range(k):
+                if r == dist.rank():
+                    m, G = parts[i]
+                    G = G.contiguous()
+                    mt = torch.tensor([m], dtype=torch.int64, device=dev)
+                else:
+                    G = torch.empty(self.n, self.n, dtype=torch.float32, device=dev)
+                    mt = torch.zeros(1, dtype=torch.int64, device=dev)
+                dist.broadcast_(mt, r)
+                dist.broadcast_(G, r)
+                m = int(mt.item())
+                H *= count / (count + m)
+                count += m
+                H.add_(G, alpha=2 / count)
+                del G
+        self._H, self.count = H, count
+
+
+def _data_parallel() -> bool:
+    from . import dist
+
+    return dist.world_size() > 1
+
+
 class Hessians:
     """One running H per observed linear. Linears that read the same input tensor in a forward pass (q, k, v
     read the normed hidden states; gate and up too) compute its xᵀx once (observe), or, observed together
@@ -111,6 +154,8 @@ class Hessians:
         h = self.h[name]
         if h._H is not None and any(o is not h and o._H is h._H for o in self.h.values()):
             h._H = h._H.clone()  # it shared H with others (observe_group): it goes its own way now
+        if h.parts and any(o is not h and o.parts is h.parts for o in self.h.values()):
+            h.parts = list(h.parts)
         h.add(x, self._last[1])
         self.sources[name].append(self._serial)
 
@@ -120,7 +165,8 @@ class Hessians:
         by one."""
         hs = [self.h[n] for n in names]
         h0, src0 = hs[0], self.sources[names[0]]
-        if not all(h._H is h0._H and h.count == h0.count and self.sources[n] == src0 for n, h in zip(names, hs)):
+        if not all(h._H is h0._H and (h.parts is h0.parts or not (h.parts or h0.parts)) and h.count == h0.count
+                   and self.sources[n] == src0 for n, h in zip(names, hs)):
             for n in names:
                 self.observe(n, x)
             return
@@ -128,7 +174,7 @@ class Hessians:
         self._serial += 1
         h0.add(x)
         for n, h in zip(names, hs):
-            h._H, h.count = h0._H, h0.count
+            h._H, h.parts, h.count = h0._H, h0.parts, h0.count
             self.sources[n].append(self._serial)
 
     def shared(self, names: list[str]) -> list[list[str]]:
@@ -168,22 +214,22 @@ class Hessians:
         return out
 
     def reduce(self, names: list[str]) -> None:
-        """Across data-parallel ranks (core/dist.py): every H of `names` becomes the mean over all ranks' tokens,
-        H = Σ_r count_r H_r / Σ_r count_r (the same collective calls, in the same order, on every rank; linears
-        that read the same inputs share their H: reduced once). No-op in one process."""
-        from . import dist
-
-        if dist.world_size() == 1:
+        """Data-parallel calibration (core/dist.py): every H of `names` from all ranks' batches, replayed in
+        the global batch order (Hessian.replay: the bits of one process; the same calls in the same order on
+        every rank; linears sharing one H replayed once). No-op in one process."""
+        if not _data_parallel():
             return
-        for n in self.distinct(names):
+        done: dict[int, Hessian] = {}
+        for n in names:
             h = self.h[n]
-            h.H.mul_(h.count)
-            dist.all_reduce_sum(h.H)
-            h.count = dist.all_reduce_count(h.count, h.H.device)
-            h.H.div_(max(h.count, 1))
-            for o in names:
-                if self.h[o]._H is h._H:
-                    self.h[o].count = h.count
+            key = id(h.parts)
+            if key in done:
+                h._H, h.parts, h.count = done[key]._H, done[key].parts, done[key].count
+                continue
+            h.replay()
+            done[key] = h
+        for n in names:  # the lists were emptied by replay: no longer shared
+            self.h[n].parts = []
 
 
 LEAN_N = 8192  # H of at least this many columns is factored in place (n x n float32: 256 MB and up)
@@ -262,18 +308,6 @@ def _group_params(W: torch.Tensor, scheme: Scheme, clip_grid: int = 0, hdiag: to
     if clip_grid > 1:
         return search_qparams(W, per_row, clip_grid, CLIP_MIN_SHRINK, col_weight=hdiag)
     return compute_qparams(W, per_row)
-
-
-ACT_ORDER_STEPS = 256  # act-order keys: log2(diag H) rounded to 1/256 (columns within ~0.27% are equals)
-
-
-def act_order_perm(diag: torch.Tensor) -> torch.Tensor:
-    """Act-order's sweep order: descending diag(H), with diagonals that agree to ~0.27% (the same key) in
-    column order. A Hessian whose sums were added in another order (data-parallel calibration, another
-    device) differs in its last bits; a plain argsort would then swap near-equal columns and change the sweep
-    of the whole layer, this order only where a key sits on a rounding boundary."""
-    key = torch.round(torch.log2(diag.double()) * ACT_ORDER_STEPS)
-    return torch.sort(key, descending=True, stable=True).indices
 
 
 CLIP_MIN_SHRINK = 0.5  # the clip search's smallest range, as a fraction of min/max's
