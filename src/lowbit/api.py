@@ -353,12 +353,14 @@ def _second_moments(model: nn.Module, stats: dict) -> dict:
 
 def plan_gguf(model: nn.Module, tokenizer, calib_ids: torch.Tensor | None, target_size: int | None = None,
               target_bpw: float | None = None, calibrated: bool = False, allowed=None, progress: bool = True,
-              reuse: dict | None = None):
+              reuse: dict | None = None, fill: float = 0.0):
     """A per-tensor GGUF type plan (formats/gguf/budget.py) for the float `model` whose file takes at most
     `target_size` bytes (or `target_bpw` bits per weight over every tensor, header and padding included).
     Returns (plan, stats): the sensitivity statistics double as the calibrated export's imatrix/Hessians.
     `calibrated`: the costs are those of the importance-weighted encoders the calibrated export uses.
-    `reuse`: a plan whose recorded costs are allocated again under this target (stats: None)."""
+    `reuse`: a plan whose recorded costs are allocated again under this target (stats: None).
+    `fill`: the file takes at least this fraction of the target (0: the optimum, which may be smaller; see
+    core/budget.solve's min_bytes)."""
     from .calibration.sensitivity import layer_statistics
     from .formats.gguf.budget import CANDIDATES, PLAN_KEY, compact_plan, header_bytes, plan_types, tensor_nbytes
     from .formats.gguf.export import export_gguf
@@ -375,7 +377,8 @@ def plan_gguf(model: nn.Module, tokenizer, calib_ids: torch.Tensor | None, targe
     two_d = {hf: t for hf, t in tensors.items() if t.dim() == 2}
     infos = {names[hf]: tuple(t.shape) for hf, t in tensors.items()}
     # the plan's own metadata entry: reserved at its largest (every choice 4 characters, numbers at 20)
-    dummy = {"format": "x" * 24, "kind": "gguf", "target": {"size": 10**15, "bpw": 1e15}, "budget_bytes": 10**15,
+    dummy = {"format": "x" * 24, "kind": "gguf", "target": {"size": 10**15, "bpw": 1e15, "fill": 0.1234567890123},
+             "budget_bytes": 10**15,
              "bytes": 10**15, "fixed_bytes": 10**15, "file_bytes": 10**15, "weights": 10**15, "bpw": 1e15,
              "cost": -1.2345678901234567e-300, "lower_bound": -1.2345678901234567e-300,
              "gap": 1.2345678901234567e-300, "exact": False,
@@ -394,6 +397,10 @@ def plan_gguf(model: nn.Module, tokenizer, calib_ids: torch.Tensor | None, targe
         size, target = fixed + int(target_bpw * weights / 8), {"bpw": target_bpw}
     else:
         size, target = target_size, {"size": target_size}
+    if not 0 <= fill <= 1:
+        raise LowbitError(f"--budget-fill must be a fraction in [0, 1], got {fill}")
+    if fill > 0:
+        target["fill"] = fill
     if reuse is not None:
         from .formats.gguf.budget import replan_types
 

@@ -639,6 +639,9 @@ def export_gguf(
     save_plan: Optional[Path] = typer.Option(None, help="Write the plan as JSON here too.", show_default=False),
     budget_nsamples: int = typer.Option(8, help="Budget without --calib: calibration windows for the "
                                                 "sensitivity statistics (with --calib: --nsamples)."),
+    budget_fill: float = typer.Option(0.0, help="Budget: the file takes at least this fraction of the target "
+                                                "(e.g. 0.99 to compare at an equal size; 0: the least-cost plan, "
+                                                "which may leave bytes unused)."),
 ) -> None:
     """Write MODEL as a GGUF file for llama.cpp (and ollama, LM Studio): its types and mixtures, or (--target-size,
     --target-bpw) the types that fit a budget best."""
@@ -670,7 +673,7 @@ def export_gguf(
     budgeted = _budget_given(target_bpw, target_size, plan)
     if budgeted:
         return _export_gguf_budget(model, out, type_, calib, gptq, nsamples, calib_seqlen, seed, force, target_bpw,
-                                   target_size, plan, save_plan, budget_nsamples, overrides)
+                                   target_size, plan, save_plan, budget_nsamples, overrides, budget_fill)
     m, tok = api.load(model, dtype=dtype)
     imatrix = hessians = None
     if calib is not None:
@@ -718,7 +721,7 @@ def export(
     if format_ == "gguf":
         return export_gguf(model, out, type_, tensor_type, calib, gptq, nsamples, calib_seqlen, seed, force,
                            dtype="auto", target_bpw=None, target_size=None, plan=None, save_plan=None,
-                           budget_nsamples=8)
+                           budget_nsamples=8, budget_fill=0.0)
     if dtype not in ("auto", "float16", "bfloat16", "float32"):
         raise LowbitError(f"--dtype must be one of auto, float16, bfloat16, float32; got {dtype!r}")
     check_output(out, overwrite=force)
@@ -729,7 +732,7 @@ def export(
 
 
 def _export_gguf_budget(model, out, type_, calib, gptq, nsamples, calib_seqlen, seed, force, target_bpw,
-                        target_size, plan, save_plan, budget_nsamples, overrides) -> None:
+                        target_size, plan, save_plan, budget_nsamples, overrides, budget_fill=0.0) -> None:
     from . import api
     from .algorithms.budget import plan_table, read_plan
     from .calibration.data import calibration_ids
@@ -752,7 +755,8 @@ def _export_gguf_budget(model, out, type_, calib, gptq, nsamples, calib_seqlen, 
                                  seed=seed)
     if loaded is None or retarget:
         loaded, stats = api.plan_gguf(m, tok, None if retarget else ids, target_size=size, target_bpw=target_bpw,
-                                      calibrated=calib is not None, reuse=loaded if retarget else None)
+                                      calibrated=calib is not None, reuse=loaded if retarget else None,
+                                      fill=budget_fill)
     print(plan_table(loaded))
     print(f"planned in {time.time() - t0:.1f}s")
     if save_plan is not None:

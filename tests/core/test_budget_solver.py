@@ -85,3 +85,42 @@ def test_parse_size():
     for bad in ("", "abc", "-5MB", "0", "5 TB"):
         with pytest.raises(LowbitError):
             parse_size(bad)
+
+
+def _brute_fill(items, budget, min_bytes):
+    """(least cost, that it exists) over allocations with min_bytes <= bytes <= budget."""
+    best = None
+    for combo in itertools.product(*[range(len(it.choices)) for it in items]):
+        b = sum(it.choices[j].bytes for it, j in zip(items, combo))
+        if min_bytes <= b <= budget:
+            c = sum(it.choices[j].cost for it, j in zip(items, combo))
+            best = c if best is None or c < best else best
+    return best
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 5), st.integers(1, 4), st.integers(0, 200), st.floats(0.5, 1.0))
+def test_fill_spends_at_least_min_bytes(seed, n, k, extra, frac):
+    """min_bytes: the allocation uses at least that many bytes whenever any allocation in [min_bytes, budget]
+    exists and the greedy fill finds one; never over the budget; never cheaper than the unconstrained optimum
+    (the lower bound stays that optimum's); unchanged when the optimum already spends enough."""
+    rng = random.Random(seed)
+    items = _items(rng, n, k)
+    smallest = sum(min(c.bytes for c in it.choices) for it in items)
+    budget = smallest + extra
+    free = solve(items, budget)
+    min_bytes = int(frac * budget)
+    a = solve(items, budget, min_bytes=min_bytes)
+    assert a.bytes <= budget
+    assert a.bytes == sum(a.choice(it.name).bytes for it in items)
+    assert a.cost == pytest.approx(sum(a.choice(it.name).cost for it in items))
+    assert a.cost >= free.cost - 1e-9 and a.lower_bound <= a.cost + 1e-9
+    if free.bytes >= min_bytes:
+        assert a.picks == free.picks
+    elif a.bytes < min_bytes:  # the fill stopped: no single change adding bytes fits any more
+        for it in items:
+            cur = a.choice(it.name)
+            assert all(c.bytes <= cur.bytes or a.bytes + c.bytes - cur.bytes > budget for c in it.choices)
+    else:
+        assert _brute_fill(items, budget, min_bytes) is not None
+

@@ -113,8 +113,13 @@ def _check(items: list[Item]) -> None:
                 raise LowbitError(f"{it.name}: choice {c.label} has bytes {c.bytes} and cost {c.cost}")
 
 
-def solve(items: list[Item], budget: int, max_states: int = 4_000_000) -> Allocation:
-    """One choice per item, bytes summed <= budget, least summed cost (see the module doc)."""
+def solve(items: list[Item], budget: int, max_states: int = 4_000_000, min_bytes: int = 0) -> Allocation:
+    """One choice per item, bytes summed <= budget, least summed cost (see the module doc).
+
+    min_bytes: spend at least this many bytes (to compare at an equal size). The optimum under the budget
+    alone may leave bytes unused (no upgrade that fits lowers the cost); it is then filled by the changes that
+    add bytes for the least cost added per byte, greedily, until min_bytes is reached. The lower bound stays the
+    unconstrained one, so the gap also shows what the fill cost."""
     _check(items)
     byname = {it.name: it for it in items}
     fronts = {it.name: _frontier(it.choices) for it in items}
@@ -179,7 +184,30 @@ def solve(items: list[Item], budget: int, max_states: int = 4_000_000) -> Alloca
                 alloc.bytes = sum(byname[n].choices[i].bytes for n, i in dpicks.items())
             alloc.lower_bound = alloc.cost
             alloc.exact = True
+    if alloc.bytes < min_bytes:
+        _fill(alloc, items, min(min_bytes, budget))
     return alloc
+
+
+def _fill(alloc: Allocation, items: list[Item], min_bytes: int) -> None:
+    """Changes that add bytes within the budget, least cost added per byte first, until min_bytes are used."""
+    while alloc.bytes < min_bytes:
+        best = None
+        for it in items:
+            cur = it.choices[alloc.picks[it.name]]
+            for j, c in enumerate(it.choices):
+                d = c.bytes - cur.bytes
+                if d > 0 and alloc.bytes + d <= alloc.budget:
+                    key = ((c.cost - cur.cost) / d, -d)
+                    if best is None or key < best[0]:
+                        best = (key, it.name, j, d, c.cost - cur.cost)
+        if best is None:
+            break  # nothing that adds bytes fits any more
+        _, name, j, d, dc = best
+        alloc.picks[name] = j
+        alloc.bytes += d
+        alloc.cost += dc
+    alloc.exact = alloc.cost - alloc.lower_bound <= 1e-12 * max(1.0, abs(alloc.cost))
 
 
 def _solve_dp(items: list[Item], fronts: dict[str, list[int]], budget: int, max_states: int):

@@ -73,6 +73,43 @@ def test_cli_export_budget_and_plan_reuse(cli, tiny_dir, tmp_path):
     assert out2.read_bytes() == out.read_bytes()
 
 
+def test_budgeted_wide_model_writes_its_plan(cli, tmp_path):
+    """A plan of mostly F16 with some quantized tensors is written as planned (the F16 file type used to
+    ignore per-tensor types: every tensor F16, the file over its target). --budget-fill is recorded and the
+    file lies in [fill x target, target]; a fraction outside [0, 1] is refused. (The solver's fill itself:
+    tests/core/test_budget_solver.py.)"""
+    from tests.conftest import make_tokenizer
+    from tests.golden.cases import make_wide_llama
+
+    wide = tmp_path / "wide"
+    make_wide_llama().save_pretrained(wide)
+    make_tokenizer().save_pretrained(wide)
+    out, plan = tmp_path / "a.gguf", tmp_path / "a.json"
+    code, so, se = cli("export-gguf", wide, out, "--target-size", "2MB", "--budget-nsamples", "2",
+                       "--budget-fill", "0.99", "--save-plan", plan)
+    assert code == 0, se
+    p = json.loads(plan.read_text())
+    kinds = {r["choice"] for r in p["layers"]}
+    assert "F16" in kinds and kinds - {"F16"}  # a mixture
+    assert out.stat().st_size == p["file_bytes"] and 0.99 * 2_000_000 <= p["file_bytes"] <= 2_000_000
+    assert p["target"]["fill"] == 0.99 and p["cost"] >= p["lower_bound"]
+    code, so, se = cli("export-gguf", wide, tmp_path / "c.gguf", "--target-size", "2MB", "--budget-fill", "1.5")
+    assert code == 2 and "--budget-fill" in se and not (tmp_path / "c.gguf").exists()
+
+
+def test_tensor_type_applies_to_float_file_types(cli, tmp_path):
+    """--tensor-type overrides an F16 file's tensors too."""
+    from tests.conftest import make_tokenizer
+    from tests.golden.cases import make_wide_llama
+
+    wide = tmp_path / "wide"
+    make_wide_llama().save_pretrained(wide)
+    make_tokenizer().save_pretrained(wide)
+    code, so, se = cli("export-gguf", wide, tmp_path / "a.gguf", "--type", "F16", "--tensor-type", "ffn_down=Q8_0")
+    assert code == 0, se
+    assert "Q8_0 x2" in so
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--target-size", "1kB"], "header"),
     (["--target-size", "10MB", "--tensor-type", "attn_v=Q8_0"], "do not combine"),

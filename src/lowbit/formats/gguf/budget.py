@@ -10,6 +10,8 @@ export and is recorded in the file under `lowbit.budget` (JSON).
 """
 from __future__ import annotations
 
+import math
+
 import json
 import os
 import re
@@ -156,7 +158,8 @@ def allocate(items: list[Item], target_size: int, fixed_bytes: int, target: dict
     if budget <= 0:
         raise LowbitError(f"--target-size {target_size:,} B: the header, metadata and F32 tensors alone take "
                           f"{fixed_bytes:,} B")
-    alloc = solve(items, budget)
+    fill = float((target or {}).get("fill", 0.0))  # spend at least this fraction of the file size
+    alloc = solve(items, budget, min_bytes=math.ceil(fill * target_size) - fixed_bytes if fill > 0 else 0)
     weights = sum(it.weights for it in items)
     layers = [{"name": it.name, "choice": alloc.choice(it.name).label, "bytes": alloc.choice(it.name).bytes,
                "weights": it.weights, "bpw": round(8 * alloc.choice(it.name).bytes / it.weights, 4),

@@ -128,10 +128,9 @@ def choose_types(tensors: list[TensorInfo], ftype: str, n_layers: int, n_gqa: in
             out[t.name] = "F32"
             continue
         cols = t.shape[-1]
-        if base in FLOAT:
-            out[t.name] = base
-            continue
-        chosen = next((v for p, v in pats if p.search(t.name)), None)
+        chosen = next((v for p, v in pats if p.search(t.name)), None)  # an override wins, for F16/F32 files too
+        if chosen is None and base in FLOAT:
+            chosen = base
         if chosen is None:
             chosen = _mixture_rule(ftype, base, _category(t.name), _layer(t.name), n_layers, n_gqa, tied, cols,
                                    imatrix)
