@@ -377,7 +377,7 @@ def plan_gguf(model: nn.Module, tokenizer, calib_ids: torch.Tensor | None, targe
     two_d = {hf: t for hf, t in tensors.items() if t.dim() == 2}
     infos = {names[hf]: tuple(t.shape) for hf, t in tensors.items()}
     # the plan's own metadata entry: reserved at its largest (every choice 4 characters, numbers at 20)
-    dummy = {"format": "x" * 24, "kind": "gguf", "target": {"size": 10**15, "bpw": 1e15, "fill": 0.1234567890123},
+    dummy = {"format": "x" * 24, "kind": "gguf", "target": {"size": 10**15, "bpw": 1e15, "fill": 0.12345678901234567},
              "budget_bytes": 10**15,
              "bytes": 10**15, "fixed_bytes": 10**15, "file_bytes": 10**15, "weights": 10**15, "bpw": 1e15,
              "cost": -1.2345678901234567e-300, "lower_bound": -1.2345678901234567e-300,

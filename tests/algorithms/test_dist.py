@@ -23,17 +23,17 @@ def codes(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_two_gloo_ranks_match_one_process(tiny_dir, calib, tmp_path, method, monkeypatch):
-    """Each rank takes whole calibration batches (4 samples here, 8 windows: one batch per rank). GPTQ's
+    """Each rank takes whole calibration batches (2 samples here, 8 windows: two batches per rank). GPTQ's
     Hessians are replayed in the global batch order: the checkpoint equals one process's exactly. AWQ's mean
     |x| sums are all-reduced: codes may flip where a value sits on a rounding tie."""
     from lowbit.calibration import sequential
 
-    monkeypatch.setattr(sequential, "BATCH", 4)
+    monkeypatch.setattr(sequential, "BATCH", 2)
     calib_path = tmp_path / "calib.pt"
     torch.save(calib, calib_path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(HERE / "dist_worker.py"), str(tiny_dir), str(calib_path), str(tmp_path / "dp"), method, "4"],
+                        str(HERE / "dist_worker.py"), str(tiny_dir), str(calib_path), str(tmp_path / "dp"), method, "2"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     r0, r1 = codes(tmp_path / "dp" / "rank0"), codes(tmp_path / "dp" / "rank1")

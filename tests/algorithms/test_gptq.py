@@ -274,3 +274,36 @@ def test_gram_is_xtx_and_exactly_symmetric(n):
     g = gram(x)
     torch.testing.assert_close(g, x.T @ x, rtol=1e-5, atol=1e-3)
     assert torch.equal(g, g.T)
+
+
+def test_lazy_model_falls_back_after_groups_were_dropped(tiny_dir, calib, monkeypatch):
+    """A lazily loaded model drops float copies as groups finish; a block that turns out irregular late (here:
+    at its third group) is read again from the file and quantized the slow way, to the codes of a run that
+    took the slow path from the start."""
+    import lowbit.algorithms.gptq as gptq_mod
+    from lowbit import api
+    from lowbit.calibration.sequential import Irregular
+
+    cfg = lambda: QuantConfig(method="gptq", scheme=Scheme(4, True, "group", 32))  # noqa: E731
+    real = gptq_mod.run_block_staged
+
+    def late_irregular(*a, **k):
+        on_group, n = a[6], [0]
+
+        def wrapped(names):
+            n[0] += 1
+            if n[0] == 3:
+                raise Irregular("late")
+            on_group(names)
+        return real(*a[:6], wrapped, *a[7:], **k)
+
+    monkeypatch.setattr(gptq_mod, "run_block_staged", late_irregular)
+    m, _ = api.load(tiny_dir, lazy=True)
+    api.quantize(m, cfg(), calib_ids=calib)
+    monkeypatch.setattr(gptq_mod, "probe_groups", lambda *a: None)  # the slow path from the start
+    ref, _ = api.load(tiny_dir, lazy=True)
+    api.quantize(ref, cfg(), calib_ids=calib)
+    a, b = _codes(m), _codes(ref)
+    assert a.keys() == b.keys() and len(a) == 14
+    for n in a:
+        assert torch.equal(a[n][0], b[n][0]) and torch.equal(a[n][1], b[n][1]), n

@@ -125,3 +125,21 @@ def test_linears_reading_one_input_share_one_h():
     H2, alone2 = hs.take("v")
     assert alone2
 
+
+
+@pytest.mark.parametrize("n,unit,world", [(16, 8, 2), (17, 8, 2), (12, 8, 2), (8, 8, 2), (5, 8, 2), (40, 8, 3),
+                                          (7, 1, 3), (3, 8, 4)])
+def test_shard_takes_whole_batches(monkeypatch, n, unit, world):
+    """Shares cover 0..n in order; in whole units (all but the last) whenever there are as many units as ranks."""
+    from lowbit.core import dist
+
+    monkeypatch.setattr(dist, "world_size", lambda: world)
+    shares = []
+    for r in range(world):
+        monkeypatch.setattr(dist, "rank", lambda r=r: r)
+        shares.append(dist.shard(n, unit))
+    assert shares[0].start == 0 and shares[-1].stop == n
+    assert all(a.stop == b.start for a, b in zip(shares, shares[1:]))
+    if -(-n // unit) >= world:
+        assert all(s.stop > s.start for s in shares)
+        assert all((s.stop - s.start) % unit == 0 for s in shares[:-1])

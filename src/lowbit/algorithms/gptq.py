@@ -130,6 +130,7 @@ def gptq_block(model: nn.Module, config: QuantConfig, selected: set[str], staged
         # weights of a group once every batch has gone past it (at the next group). Else the floats stay.
         lazy = state_of(model).lazy
         used: list[str] = []  # the group before the current one: no batch calls it again
+        like: dict[str, tuple[torch.dtype, torch.device]] = {}  # the float weights' dtype and device (compute)
 
         def on_group(names: list[str]) -> None:
             if lazy is not None:  # every batch waits at this group: the one before is behind them all
@@ -137,6 +138,7 @@ def gptq_block(model: nn.Module, config: QuantConfig, selected: set[str], staged
                     linears[n].weight = _on_meta(linears[n].weight)
                 used[:] = names
             for n, q in quantize_group(names, linears, hess).items():
+                like[n] = (linears[n].weight.dtype, linears[n].weight.device)
                 quantized[n], floats[n] = q, (None if lazy is not None else linears[n].weight)
                 linears[n].weight = nn.Parameter(q.dequantize_weight(), requires_grad=False)  # what q computes
 
@@ -150,11 +152,10 @@ def gptq_block(model: nn.Module, config: QuantConfig, selected: set[str], staged
                 if w is not None:
                     linears[n].weight = w
         if outputs is None and lazy is not None and floats:  # the slow path needs the float weights again
-            like = {n: (linears[n].weight.dtype, linears[n].weight.device) for n in floats}
             for n in floats:
                 linears[n].weight = _on_meta(linears[n].weight)
             lazy.materialize(model, prefix)
-            for n, (dt, dv) in like.items():
+            for n, (dt, dv) in ((n, like[n]) for n in floats):
                 linears[n].weight = nn.Parameter(linears[n].weight.to(dv, dt), requires_grad=False)
         return (quantized, outputs) if outputs is not None else None
 

@@ -5,8 +5,9 @@ windows are split between the ranks (contiguous shares of whole calibration batc
 statistics over its share, and the statistics are combined across the ranks before any decision is made from
 them, so every rank takes the same decisions from the same numbers. GPTQ's Hessians are combined exactly as
 one process adds them: every batch's xᵀx is replayed into the running mean in the global batch order
-(core/gptq.Hessian.replay), so the result has the bits of a one-process run; AWQ's mean |x| sums are
-all-reduced (float64). Only rank 0 writes.
+(core/gptq.Hessian.replay), so the result has the bits of a one-process run when there are at least as many
+calibration batches as ranks and every process runs with the same number of threads (torch's CPU matmuls
+split their sums by thread); AWQ's mean |x| sums are all-reduced (float64). Only rank 0 writes.
 gloo on the CPU, NCCL on CUDA. Nothing here does anything in a single process.
 """
 from __future__ import annotations
@@ -56,11 +57,11 @@ def init_from_env(device: str) -> None:
 
 def shard(n: int, unit: int = 1) -> slice:
     """This rank's contiguous share of n calibration samples, in whole units of `unit` samples (the calibration
-    batch) when there are at least `unit` per rank: every rank then runs the very batches one process would
-    (the last rank takes the remainder), so statistics gathered per batch are the same bits. Otherwise (or
-    unit 1) the first n % world ranks take one sample more."""
+    batch) when there are at least as many units as ranks: every rank then runs the very batches one process
+    would (the last rank takes the remainder), so statistics gathered per batch are the same bits. Otherwise
+    (or unit 1) the first n % world ranks take one sample more, and the batches differ from one process's."""
     w, r = world_size(), rank()
-    if unit > 1 and n >= w * unit:
+    if unit > 1 and -(-n // unit) >= w:
         units = -(-n // unit)
         base, extra = divmod(units, w)
         start = (r * base + min(r, extra)) * unit
