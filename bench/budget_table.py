@@ -3,7 +3,7 @@
     python bench/budget_table.py lowbit [--method gptq] [--targets 2.5,3.0,3.5,4.0,4.5] [--uniform 2,3,4,5]
                                         [--bar] [--nsamples 16] [--budget-nsamples 8] [--limit-tokens 8192]
     python bench/budget_table.py gguf [--presets Q3_K_M,Q4_K_S,Q4_K_M,Q5_K_M] [--calibrated] [--gptq]
-                                      [--nsamples 8] [--limit-tokens 8192]
+                                      [--nsamples 8] [--limit-tokens 8192] [--fill 0.99]
 
 lowbit: the sensitivity costs are measured once (8 windows of WikiText-2 valid), then every target is
 allocated from them (`--plan` reuse: nothing measured again) and quantized with the same method and
@@ -11,8 +11,9 @@ calibration as the uniform g128 asymmetric schemes around it; every model scored
 WikiText-2 test windows. `--bar` adds the issue's targets: 0.95 x the bits per weight of uniform W3 and W4
 g128 asym.
 gguf: lowbit's F16 export; llama.cpp's own quantizer (llama_model_quantize) makes each preset from it; lowbit's
-budgeted GGUF at the preset's file size (uncalibrated encoders; with --calibrated also lowbit's own
-calibrated preset and a calibrated budgeted file, same windows); all scored by llama.cpp on the same token ids.
+budgeted GGUF at the preset's file size (at least --fill of it, default 99%; uncalibrated encoders; with
+--calibrated also lowbit's own calibrated preset and a calibrated budgeted file, same windows); all scored by
+llama.cpp on the same token ids.
 """
 from __future__ import annotations
 
@@ -136,7 +137,7 @@ def run_gguf(args) -> None:
         llama_quantize(f16, lp, p)
         ref = row(f"llama.cpp {p}", lp, "preset")
         size = ref["file_bytes"]
-        plan, _ = api.plan_gguf(m, tok, None, target_size=size, reuse=base)
+        plan, _ = api.plan_gguf(m, tok, None, target_size=size, reuse=base, fill=args.fill)
         bp = str(out / f"budget-{p}.gguf")
         api.export_gguf_planned(m, tok, bp, plan, overwrite=True)
         r = row(f"lowbit budget @ {p} size", bp, "budgeted")
@@ -153,7 +154,8 @@ def run_gguf(args) -> None:
             export_gguf(m, tok, cp, p, imatrix=imatrix, hessians=full if args.gptq else None, overwrite=True,
                         progress=False)
             cref = row(f"lowbit {p} calibrated{' + GPTQ' if args.gptq else ''}", cp, "preset")
-            plan, _ = api.plan_gguf(m, tok, None, target_size=cref["file_bytes"], reuse=cal_base, calibrated=True)
+            plan, _ = api.plan_gguf(m, tok, None, target_size=cref["file_bytes"], reuse=cal_base, calibrated=True,
+                                    fill=args.fill)
             cb = str(out / f"budget-{p}-calib.gguf")
             api.export_gguf_planned(m, tok, cb, plan, ids, cal_stats, gptq=args.gptq, overwrite=True)
             r = row(f"lowbit budget calibrated @ {p} size", cb, "budgeted")
@@ -176,6 +178,8 @@ def main() -> None:
     ap.add_argument("--validate", action="store_true")
     ap.add_argument("--presets", default="Q3_K_M,Q4_K_S,Q4_K_M,Q5_K_M")
     ap.add_argument("--calibrated", action="store_true")
+    ap.add_argument("--fill", type=float, default=0.99,
+                    help="gguf: budgeted files take at least this share of the preset's size (0: least cost)")
     ap.add_argument("--gptq", action="store_true")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--budget-nsamples", type=int, default=8)
