@@ -207,7 +207,8 @@ class Hessians:
         """`names` with one name per H tensor (the first of each set sharing one): what to update in place."""
         seen, out = set(), []
         for n in names:
-            key = id(self.h[n].H)
+            h = self.h[n]
+            key = id(h._H) if h._H is not None else ("unallocated", n)  # (never allocates an H)
             if key not in seen:
                 seen.add(key)
                 out.append(n)
