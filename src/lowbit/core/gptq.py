@@ -18,15 +18,21 @@ from .scheme import Scheme
 GRAM_PANEL = 288  # columns per panel of gram(): 576 -> 2 panels, 1536 -> 6
 
 
+def gram_panels(n: int):
+    """(a0, a1) row ranges of gram()'s panels: equal panels of at most GRAM_PANEL rows. Hessian.add updates H
+    with the same panels, so both give the same bits."""
+    k = max(1, -(-n // GRAM_PANEL))
+    b = -(-n // k)
+    for a0 in range(0, n, b):
+        yield a0, min(a0 + b, n)
+
+
 def gram(x: torch.Tensor) -> torch.Tensor:
     """xᵀx ([n, n]) of x [m, n], computing only the upper triangle's panels (as a BLAS syrk would) and
     mirroring them: about half the multiply-adds of x.T @ x once n spans several panels; exactly symmetric."""
     n = x.shape[1]
-    k = max(1, -(-n // GRAM_PANEL))
-    b = -(-n // k)
     out = torch.empty(n, n, dtype=x.dtype, device=x.device)
-    for a0 in range(0, n, b):
-        a1 = min(a0 + b, n)
+    for a0, a1 in gram_panels(n):
         torch.mm(x[:, a0:a1].T, x[:, a0:], out=out[a0:a1, a0:])  # panel rows a0:a1, columns a0: (upper part)
         out[a1:, a0:a1].copy_(out[a0:a1, a1:].T)
     return out
@@ -86,11 +92,8 @@ class Hessian:
         if self._H is None:  # 0·beta + alpha·g = alpha·g
             self._H = gram(x).mul_(alpha)
             return
-        H, n = self._H, self.n
-        k = max(1, -(-n // GRAM_PANEL))
-        b = -(-n // k)
-        for a0 in range(0, n, b):
-            a1 = min(a0 + b, n)
+        H = self._H
+        for a0, a1 in gram_panels(self.n):
             P = torch.mm(x[:, a0:a1].T, x[:, a0:])  # gram()'s panel: rows a0:a1, columns a0:
             H[a0:a1, a0:].mul_(beta).add_(P, alpha=alpha)
             del P
