@@ -51,6 +51,10 @@ def test_two_gloo_ranks_match_one_process(tiny_dir, calib, tmp_path, method, mon
             diff += int((one[k] != r0[k]).sum())
     if method == "gptq":
         assert diff == 0 and all(torch.equal(one[k], r0[k]) for k in one), f"{diff} of {total} codes differ"
+        a = load_file(str(tmp_path / "one" / "lowbit.safetensors"))
+        b = load_file(str(tmp_path / "dp" / "rank0" / "lowbit.safetensors"))
+        bits = [k for k in a if not torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8))]
+        assert not bits, f"tensors differing in their bits: {bits}"
         assert (tmp_path / "one" / "lowbit.safetensors").read_bytes() == \
             (tmp_path / "dp" / "rank0" / "lowbit.safetensors").read_bytes()
     else:  # the |x| sums are added in another order across ranks

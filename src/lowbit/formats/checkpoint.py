@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..core.config import QuantConfig
@@ -75,7 +74,11 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, overwri
         layers[name] = entry
     state, aliases = _dedupe(model.state_dict())
     with atomic_path(out, overwrite=overwrite) as tmp:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": f"lowbit {__version__}"})
+        from .stream import write_safetensors  # (stream imports this module)
+
+        # safetensors' save_file writes a metadata map of several keys in no fixed order: the same
+        # checkpoint saved by two processes would differ in its header bytes
+        write_safetensors(tmp / WEIGHTS, state, {"format": "pt", "producer": f"lowbit {__version__}"})
         qc = {
             "quant_method": "lowbit",
             "lowbit_version": __version__,
