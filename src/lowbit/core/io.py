@@ -27,6 +27,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from ..errors import LowbitError
 
 # what --force may replace: kind -> (is a folder, magic bytes of a file)
@@ -413,3 +415,31 @@ def _remove_empty(folders: list[Path]) -> None:
             f.rmdir()
         except OSError:
             break
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A .safetensors file written straight from the tensors' memory (safetensors' save_file first copies every
+    tensor into one bytes object: twice the shard's size at the peak -- 2 GB more for an 8B shape's embedding
+    and head). Tensors in name order, header padded to 8 bytes: the same input gives the same bytes."""
+    names = sorted(tensors)
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    off = 0
+    for n in names:
+        t = tensors[n]
+        size = t.numel() * t.element_size()
+        header[n] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + size]}
+        off += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for n in names:
+            t = tensors[n].detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))

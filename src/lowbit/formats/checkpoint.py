@@ -29,7 +29,7 @@ from ..core.state import QuantRecord, state_of, set_quant
 from ..core.version import __version__
 from ..errors import LowbitError
 from ..models.arch import set_module
-from ..core.io import atomic_path
+from ..core.io import atomic_path, write_safetensors
 from ..nn.kinds import MODULE_KINDS
 
 # Not model.safetensors: transformers, vLLM and the other engines, which cannot run these tensors, then find no
@@ -74,8 +74,6 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, overwri
         layers[name] = entry
     state, aliases = _dedupe(model.state_dict())
     with atomic_path(out, overwrite=overwrite) as tmp:
-        from .stream import write_safetensors  # (stream imports this module)
-
         # safetensors' save_file writes a metadata map of several keys in no fixed order: the same
         # checkpoint saved by two processes would differ in its header bytes
         write_safetensors(tmp / WEIGHTS, state, {"format": "pt", "producer": f"lowbit {__version__}"})

@@ -35,7 +35,7 @@ from ..core.state import QuantRecord, state_of
 from ..core.version import __version__
 from ..errors import LowbitError
 from .checkpoint import INDEX, WEIGHTS, _dedupe, _sha256, layer_entry, write_side_files
-from ..core.io import atomic_path, check_output
+from ..core.io import atomic_path, check_output, write_safetensors
 
 STATE = "state.json"
 
@@ -64,34 +64,6 @@ def _durable_write(path: Path, write) -> None:
         os.close(fd)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-
-
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-
-
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """A .safetensors file written straight from the tensors' memory (safetensors' save_file first copies every
-    tensor into one bytes object: twice the shard's size at the peak -- 2 GB more for an 8B shape's embedding
-    and head). Tensors in name order, header padded to 8 bytes: the same input gives the same bytes."""
-    names = sorted(tensors)
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    off = 0
-    for n in names:
-        t = tensors[n]
-        size = t.numel() * t.element_size()
-        header[n] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + size]}
-        off += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for n in names:
-            t = tensors[n].detach().to("cpu").contiguous()
-            if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def _free(block: nn.Module) -> None:
