@@ -30,22 +30,28 @@ def isa_lib(isa):
     return L
 
 
+@pytest.mark.parametrize("isa", ["avx512-amx", "avx512-vnni", "generic"])
 @pytest.mark.parametrize("bits,sym,group,K", CASES)
-def test_avx512_vnni_equals_avx2(bits, sym, group, K):
-    """vpdpbusd's 4-product lane sums are the integers of maddubs + madd: the same results, bit for bit."""
-    vnni, avx2 = isa_lib("avx512-vnni"), isa_lib("avx2")
+def test_every_path_gives_the_avx2_bits(isa, bits, sym, group, K):
+    """Every build computes the same exact integers per activation block (maddubs + madd, vpdpbusd, AMX tile dot
+    products or plain C) and then the same fused multiply-adds, output by output: the same results, bit for bit,
+    for the tiled GEMM (AMX from 16 rows on), the matvec, and the leftovers of every tile."""
+    other, avx2 = isa_lib(isa), isa_lib("avx2")
     qw = N.QWeight([qlinear(bits, sym, group, K, n, bias=True, seed=n) for n in (64, 7)])
-    x = torch.randn(5, K, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(gemm(vnni, qw, x), gemm(avx2, qw, x))
-    assert torch.equal(matvec(vnni, qw, x[0].contiguous()), matvec(avx2, qw, x[0].contiguous()))
+    for M in (5, 37):
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+        assert torch.equal(gemm(other, qw, x), gemm(avx2, qw, x))
+    assert torch.equal(matvec(other, qw, x[0].contiguous()), matvec(avx2, qw, x[0].contiguous()))
+    xb = x.to(torch.bfloat16)
+    assert torch.equal(gemm(other, qw, xb), gemm(avx2, qw, xb))
 
 
-@pytest.mark.parametrize("isa", ["avx2", "generic"])
+@pytest.mark.parametrize("isa", ["avx512-amx", "avx2", "generic"])
 @pytest.mark.parametrize("bits,sym,group,K", CASES)
 def test_each_path_equals_the_reference(isa, bits, sym, group, K):
     L = isa_lib(isa)
     qw = N.QWeight([qlinear(bits, sym, group, K, n, bias=True, seed=n) for n in (64, 7)])
-    x = torch.randn(6, K, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(20, K, generator=torch.Generator().manual_seed(1))
     out = gemm(L, qw, x)
     assert close(out, N.gemm_q_reference(qw, x, torch.float32), F32_RTOL)
     assert torch.equal(out[2], matvec(L, qw, x[2].contiguous()))  # each build's GEMM rows are its matvec's

@@ -91,16 +91,21 @@ def test_linear_q_equals_its_reference_and_the_float_matvec(bits, sym, group, K,
     ref = N.linear_q_reference(qw, x, torch.float32)
     assert close(out, ref, F32_RTOL)  # exact integer dots; float combination in another order
     full = torch.cat([m(x.float().unsqueeze(0))[0] for m in mods])
-    assert close(out, full, 2e-2)  # int8 activations per 32 columns (llama.cpp's Q8_0) against float x
+    assert close(out, full, 2e-2)  # int8 activations per block of up to 128 columns against float x
 
 
-@pytest.mark.parametrize("interleave", [False, True])
-def test_activation_quantization_is_within_half_a_step(interleave):
-    x = torch.randn(4096, generator=torch.Generator().manual_seed(4)) * 3
-    xq, d, cols = N.quantize_act_reference(x, interleave)
-    assert xq.abs().max() <= 127 and torch.equal(cols.flatten().sort().values, torch.arange(4096))
-    err = (x[cols] - xq.float() * d.unsqueeze(1)).abs()
-    assert (err <= d.unsqueeze(1) / 2 * (1 + 1e-6)).all()
+@pytest.mark.parametrize("interleave,ab", [(False, 32), (False, 64), (False, 128), (True, 64), (True, 128)])
+def test_activation_quantization_is_within_half_a_step(interleave, ab):
+    x = torch.randn(4096 + 64, generator=torch.Generator().manual_seed(4)) * 3  # a shorter last block at ab = 128
+    xq, d, cols, blk = N.quantize_act_reference(x, interleave, ab)
+    assert xq.abs().max() <= 127 and torch.equal(cols.sort().values, torch.arange(x.numel()))
+    assert torch.equal(cols // ab, blk)  # a block holds its own columns, whatever the order inside it
+    err = (x[cols] - xq.float() * d[blk]).abs()
+    assert (err <= d[blk] / 2 * (1 + 1e-6)).all()
+
+
+def test_activation_blocks_follow_the_groups():
+    assert [N.act_block(g) for g in (32, 64, 96, 128, 192, 256, 576, 1536)] == [32, 64, 32, 128, 64, 128, 64, 128]
 
 
 def test_applies_only_where_the_layout_fits():
@@ -359,7 +364,7 @@ def test_int8_split_and_sparse_add_check_their_arrays():
 
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bits,sym,group,K", CASES)
-@pytest.mark.parametrize("M", [1, 3, 4, 9])  # whole tiles of GM = 4 rows and leftovers
+@pytest.mark.parametrize("M", [1, 3, 4, 9, 37])  # whole tiles of 4 rows and leftovers; AMX tiles of 16
 def test_gemm_rows_equal_the_matvec_and_the_integer_reference(bits, sym, group, K, M, xdtype):
     mods = [qlinear(bits, sym, group, K, n, bias=True, seed=n) for n in (64, 36, 7)]  # segments, odd row counts
     qw = N.QWeight(mods)
@@ -372,7 +377,7 @@ def test_gemm_rows_equal_the_matvec_and_the_integer_reference(bits, sym, group, 
         assert torch.equal(out[m], row)
     # the integer block sums are exact (int64 reference); their float combination is the reference's
     dots = N.block_dots_reference(qw, x)
-    assert dots.abs().max() <= 32 * 127 * (15 if bits == 4 else 128)
+    assert dots.abs().max() <= N.act_block(qw.G) * 127 * (15 if bits == 4 else 128)
     assert close(out, N.gemm_q_reference(qw, x, torch.float32), F32_RTOL)
 
 

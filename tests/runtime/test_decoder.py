@@ -12,7 +12,7 @@ from lowbit.runtime.decoder import LeanDecoder, fused_linear, unsupported_reason
 # float32, another order of the same operations (fused matmuls, sdpa): relative to the logits' scale
 FLOAT_RTOL = 1e-4
 # int4 kernel: bf16 activations in the fused kernel vs transformers' path through the same kernel per layer;
-# native decode (kernels/decode.c): activations quantized to int8 per 32 columns in every matvec
+# native decode (kernels/decode.c): activations quantized to int8 per block of up to 128 columns in every matvec
 INT4_RTOL = 2e-2
 # native decode keeps K/V in float16 (llama.cpp's default cache type): the prefix's keys and values rounded
 KV16_RTOL = 2e-3

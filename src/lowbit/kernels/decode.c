@@ -8,9 +8,11 @@
  *   lb_add_rmsnorm   x += y (optional); out = rms_norm(x) * w                   residual + next norm
  *   lb_attn_decode   rope(q, k) at pos; K/V cache[pos] = k, v; out = softmax(q K^T * scale) V
  *   lb_silu_mul      out = silu(g) * u for g|u = one vector [2n]
- *   lb_linear_q      y = x W^T for 4- or 8-bit codes in groups, read in place; activations int8 per 32
+ *   lb_linear_q      y = x W^T for 4- or 8-bit codes in groups, read in place; activations int8 per block of
+ *                    up to 128 columns (act_block)
  *   lb_gemm_q        Y = X W^T for M rows at once (prefill, evaluation): the same math as lb_linear_q per row
- *   lb_isa           which instruction set this build's kernels use (0 generic, 1 AVX2, 2 AVX-512 VNNI)
+ *   lb_isa           which instruction set this build's kernels use (0 generic, 1 AVX2, 2 AVX-512 VNNI, 3 AMX)
+ *   lb_amx_init      asks Linux for the AMX tile state (0 granted, -1 not: the AMX GEMM stays off)
  *
  * Matmul inputs and outputs are bfloat16 (torch's int4 kernel's) or float32, chosen by a flag per argument;
  * the residual stream and all math are float32, the K/V cache float16; rounding to bf16 and fp16 is
@@ -58,7 +60,7 @@ static inline void st(void *p, int bf16, size_t i, float v) {
         ((float *)p)[i] = v;
 }
 
-int lb_abi_version(void) { return 7; }
+int lb_abi_version(void) { return 8; }
 
 typedef _Float16 f16; /* the K/V cache's element (llama.cpp's default cache type): half the bytes of float32 */
 
@@ -234,217 +236,573 @@ void lb_rope_rows(const void *qkv, int in_bf16, const float *cos, const float *s
     }
 }
 
-/* ---- weight-quantized matrix-vector products -------------------------------------------------------------
+/* ---- weight-quantized matrix-vector products and GEMMs ------------------------------------------------------
  * W [N, K] is read where the model keeps it, as lowbit's packed codes u (core/packing.py): 4-bit, two per byte,
  * column 2i in the low nibble and 2i + 1 in the high one; 8-bit, one byte each. Per row n and group g of G
  * columns (the last group may be shorter), w = s[n, g] (u - z[n, g]); sz = s * z is passed instead of z.
  * Several weights that read the same x (q|k|v) are segments of one call: no copy of any weight.
- * The activation x [K] is quantized per block of 32 values to int8 (xq = round(x / d), d = max|x| / 127, as
- * llama.cpp's Q8_0); the blocks are 32 consecutive columns for 8-bit weights, and for 4-bit weights the even
- * and the odd columns of each 64 (so that one 32-byte load of codes is two blocks: low and high nibbles). Then
- *     y[n] = sum_g s[n,g] sum_{b in g} d_b dot(c_b, xq_b)  -  sum_g sz'[n,g] A_g,    A_g = sum_{b in g} d_b sum(xq_b)
- * with exact integer dots per block, c = u (4-bit), c = u - 128 (8-bit, signed; sz' = s (z - 128)).
- * 4-bit needs K % 64 == 0 and G % 64 == 0, 8-bit K % 32 == 0 and G % 32 == 0. Rows are split over OpenMP threads. */
+ *
+ * Activations: each row of x is quantized to int8 per block of AB columns, AB = act_block(G): 128 where G % 128
+ * == 0, else 64 where G % 64 == 0, else 32 (a block never spans two groups; the last one of a group or of the row
+ * may be shorter): xq = nearbyint(x * (1 / d)), d = max|x| / 127 over the block. Inside a block, values are
+ * stored in sub-blocks of 32: consecutive columns for 8-bit weights; for 4-bit weights the even and the odd
+ * columns of each 64 (one 32-byte load of codes is two sub-blocks: low and high nibbles).
+ * Then, with the exact integers I[n, a] = sum_{k in block a} c[n, k] xq[k] (c = u for 4-bit, u - 128 for 8-bit;
+ * |I| < 2^24) and S[a] = sum_{k in a} xq[k], every output is, in exactly this order (fma: one rounding):
+ *     acc = 0; for g: { t = 0; for a in g: t = fma(I[n, a], d[a], t); acc = fma(t, s[n, g], acc) }
+ *     A_g = fma chain of S[a] d[a] over a in g;  corr = 0; for g: corr = fma(sz'[n, g], A_g, corr)
+ *     y = acc - corr (+ bias)          sz' = s (z - 128) for 8-bit
+ * Every path (plain C, AVX2, AVX-512 VNNI, AMX; matvec or GEMM) computes these integers and then these float
+ * operations, output by output, so all of them give the same bits; they differ in how they get the integers.
+ * 4-bit needs K % 64 == 0 and G % 64 == 0, 8-bit K % 32 == 0 and G % 32 == 0. Rows are split over OpenMP threads.
+ * A block of 128 columns of 4-bit codes is four u8 x s8 sub-block dots whose pair sums add up in int16 without
+ * overflow (4 * 2 * 15 * 127 < 2^15): one widening per block instead of one per 32 columns. */
 
-/* exact IEEE division and rounding here (no fast-math), so that the reference in torch gets the same codes */
-__attribute__((optimize("no-fast-math"))) static void quantize_act(const void *x, int x_bf16, int K, int interleave,
-                                                                   int8_t *xq, float *d, float *dsum) {
-    for (int b = 0; b < K / 32; b++) {
-        float v[32], amax = 0.f;
-        for (int j = 0; j < 32; j++) {
-            /* interleave: block 2c = even columns of the 64 starting at 64c, block 2c + 1 = odd ones */
-            const size_t col = interleave ? (size_t)(b / 2) * 64 + 2 * j + (b & 1) : (size_t)b * 32 + j;
-            v[j] = ld(x, x_bf16, col);
-            const float a = fabsf(v[j]);
-            amax = a > amax ? a : amax;
+static inline int act_block(int G) { return G % 128 == 0 ? 128 : G % 64 == 0 ? 64 : 32; }
+
+#ifdef __AVX2__
+/* 8 floats of x from column k (float32 or bf16) */
+static inline __attribute__((always_inline)) __m256 ld8(const void *x, int bf16, size_t k) {
+    if (bf16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + k))), 16));
+    return _mm256_loadu_ps((const float *)x + k);
+}
+
+/* 32 int32 (4 vectors, in order) -> 32 int8 in order (the values fit: |q| <= 127) */
+static inline __attribute__((always_inline)) __m256i pack32(__m256i a, __m256i b, __m256i c, __m256i d) {
+    const __m256i ab = _mm256_packs_epi32(a, b), cd = _mm256_packs_epi32(c, d);
+    return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+#endif
+
+/* exact IEEE division and rounding here (no fast-math), so that the reference in torch gets the same codes; the
+ * AVX2 loop computes the same products and roundings (round to nearest even, as nearbyintf) 8 columns at a time */
+__attribute__((optimize("no-fast-math"))) static void quantize_act(const void *x, int x_bf16, int K, int AB,
+                                                                   int interleave, int8_t *xq, float *d, int32_t *S) {
+    const int nab = (K + AB - 1) / AB;
+    for (int a = 0; a < nab; a++) {
+        const int k0 = a * AB, len = K - k0 < AB ? K - k0 : AB;
+        float amax = 0.f;
+#ifdef __AVX2__
+        __m256 m8 = _mm256_setzero_ps();
+        const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        for (int k = k0; k < k0 + len; k += 8) m8 = _mm256_max_ps(_mm256_and_ps(ld8(x, x_bf16, (size_t)k), absmask), m8); /* NaN ignored, as below */
+        float lanes[8];
+        _mm256_storeu_ps(lanes, m8);
+        for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+#else
+        for (int k = k0; k < k0 + len; k++) {
+            const float v = fabsf(ld(x, x_bf16, (size_t)k));
+            amax = v > amax ? v : amax;
         }
+#endif
         const float db = amax / 127.f, id = db > 0.f ? 1.f / db : 0.f;
         int sum = 0;
-        for (int j = 0; j < 32; j++) {
-            const int q = (int)nearbyintf(v[j] * id);
-            xq[b * 32 + j] = (int8_t)q;
+#ifdef __AVX2__
+        const __m256 iv = _mm256_set1_ps(id);
+        __m256i sum8 = _mm256_setzero_si256();
+#define LB_Q8(v) _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps((v), iv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
+        if (interleave) { /* per 64 columns: the 32 even ones, then the 32 odd ones */
+            for (int c = k0; c < k0 + len; c += 64) {
+                __m256i ev[4], od[4];
+                for (int h = 0; h < 4; h++) {
+                    const __m256 u = ld8(x, x_bf16, (size_t)c + 16 * h), w = ld8(x, x_bf16, (size_t)c + 16 * h + 8);
+                    const __m256 e = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(u, w, 0x88)), 0xd8));
+                    const __m256 o = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(u, w, 0xdd)), 0xd8));
+                    ev[h] = LB_Q8(e);
+                    od[h] = LB_Q8(o);
+                    sum8 = _mm256_add_epi32(sum8, _mm256_add_epi32(ev[h], od[h]));
+                }
+                _mm256_storeu_si256((__m256i *)(xq + c), pack32(ev[0], ev[1], ev[2], ev[3]));
+                _mm256_storeu_si256((__m256i *)(xq + c + 32), pack32(od[0], od[1], od[2], od[3]));
+            }
+        } else {
+            for (int c = k0; c < k0 + len; c += 32) {
+                __m256i v[4];
+                for (int h = 0; h < 4; h++) {
+                    v[h] = LB_Q8(ld8(x, x_bf16, (size_t)c + 8 * h));
+                    sum8 = _mm256_add_epi32(sum8, v[h]);
+                }
+                _mm256_storeu_si256((__m256i *)(xq + c), pack32(v[0], v[1], v[2], v[3]));
+            }
+        }
+#undef LB_Q8
+        int32_t sl[8];
+        _mm256_storeu_si256((__m256i *)sl, sum8);
+        for (int i = 0; i < 8; i++) sum += sl[i];
+#else
+        for (int p = k0; p < k0 + len; p++) { /* storage position p holds column col(p) */
+            const int b = p / 32, j = p % 32;
+            /* interleave: sub-block 2c = even columns of the 64 starting at 64c, sub-block 2c + 1 = odd ones */
+            const size_t col = interleave ? (size_t)(b / 2) * 64 + 2 * j + (b & 1) : (size_t)p;
+            const int q = (int)nearbyintf(ld(x, x_bf16, col) * id);
+            xq[p] = (int8_t)q;
             sum += q;
         }
-        d[b] = db;
-        dsum[b] = db * (float)sum;
-    }
-}
-
-#ifdef __AVX2__
-/* the sum of the 8 lanes, in one fixed order: horizontal adds are builtins that -ffast-math does not reassociate
- * (the generic vector '+' behind _mm_add_ps would be, differently where it is inlined), so the matvec and the
- * GEMM that both end with this sum give equal results */
-EXACT static inline float hsum8(__m256 v) {
-    __m128 s = _mm_hadd_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_hadd_ps(s, s);
-    s = _mm_hadd_ps(s, s);
-    return _mm_cvtss_f32(s);
-}
 #endif
+        d[a] = db;
+        S[a] = sum;
+    }
+}
 
-/* sum_g sz[g] A[g]: one copy of this code for the matvec and the GEMM (no contraction or reordering that
- * differs between them), so that both give the same float result */
-EXACT static inline __attribute__((always_inline, unused)) float zero_term(const float *sz, const float *A, int ng) {
-    float corr = 0.f;
-    for (int g = 0; g < ng; g++) corr += sz[g] * A[g];
-    return corr;
+/* A_g of one row: the fma chain of S[a] d[a] over each group's blocks */
+EXACT static void group_sums(const int32_t *S, const float *d, int nab, int ng, int bpg, float *A) {
+    for (int g = 0; g < ng; g++) {
+        const int a1 = (g + 1) * bpg < nab ? (g + 1) * bpg : nab;
+        float t = 0.f;
+        for (int a = g * bpg; a < a1; a++) t = fmaf((float)S[a], d[a], t);
+        A[g] = t;
+    }
+}
+
+/* one output from its integers (the definition above, scalar) */
+EXACT static inline float combine(const int32_t *I, const float *d, const float *s, const float *sz, const float *A,
+                                  int nab, int ng, int bpg) {
+    float acc = 0.f, corr = 0.f;
+    for (int g = 0; g < ng; g++) {
+        const int a1 = (g + 1) * bpg < nab ? (g + 1) * bpg : nab;
+        float t = 0.f;
+        for (int a = g * bpg; a < a1; a++) t = fmaf((float)I[a], d[a], t);
+        acc = fmaf(t, s[g], acc);
+    }
+    for (int g = 0; g < ng; g++) corr = fmaf(sz[g], A[g], corr);
+    return acc - corr;
+}
+
+/* I[n, a] of one weight row and one row of xq, plainly */
+static inline int32_t block_dot_plain(const uint8_t *wr, int bits, const int8_t *xq, int p0, int p1) {
+    int32_t dot = 0;
+    for (int p = p0; p < p1; p++) {
+        const int b = p / 32, j = p % 32;
+        int c;
+        if (bits == 4) {
+            const uint8_t byte = wr[(size_t)(b / 2) * 32 + j];
+            c = (b & 1) ? byte >> 4 : byte & 15;
+        } else {
+            c = (int)wr[p] - 128;
+        }
+        dot += c * xq[p];
+    }
+    return dot;
 }
 
 #ifdef __AVX2__
-/* the 32 codes of block b of a row, as bytes (4-bit: 0..15, low nibbles = block 2c, high = 2c + 1;
- * 8-bit: u - 128 as int8) */
-EXACT static inline __attribute__((always_inline)) __m256i block_codes(const uint8_t *wr, int bits, int b) {
-    if (bits == 4) {
-        const __m256i raw = _mm256_loadu_si256((const __m256i *)(wr + (size_t)(b / 2) * 32));
-        return _mm256_and_si256((b & 1) ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0f));
-    }
-    return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wr + (size_t)b * 32)), _mm256_set1_epi8((char)0x80));
-}
-
-/* lane i = sum of the products 4i .. 4i+3 of unsigned a and signed b bytes, exact where a pair's sum fits int16
- * (always, for the operands below): AVX-512 VNNI's vpdpbusd in one instruction, AVX2's maddubs + madd in two;
- * the same integers either way */
-EXACT static inline __attribute__((always_inline)) __m256i dot4(__m256i a, __m256i b) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#define VNNI 1
 #else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
-#endif
-}
-
-/* int32 lanes of dot(c, xv) (pairs summed): 4-bit codes are unsigned (0..15, no saturation); 8-bit codes are
- * signed: |c| * sign(x, c) = c * x with |c| <= 128, |x| <= 127, so pair sums fit in int16 */
-EXACT static inline __attribute__((always_inline)) __m256 block_dot(__m256i c, __m256i xv, int bits) {
-    return _mm256_cvtepi32_ps(dot4(bits == 4 ? c : _mm256_sign_epi8(c, c), bits == 4 ? xv : _mm256_sign_epi8(xv, c)));
-}
+#define VNNI 0
 #endif
 
-#define ROWS 4 /* rows per step: the activation blocks are loaded once for all of them */
+/* The integer lanes of one (x row, weight row) pair over a block, kept per pair in a register: 4-bit, int16 pair
+ * sums (AVX2: maddubs, widened once per block) or int32 (VNNI: vpdpbusd); 8-bit, int32 (|c| x sign(x, c)). */
+#define TILE 8 /* pairs per step: RM rows of x by RN rows of W, RM * RN == 8 (4 x 2 for the GEMM, 1 x 8 for the matvec) */
 
-/* out[r] for rows n0 .. n0 + R, R = ROWS or 1 (compile-time constants after inlining, so the accumulators stay
- * in registers), bits 4 or 8 likewise */
-EXACT static inline __attribute__((always_inline)) void rows_q(const uint8_t *w, size_t row_bytes, const int bits,
-        const float *s, const float *sz, const int R, int nb, int ng, int bpg, const int8_t *xq,
-        const float *d, const float *A, float *out) {
-    /* w, s, sz: the first of the R rows */
-#ifdef __AVX2__
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-    const uint8_t *w0 = w, *w1 = w0 + row_bytes, *w2 = w1 + row_bytes, *w3 = w2 + row_bytes;
+/* the 8 lane sums of v[0..7] as one vector (lane p = sum of v[p]'s lanes): exact integer adds */
+static inline __attribute__((always_inline)) __m256i hsum8x8_epi32(const __m256i *v) {
+    const __m256i a01 = _mm256_hadd_epi32(v[0], v[1]), a23 = _mm256_hadd_epi32(v[2], v[3]);
+    const __m256i a45 = _mm256_hadd_epi32(v[4], v[5]), a67 = _mm256_hadd_epi32(v[6], v[7]);
+    const __m256i a0123 = _mm256_hadd_epi32(a01, a23), a4567 = _mm256_hadd_epi32(a45, a67);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a0123, a4567, 0x20),
+                            _mm256_permute2x128_si256(a0123, a4567, 0x31));
+}
+
+/* out[p] for the RM x RN pairs p = i * RN + j of x rows xr[i] (quantized: xq, d, A) and weight rows wr[j] (s, sz
+ * rows, ng apart); rows past the valid ones are given as copies of valid ones by the caller */
+EXACT static inline __attribute__((always_inline)) void tile8(const int bits, const int RM, const int RN,
+        const uint8_t *const *wr, const float *const *sr, const float *const *szr, const int8_t *const *xr,
+        const float *const *dr, const float *const *Ar, int K, int AB, int nab, int ng, int bpg, float *out) {
+    float dl[TILE], sl[TILE], szl[TILE], Al[TILE];
+    __m256 acc = _mm256_setzero_ps();
     for (int g = 0; g < ng; g++) {
-        const int b0 = g * bpg, b1 = b0 + bpg < nb ? b0 + bpg : nb;
-        __m256 v0 = _mm256_setzero_ps(), v1 = v0, v2 = v0, v3 = v0;
-        for (int b = b0; b < b1; b++) {
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)b * 32));
-            const __m256 db = _mm256_set1_ps(d[b]);
-            v0 = _mm256_fmadd_ps(block_dot(block_codes(w0, bits, b), xv, bits), db, v0);
-            if (R == ROWS) {
-                v1 = _mm256_fmadd_ps(block_dot(block_codes(w1, bits, b), xv, bits), db, v1);
-                v2 = _mm256_fmadd_ps(block_dot(block_codes(w2, bits, b), xv, bits), db, v2);
-                v3 = _mm256_fmadd_ps(block_dot(block_codes(w3, bits, b), xv, bits), db, v3);
-            }
-        }
-        acc0 = _mm256_fmadd_ps(v0, _mm256_set1_ps(s[(size_t)g]), acc0);
-        if (R == ROWS) {
-            acc1 = _mm256_fmadd_ps(v1, _mm256_set1_ps(s[(size_t)ng + g]), acc1);
-            acc2 = _mm256_fmadd_ps(v2, _mm256_set1_ps(s[(size_t)2 * ng + g]), acc2);
-            acc3 = _mm256_fmadd_ps(v3, _mm256_set1_ps(s[(size_t)3 * ng + g]), acc3);
-        }
-    }
-    const __m256 accs[4] = {acc0, acc1, acc2, acc3};
-    for (int r = 0; r < R; r++) out[r] = hsum8(accs[r]) - zero_term(sz + (size_t)r * ng, A, ng);
-#else
-    for (int r = 0; r < R; r++) {
-        const uint8_t *wr = w + (size_t)r * row_bytes;
-        float acc = 0.f;
-        for (int g = 0; g < ng; g++) {
-            const int b0 = g * bpg, b1 = b0 + bpg < nb ? b0 + bpg : nb;
-            float vg = 0.f;
-            for (int b = b0; b < b1; b++) {
-                int dot = 0;
-                for (int j = 0; j < 32; j++) {
-                    int c;
-                    if (bits == 4) {
-                        const uint8_t byte = wr[(size_t)(b / 2) * 32 + j];
-                        c = (b & 1) ? byte >> 4 : byte & 15;
-                    } else {
-                        c = (int)wr[(size_t)b * 32 + j] - 128;
+        const int a1 = (g + 1) * bpg < nab ? (g + 1) * bpg : nab;
+        __m256 t = _mm256_setzero_ps();
+        for (int a = g * bpg; a < a1; a++) {
+            const int p0 = a * AB, p1 = K - p0 < AB ? K : p0 + AB;
+            __m256i v[TILE];
+#pragma GCC unroll 8
+            for (int p = 0; p < TILE; p++) v[p] = _mm256_setzero_si256();
+            if (bits == 4) {
+                for (int c = p0 / 64; c < p1 / 64; c++) {
+                    __m256i lo[TILE], hi[TILE];
+#pragma GCC unroll 8
+                    for (int j = 0; j < RN; j++) {
+                        const __m256i raw = _mm256_loadu_si256((const __m256i *)(wr[j] + (size_t)c * 32));
+                        lo[j] = _mm256_and_si256(raw, _mm256_set1_epi8(0x0f));
+                        hi[j] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0f));
                     }
-                    dot += c * xq[b * 32 + j];
-                }
-                vg += d[b] * (float)dot;
-            }
-            acc += s[(size_t)r * ng + g] * vg - sz[(size_t)r * ng + g] * A[g];
-        }
-        out[r] = acc;
-    }
+#pragma GCC unroll 8
+                    for (int i = 0; i < RM; i++) {
+                        const __m256i xl = _mm256_loadu_si256((const __m256i *)(xr[i] + (size_t)c * 64));
+                        const __m256i xh = _mm256_loadu_si256((const __m256i *)(xr[i] + (size_t)c * 64 + 32));
+#pragma GCC unroll 8
+                        for (int j = 0; j < RN; j++) {
+#if VNNI
+                            v[i * RN + j] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(v[i * RN + j], lo[j], xl), hi[j], xh);
+#else
+                            v[i * RN + j] = _mm256_add_epi16(v[i * RN + j], _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo[j], xl), _mm256_maddubs_epi16(hi[j], xh)));
 #endif
+                        }
+                    }
+                }
+#if !VNNI
+#pragma GCC unroll 8
+                for (int p = 0; p < TILE; p++) v[p] = _mm256_madd_epi16(v[p], _mm256_set1_epi16(1));
+#endif
+            } else {
+                for (int b = p0 / 32; b < p1 / 32; b++) {
+                    __m256i c8[TILE], ca[TILE];
+#pragma GCC unroll 8
+                    for (int j = 0; j < RN; j++) {
+                        c8[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wr[j] + (size_t)b * 32)),
+                                                 _mm256_set1_epi8((char)0x80));
+                        ca[j] = _mm256_sign_epi8(c8[j], c8[j]);
+                    }
+#pragma GCC unroll 8
+                    for (int i = 0; i < RM; i++) {
+                        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xr[i] + (size_t)b * 32));
+#pragma GCC unroll 8
+                        for (int j = 0; j < RN; j++) {
+                            const __m256i xs = _mm256_sign_epi8(xv, c8[j]);
+#if VNNI
+                            v[i * RN + j] = _mm256_dpbusd_epi32(v[i * RN + j], ca[j], xs);
+#else
+                            v[i * RN + j] = _mm256_add_epi32(v[i * RN + j],
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(ca[j], xs), _mm256_set1_epi16(1)));
+#endif
+                        }
+                    }
+                }
+            }
+#pragma GCC unroll 8
+            for (int p = 0; p < TILE; p++) dl[p] = dr[p / RN][a];
+            t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8_epi32(v)), _mm256_loadu_ps(dl), t);
+        }
+#pragma GCC unroll 8
+        for (int p = 0; p < TILE; p++) sl[p] = sr[p % RN][g];
+        acc = _mm256_fmadd_ps(t, _mm256_loadu_ps(sl), acc);
+    }
+    __m256 corr = _mm256_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+#pragma GCC unroll 8
+        for (int p = 0; p < TILE; p++) {
+            szl[p] = szr[p % RN][g];
+            Al[p] = Ar[p / RN][g];
+        }
+        corr = _mm256_fmadd_ps(_mm256_loadu_ps(szl), _mm256_loadu_ps(Al), corr);
+    }
+    _mm256_storeu_ps(out, _mm256_sub_ps(acc, corr));
+}
+#endif
+
+/* where weight row n (0 <= n < N) of the segments lies */
+static inline const uint8_t *row_ptr(const uint8_t *const *w, const int *seg_rows, int nseg, size_t row_bytes, int n) {
+    int sg = 0;
+    while (sg < nseg - 1 && n >= seg_rows[sg]) n -= seg_rows[sg++];
+    return w[sg] + (size_t)n * row_bytes;
 }
 
-/* segments: nseg weights w[i] of rows seg_rows[i] each (stacked: y rows in this order), one s, sz, bias for all */
-EXACT static void linear_q(int bits, int nseg, const uint8_t *const *w, const int *seg_rows, const float *s, const float *sz,
-                     int K, int G, const void *x, int x_bf16, const float *bias, void *y, int y_bf16) {
-    const int nb = K / 32, ng = (K + G - 1) / G, bpg = G / 32;
+/* the pairs of x rows m0 .. m0 + RM and weight rows n0 .. n0 + RN (clipped at M and N) into y */
+EXACT static void pairs_q(const int bits, const int RM, const int RN, const uint8_t *const *w, const int *seg_rows,
+        int nseg, size_t row_bytes, const float *s, const float *sz, int m0, int M, int n0, int N, const int8_t *xq,
+        const float *d, const float *A, int K, int AB, int nab, int ng, int bpg, const float *bias, void *y, int y_bf16) {
+    const int rm = M - m0 < RM ? M - m0 : RM, rn = N - n0 < RN ? N - n0 : RN;
+    float out[8];
+#ifdef __AVX2__
+    const uint8_t *wr[8];
+    const float *sr[8], *szr[8], *dr[8], *Ar[8];
+    const int8_t *xr[8];
+    for (int j = 0; j < RN; j++) {
+        const int n = n0 + (j < rn ? j : 0); /* rows past the end: copies of the first (their results unused) */
+        wr[j] = row_ptr(w, seg_rows, nseg, row_bytes, n);
+        sr[j] = s + (size_t)n * ng;
+        szr[j] = sz + (size_t)n * ng;
+    }
+    for (int i = 0; i < RM; i++) {
+        const int m = m0 + (i < rm ? i : 0);
+        xr[i] = xq + (size_t)m * K;
+        dr[i] = d + (size_t)m * nab;
+        Ar[i] = A + (size_t)m * ng;
+    }
+    if (bits == 4 && RM == 4)
+        tile8(4, 4, 2, wr, sr, szr, xr, dr, Ar, K, AB, nab, ng, bpg, out);
+    else if (bits == 4)
+        tile8(4, 1, 8, wr, sr, szr, xr, dr, Ar, K, AB, nab, ng, bpg, out);
+    else if (RM == 4)
+        tile8(8, 4, 2, wr, sr, szr, xr, dr, Ar, K, AB, nab, ng, bpg, out);
+    else
+        tile8(8, 1, 8, wr, sr, szr, xr, dr, Ar, K, AB, nab, ng, bpg, out);
+#else
+    int32_t I[nab];
+    for (int i = 0; i < rm; i++)
+        for (int j = 0; j < rn; j++) {
+            const uint8_t *wr = row_ptr(w, seg_rows, nseg, row_bytes, n0 + j);
+            const int8_t *xr = xq + (size_t)(m0 + i) * K;
+            for (int a = 0; a < nab; a++) {
+                const int p0 = a * AB, p1 = K - p0 < AB ? K : p0 + AB;
+                I[a] = block_dot_plain(wr, bits, xr, p0, p1);
+            }
+            out[i * RN + j] = combine(I, d + (size_t)(m0 + i) * nab, s + (size_t)(n0 + j) * ng,
+                                      sz + (size_t)(n0 + j) * ng, A + (size_t)(m0 + i) * ng, nab, ng, bpg);
+        }
+#endif
+    for (int i = 0; i < rm; i++)
+        for (int j = 0; j < rn; j++) {
+            const int n = n0 + j;
+            const float o = out[i * RN + j];
+            st(y, y_bf16, (size_t)(m0 + i) * N + n, bias ? o + bias[n] : o);
+        }
+}
+
+/* quantized activations of M rows: xq [M, K], d [M, nab], A [M, ng]; NULL where they cannot be allocated */
+typedef struct { int8_t *xq; float *d, *A; int32_t *S; } qact;
+
+static void free_act(qact *q) { free(q->xq), free(q->d), free(q->A), free(q->S); }
+
+static int quantize_rows(const void *x, int x_bf16, int M, int K, int AB, int G, int interleave, qact *q) {
+    const int nab = (K + AB - 1) / AB, ng = (K + G - 1) / G, bpg = G / AB;
+    q->xq = calloc((size_t)(M + 32) * K + 64, 1); /* zero rows past M: the AMX tiles read whole blocks of 32 rows */
+    q->d = malloc(sizeof(float) * (size_t)M * nab);
+    q->A = malloc(sizeof(float) * (size_t)M * ng);
+    q->S = malloc(sizeof(int32_t) * (size_t)M * nab);
+    if (!q->xq || !q->d || !q->A || !q->S) {
+        free_act(q);
+        return -1;
+    }
+    const size_t esize = x_bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static) if (M > 1)
+    for (int m = 0; m < M; m++) {
+        quantize_act((const char *)x + (size_t)m * K * esize, x_bf16, K, AB, interleave, q->xq + (size_t)m * K,
+                     q->d + (size_t)m * nab, q->S + (size_t)m * nab);
+        group_sums(q->S + (size_t)m * nab, q->d + (size_t)m * nab, nab, ng, bpg, q->A + (size_t)m * ng);
+    }
+    return 0;
+}
+
+static int total_rows(int nseg, const int *seg_rows) {
+    int N = 0;
+    for (int i = 0; i < nseg; i++) N += seg_rows[i];
+    return N;
+}
+
+/* x [K] -> y [N]: eight weight rows per step (one x row, one code load per row and block) */
+EXACT void lb_linear_q(int bits, int nseg, const uint8_t *const *w, const int *seg_rows, const float *s, const float *sz,
+                 int K, int G, const void *x, int x_bf16, const float *bias, void *y, int y_bf16) {
+    const int AB = act_block(G), nab = (K + AB - 1) / AB, ng = (K + G - 1) / G, bpg = G / AB;
     int8_t xq[K];
-    float d[nb], dsum[nb], A[ng];
-    quantize_act(x, x_bf16, K, bits == 4, xq, d, dsum);
-    for (int g = 0; g < ng; g++) {
-        A[g] = 0.f;
-        for (int b = g * bpg; b < (g + 1) * bpg && b < nb; b++) A[g] += dsum[b];
-    }
+    float d[nab], A[ng];
+    int32_t S[nab];
+    quantize_act(x, x_bf16, K, AB, bits == 4, xq, d, S);
+    group_sums(S, d, nab, ng, bpg, A);
     const size_t row_bytes = bits == 4 ? (size_t)K / 2 : (size_t)K;
-    int seg_step[nseg + 1], seg_row0[nseg + 1]; /* first step and first output row of each segment */
-    seg_step[0] = seg_row0[0] = 0;
-    for (int i = 0; i < nseg; i++) {
-        seg_step[i + 1] = seg_step[i] + (seg_rows[i] + ROWS - 1) / ROWS;
-        seg_row0[i + 1] = seg_row0[i] + seg_rows[i];
-    }
+    const int N = total_rows(nseg, seg_rows);
     /* two threads even for the smallest matrices here: in a decode step every weight comes from memory, and one
      * core streams far less of it than two (a hot-cache microbenchmark says otherwise) */
 #pragma omp parallel for schedule(static)
-    for (int i = 0; i < seg_step[nseg]; i++) {
-        int sg = 0;
-        while (i >= seg_step[sg + 1]) sg++;
-        const int local = (i - seg_step[sg]) * ROWS, R = seg_rows[sg] - local < ROWS ? seg_rows[sg] - local : ROWS;
-        const int n0 = seg_row0[sg] + local;
-        const uint8_t *wr = w[sg] + (size_t)local * row_bytes;
-        const float *sr = s + (size_t)n0 * ng, *szr = sz + (size_t)n0 * ng;
-        float out[ROWS];
-        if (bits == 4 && R == ROWS)
-            rows_q(wr, row_bytes, 4, sr, szr, ROWS, nb, ng, bpg, xq, d, A, out);
-        else if (bits == 4)
-            for (int r = 0; r < R; r++)
-                rows_q(wr + r * row_bytes, row_bytes, 4, sr + r * ng, szr + r * ng, 1, nb, ng, bpg, xq, d, A, out + r);
-        else /* 8-bit: one row at a time, faster than four (register pressure of the sign trick) */
-            for (int r = 0; r < R; r++)
-                rows_q(wr + r * row_bytes, row_bytes, 8, sr + r * ng, szr + r * ng, 1, nb, ng, bpg, xq, d, A, out + r);
-        for (int r = 0; r < R; r++) st(y, y_bf16, (size_t)n0 + r, bias ? out[r] + bias[n0 + r] : out[r]);
+    for (int n0 = 0; n0 < N; n0 += 8)
+        pairs_q(bits, 1, 8, w, seg_rows, nseg, row_bytes, s, sz, 0, 1, n0, N, xq, d, A, K, AB, nab, ng, bpg, bias,
+                y, y_bf16);
+}
+
+/* ---- GEMM on AMX tiles (the "avx512-amx" build; lb_amx_init must have been granted the tile state) ----------
+ * C tiles [16 rows of x, 16 weight rows] of int32 = I[m, n, a] after the 64-column chunks of block a: A tiles are
+ * the quantized rows of x as they lie (16 rows x 64 columns, signed), B tiles a panel's codes packed per call as
+ * 16 rows of 4 consecutive columns per weight row (unsigned 4-bit codes: vpdpbsud; signed 8-bit: vpdpbssd), zero
+ * past K. Then the float operations of the definition above, vectorized over 16 weight rows (the scales
+ * transposed once per call). Needs blocks of at least 64 columns (AB >= 64). */
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+#include <sys/syscall.h>
+#include <unistd.h>
+static int amx_granted = 0;
+
+int lb_amx_init(void) {
+    /* ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18): Linux hands out the tile state on request only */
+    if (!amx_granted && syscall(SYS_arch_prctl, 0x1023, 18) == 0) amx_granted = 1;
+    return amx_granted ? 0 : -1;
+}
+
+typedef struct {
+    uint8_t palette, start;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+static void amx_configure(void) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        c.rows[i] = 16;
+        c.colsb[i] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+#define PANEL 32 /* weight rows per panel: two B tiles */
+
+/* the codes of weight rows n0 .. n0 + 32 (zero rows past N) as B tiles: tile (h, c) at P + (c * 2 + h) * 1024,
+ * row kq = for each of its 16 weight rows the 4 codes of columns 64c + 4kq .. + 3 (in the activations' order) */
+static void pack_panel(int bits, const uint8_t *const *w, const int *seg_rows, int nseg, size_t row_bytes, int K,
+                       int nch, int n0, int N, uint8_t *P, uint8_t *row) {
+    memset(P, 0, (size_t)nch * 2048);
+    for (int r = 0; r < PANEL && n0 + r < N; r++) {
+        const uint8_t *src = row_ptr(w, seg_rows, nseg, row_bytes, n0 + r);
+        memset(row, 0, (size_t)nch * 64);
+        if (bits == 4) {
+            for (int c = 0; c < K / 64; c++) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(src + (size_t)c * 32));
+                _mm256_storeu_si256((__m256i *)(row + (size_t)c * 64), _mm256_and_si256(raw, _mm256_set1_epi8(0x0f)));
+                _mm256_storeu_si256((__m256i *)(row + (size_t)c * 64 + 32),
+                                    _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0f)));
+            }
+        } else {
+            for (int k = 0; k < K; k += 32)
+                _mm256_storeu_si256((__m256i *)(row + k), _mm256_xor_si256(
+                    _mm256_loadu_si256((const __m256i *)(src + k)), _mm256_set1_epi8((char)0x80))); /* u - 128 */
+        }
+        const int h = r / 16, rr = r % 16;
+        for (int c = 0; c < nch; c++) {
+            uint32_t *t = (uint32_t *)(P + ((size_t)c * 2 + h) * 1024);
+            const uint32_t *q = (const uint32_t *)(row + (size_t)c * 64);
+            for (int kq = 0; kq < 16; kq++) t[kq * 16 + rr] = q[kq];
+        }
     }
 }
 
-EXACT void lb_linear_q(int bits, int nseg, const uint8_t *const *w, const int *seg_rows, const float *s, const float *sz,
-                 int K, int G, const void *x, int x_bf16, const float *bias, void *y, int y_bf16) {
-    linear_q(bits, nseg, w, seg_rows, s, sz, K, G, x, x_bf16, bias, y, y_bf16);
+EXACT static int gemm_amx(int bits, int nseg, const uint8_t *const *w, const int *seg_rows, const float *s,
+                          const float *sz, int K, int G, int M, const qact *q, const float *bias, void *y, int y_bf16) {
+    const int AB = act_block(G), nab = (K + AB - 1) / AB, ng = (K + G - 1) / G, bpg = G / AB;
+    const int nch = (K + 63) / 64;
+    const int N = total_rows(nseg, seg_rows), Np = (N + PANEL - 1) / PANEL * PANEL;
+    const size_t row_bytes = bits == 4 ? (size_t)K / 2 : (size_t)K;
+    /* s, sz' and the bias transposed: [ng][Np], zero past N */
+    float *sT = aligned_alloc(64, sizeof(float) * (size_t)ng * Np), *szT = aligned_alloc(64, sizeof(float) * (size_t)ng * Np);
+    float *bT = aligned_alloc(64, sizeof(float) * (size_t)Np);
+    if (!sT || !szT || !bT) {
+        free(sT), free(szT), free(bT);
+        return -1;
+    }
+    for (int n = 0; n < Np; n++) {
+        for (int g = 0; g < ng; g++) {
+            sT[(size_t)g * Np + n] = n < N ? s[(size_t)n * ng + g] : 0.f;
+            szT[(size_t)g * Np + n] = n < N ? sz[(size_t)n * ng + g] : 0.f;
+        }
+        bT[n] = n < N && bias ? bias[n] : 0.f;
+    }
+    const int npanel = Np / PANEL, nmb = (M + 31) / 32;
+    int failed = 0;
+#pragma omp parallel
+    {
+        uint8_t *P = aligned_alloc(64, (size_t)nch * 2048), *row = aligned_alloc(64, (size_t)nch * 64);
+        int32_t *C = aligned_alloc(64, sizeof(int32_t) * 4 * 256);
+        float *T = aligned_alloc(64, sizeof(float) * 32 * PANEL), *Acc = aligned_alloc(64, sizeof(float) * 32 * PANEL);
+        const int ok = P && row && C && T && Acc;
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            amx_configure();
+        }
+#pragma omp for schedule(static)
+        for (int pn = 0; pn < npanel; pn++) {
+            if (!ok) continue;
+            const int n0 = pn * PANEL;
+            pack_panel(bits, w, seg_rows, nseg, row_bytes, K, nch, n0, N, P, row);
+            for (int mb = 0; mb < nmb; mb++) {
+                const int m0 = mb * 32, mv = M - m0 < 32 ? M - m0 : 32; /* rows of x in this block */
+                memset(Acc, 0, sizeof(float) * 32 * PANEL);
+                for (int g = 0; g < ng; g++) {
+                    const int a1 = (g + 1) * bpg < nab ? (g + 1) * bpg : nab;
+                    memset(T, 0, sizeof(float) * 32 * PANEL);
+                    for (int a = g * bpg; a < a1; a++) {
+                        const int p0 = a * AB, p1 = K - p0 < AB ? K : p0 + AB;
+                        _tile_zero(0);
+                        _tile_zero(1);
+                        _tile_zero(2);
+                        _tile_zero(3);
+                        for (int c = p0 / 64; c < (p1 + 63) / 64; c++) {
+                            /* x rows m0 .. m0 + 15 and m0 + 16 .. (the scratch has 32 rows past M, zero) */
+                            _tile_loadd(4, q->xq + (size_t)m0 * K + (size_t)c * 64, K);
+                            _tile_loadd(5, q->xq + (size_t)(m0 + 16) * K + (size_t)c * 64, K);
+                            _tile_loadd(6, P + (size_t)c * 2048, 64);
+                            _tile_loadd(7, P + (size_t)c * 2048 + 1024, 64);
+                            if (bits == 4) {
+                                _tile_dpbsud(0, 4, 6);
+                                _tile_dpbsud(1, 4, 7);
+                                _tile_dpbsud(2, 5, 6);
+                                _tile_dpbsud(3, 5, 7);
+                            } else {
+                                _tile_dpbssd(0, 4, 6);
+                                _tile_dpbssd(1, 4, 7);
+                                _tile_dpbssd(2, 5, 6);
+                                _tile_dpbssd(3, 5, 7);
+                            }
+                        }
+                        _tile_stored(0, C, 64);       /* x rows m0 .., weight rows n0 .. n0 + 15 */
+                        _tile_stored(1, C + 256, 64); /* x rows m0 .., weight rows n0 + 16 .. */
+                        _tile_stored(2, C + 512, 64); /* x rows m0 + 16 .., weight rows n0 .. */
+                        _tile_stored(3, C + 768, 64);
+                        for (int i = 0; i < mv; i++) {
+                            const __m512 dv = _mm512_set1_ps(q->d[(size_t)(m0 + i) * nab + a]);
+                            for (int h = 0; h < 2; h++) {
+                                const int32_t *ci = C + ((i / 16) * 2 + h) * 256 + (i % 16) * 16;
+                                float *tr = T + i * PANEL + h * 16;
+                                _mm512_storeu_ps(tr, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(ci)), dv,
+                                                                     _mm512_loadu_ps(tr)));
+                            }
+                        }
+                    }
+                    for (int i = 0; i < mv; i++)
+                        for (int h = 0; h < 2; h++) {
+                            float *ar = Acc + i * PANEL + h * 16;
+                            _mm512_storeu_ps(ar, _mm512_fmadd_ps(_mm512_loadu_ps(T + i * PANEL + h * 16),
+                                                                 _mm512_loadu_ps(sT + (size_t)g * Np + n0 + h * 16),
+                                                                 _mm512_loadu_ps(ar)));
+                        }
+                }
+                for (int i = 0; i < mv; i++) {
+                    const int m = m0 + i;
+                    for (int h = 0; h < 2; h++) {
+                        __m512 corr = _mm512_setzero_ps();
+                        for (int g = 0; g < ng; g++)
+                            corr = _mm512_fmadd_ps(_mm512_loadu_ps(szT + (size_t)g * Np + n0 + h * 16),
+                                                   _mm512_set1_ps(q->A[(size_t)m * ng + g]), corr);
+                        __m512 o = _mm512_sub_ps(_mm512_loadu_ps(Acc + i * PANEL + h * 16), corr);
+                        if (bias) o = _mm512_add_ps(o, _mm512_loadu_ps(bT + n0 + h * 16));
+                        const int nb0 = n0 + h * 16, nv = N - nb0 < 16 ? N - nb0 : 16;
+                        if (nv <= 0) continue;
+                        if (!y_bf16 && nv == 16) {
+                            _mm512_storeu_ps((float *)y + (size_t)m * N + nb0, o);
+                        } else {
+                            float ob[16];
+                            _mm512_storeu_ps(ob, o);
+                            for (int j = 0; j < nv; j++) st(y, y_bf16, (size_t)m * N + nb0 + j, ob[j]);
+                        }
+                    }
+                }
+            }
+        }
+        if (ok) _tile_release();
+        free(P), free(row), free(C), free(T), free(Acc);
+    }
+    free(sT), free(szT), free(bT);
+    return failed ? -1 : 0;
 }
-
+#else
+int lb_amx_init(void) { return -1; }
+#endif
 
 /* ---- weight-quantized GEMM for many rows (prefill, evaluation windows) --------------------------------------
- * Y [M, N] = X [M, K] W^T: every row of X quantized per block of 32 exactly as lb_linear_q does, then tiles of
- * GM rows of X by GN rows of W whose block dots stay in registers: each block's codes are loaded and unpacked
- * once per tile and used for GM rows of X, each activation block once per tile for GN weight rows. Per (row,
- * weight row) the float combination is the matvec's, in the same order (block dots * d into a group sum, group
- * sums * s into the accumulator, lanes summed, minus the zero term), so a row of Y equals lb_linear_q's result
- * for that row of X. The weight rows are split over OpenMP threads (tiles of GN rows); a tile's codes
- * (GN * K/2 or K bytes) stay in L1 while the quantized activations (M * K bytes) stream from L2. */
-
-#ifndef GM
-#define GM 4 /* rows of X per tile */
-#endif
-#ifndef GN
-#define GN 2 /* rows of W per tile */
-#endif
+ * Y [M, N] = X [M, K] W^T: every row of X quantized as lb_linear_q does, then tiles of 4 rows of X by 2 rows of W
+ * (their 8 block dots in registers, each code chunk unpacked once for 4 rows of X), or the AMX tiles above; every
+ * output by the definition above, so a row of Y equals lb_linear_q's result for that row of X, on every path. */
 
 static int64_t isa_id(void) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512VNNI__)
+    return 3;
+#elif defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
     return 2;
 #elif defined(__AVX2__)
     return 1;
@@ -455,151 +813,30 @@ static int64_t isa_id(void) {
 
 int lb_isa(void) { return (int)isa_id(); }
 
-#ifdef __AVX2__
-/* a tile: RM rows of X (xq rows K bytes apart, d rows nb apart) by RN rows of W (row_bytes apart, s rows ng
- * apart); out[i * RN + j] = the lanes' sum before the zero term */
-EXACT static inline __attribute__((always_inline)) void tile_q(const int bits, const int RM, const int RN, const uint8_t *w,
-        size_t row_bytes, const float *s, int ng, int nb, int bpg, const int8_t *xq, size_t K, const float *d,
-        float *out) {
-    __m256 acc[GM][GN], v[GM][GN];
-#pragma GCC unroll 4
-    for (int i = 0; i < RM; i++)
-#pragma GCC unroll 2
-        for (int j = 0; j < RN; j++) acc[i][j] = _mm256_setzero_ps();
-    for (int g = 0; g < ng; g++) {
-        const int b0 = g * bpg, b1 = b0 + bpg < nb ? b0 + bpg : nb;
-#pragma GCC unroll 4
-        for (int i = 0; i < RM; i++)
-#pragma GCC unroll 2
-            for (int j = 0; j < RN; j++) v[i][j] = _mm256_setzero_ps();
-        for (int b = b0; b < b1; b++) {
-            __m256i c[GN], ca[GN];
-#pragma GCC unroll 2
-            for (int j = 0; j < RN; j++) {
-                c[j] = block_codes(w + (size_t)j * row_bytes, bits, b);
-                if (bits == 8) ca[j] = _mm256_sign_epi8(c[j], c[j]);
-            }
-#pragma GCC unroll 4
-            for (int i = 0; i < RM; i++) {
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)i * K + (size_t)b * 32));
-                const __m256 db = _mm256_set1_ps(d[(size_t)i * nb + b]);
-#pragma GCC unroll 2
-                for (int j = 0; j < RN; j++) {
-                    const __m256i p32 = bits == 4 ? dot4(c[j], xv) : dot4(ca[j], _mm256_sign_epi8(xv, c[j]));
-                    v[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), db, v[i][j]);
-                }
-            }
-        }
-#pragma GCC unroll 4
-        for (int i = 0; i < RM; i++)
-#pragma GCC unroll 2
-            for (int j = 0; j < RN; j++)
-                acc[i][j] = _mm256_fmadd_ps(v[i][j], _mm256_set1_ps(s[(size_t)j * ng + g]), acc[i][j]);
-    }
-    if (RM * RN == 8) { /* the 8 lane sums at once (transposed), in hsum8's order: ((x0+x1)+(x2+x3))+((x4+x5)+(x6+x7)) */
-        const __m256 *a = &acc[0][0];
-        const __m256 a01 = _mm256_hadd_ps(a[0], a[1]), a23 = _mm256_hadd_ps(a[2], a[3]);
-        const __m256 a45 = _mm256_hadd_ps(a[4], a[5]), a67 = _mm256_hadd_ps(a[6], a[7]);
-        const __m256 a0123 = _mm256_hadd_ps(a01, a23), a4567 = _mm256_hadd_ps(a45, a67);
-        _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(a0123, a4567, 0x20),
-                                            _mm256_permute2f128_ps(a0123, a4567, 0x31)));
-        return;
-    }
-    for (int i = 0; i < RM; i++)
-        for (int j = 0; j < RN; j++) out[i * RN + j] = hsum8(acc[i][j]);
-}
-#endif
-
-/* bits 4 or 8 as a compile-time constant: one specialized copy of the row loop each */
-EXACT static inline __attribute__((always_inline)) void gemm_rows(const int bits, const uint8_t *w, size_t row_bytes,
-        const float *s, const float *sz, int n0, int R, int ng, int nb, int bpg, int M, const int8_t *xq, size_t K,
-        const float *d, const float *A, const float *bias, void *y, int y_bf16, int N) {
-    /* weight rows n0 .. n0 + R (R <= GN) of a segment whose first row is w; output columns n0.. of y */
-    for (int m0 = 0; m0 < M; m0 += GM) {
-        const int RM = M - m0 < GM ? M - m0 : GM;
-        float out[GM * GN];
-        const int8_t *xr = xq + (size_t)m0 * K;
-        const float *dr = d + (size_t)m0 * nb;
-#ifdef __AVX2__
-        if (RM == GM && R == GN)
-            tile_q(bits, GM, GN, w, row_bytes, s, ng, nb, bpg, xr, K, dr, out);
-        else if (RM == GM)
-            tile_q(bits, GM, 1, w, row_bytes, s, ng, nb, bpg, xr, K, dr, out);
-        else if (R == GN)
-            for (int i = 0; i < RM; i++) tile_q(bits, 1, GN, w, row_bytes, s, ng, nb, bpg, xr + i * K, K, dr + i * nb, out + i * R);
-        else
-            for (int i = 0; i < RM; i++) tile_q(bits, 1, 1, w, row_bytes, s, ng, nb, bpg, xr + i * K, K, dr + i * nb, out + i * R);
-        for (int i = 0; i < RM; i++)
-            for (int j = 0; j < R; j++) {
-                out[i * R + j] -= zero_term(sz + (size_t)j * ng, A + (size_t)(m0 + i) * ng, ng);
-            }
-#else
-        for (int i = 0; i < RM; i++)
-            for (int j = 0; j < R; j++)
-                rows_q(w + (size_t)j * row_bytes, row_bytes, bits, s + (size_t)j * ng, sz + (size_t)j * ng, 1, nb, ng,
-                       bpg, xr + i * K, dr + i * nb, A + (size_t)(m0 + i) * ng, out + i * R + j);
-#endif
-        for (int i = 0; i < RM; i++)
-            for (int j = 0; j < R; j++) {
-                const float o = out[i * R + j];
-                st(y, y_bf16, (size_t)(m0 + i) * N + n0 + j, bias ? o + bias[n0 + j] : o);
-            }
-    }
-}
-
 /* x [M, K] (bf16 or float32), y [M, N]; weights as lb_linear_q's. Returns 0, or -1 where the scratch (M * K
- * bytes of int8 activations and M * (2 K/32 + ng) floats) cannot be allocated. */
+ * bytes of int8 activations and their scales; the AMX build also the packed tiles) cannot be allocated. */
 EXACT int lb_gemm_q(int bits, int nseg, const uint8_t *const *w, const int *seg_rows, const float *s, const float *sz,
               int K, int G, int M, const void *x, int x_bf16, const float *bias, void *y, int y_bf16) {
-    const int nb = K / 32, ng = (K + G - 1) / G, bpg = G / 32;
-    int8_t *xq = malloc((size_t)M * K);
-    float *d = malloc(sizeof(float) * (size_t)M * nb), *dsum = malloc(sizeof(float) * (size_t)M * nb);
-    float *A = malloc(sizeof(float) * (size_t)M * ng);
-    if (!xq || !d || !dsum || !A) {
-        free(xq), free(d), free(dsum), free(A);
-        return -1;
+    const int AB = act_block(G), nab = (K + AB - 1) / AB, ng = (K + G - 1) / G, bpg = G / AB;
+    qact q;
+    if (quantize_rows(x, x_bf16, M, K, AB, G, bits == 4, &q)) return -1;
+    int rc = 0;
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+    if (amx_granted && AB >= 64 && M >= 16) {
+        rc = gemm_amx(bits, nseg, w, seg_rows, s, sz, K, G, M, &q, bias, y, y_bf16);
+        free_act(&q);
+        return rc;
     }
-    const size_t esize = x_bf16 ? 2 : 4;
-#pragma omp parallel for schedule(static)
-    for (int m = 0; m < M; m++) {
-        quantize_act((const char *)x + (size_t)m * K * esize, x_bf16, K, bits == 4, xq + (size_t)m * K,
-                     d + (size_t)m * nb, dsum + (size_t)m * nb);
-        float *Am = A + (size_t)m * ng;
-        const float *ds = dsum + (size_t)m * nb;
-        for (int g = 0; g < ng; g++) {
-            Am[g] = 0.f;
-            for (int b = g * bpg; b < (g + 1) * bpg && b < nb; b++) Am[g] += ds[b];
-        }
-    }
+#endif
     const size_t row_bytes = bits == 4 ? (size_t)K / 2 : (size_t)K;
-    int N = 0;
-    for (int i = 0; i < nseg; i++) N += seg_rows[i];
-    int *seg_step = malloc(sizeof(int) * (nseg + 1)), *seg_row0 = malloc(sizeof(int) * (nseg + 1));
-    if (!seg_step || !seg_row0) {
-        free(seg_step), free(seg_row0), free(xq), free(d), free(dsum), free(A);
-        return -1;
-    }
-    seg_step[0] = seg_row0[0] = 0;
-    for (int i = 0; i < nseg; i++) {
-        seg_step[i + 1] = seg_step[i] + (seg_rows[i] + GN - 1) / GN;
-        seg_row0[i + 1] = seg_row0[i] + seg_rows[i];
-    }
+    const int N = total_rows(nseg, seg_rows), nt = (N + 1) / 2;
 #pragma omp parallel for schedule(static)
-    for (int t = 0; t < seg_step[nseg]; t++) {
-        int sg = 0;
-        while (t >= seg_step[sg + 1]) sg++;
-        const int local = (t - seg_step[sg]) * GN, R = seg_rows[sg] - local < GN ? seg_rows[sg] - local : GN;
-        const int n0 = seg_row0[sg] + local;
-        const uint8_t *wr = w[sg] + (size_t)local * row_bytes;
-        if (bits == 4)
-            gemm_rows(4, wr, row_bytes, s + (size_t)n0 * ng, sz + (size_t)n0 * ng, n0, R, ng, nb, bpg, M, xq, K, d, A,
-                      bias, y, y_bf16, N);
-        else
-            gemm_rows(8, wr, row_bytes, s + (size_t)n0 * ng, sz + (size_t)n0 * ng, n0, R, ng, nb, bpg, M, xq, K, d, A,
-                      bias, y, y_bf16, N);
-    }
-    free(seg_step), free(seg_row0), free(xq), free(d), free(dsum), free(A);
-    return 0;
+    for (int t = 0; t < nt; t++)
+        for (int m0 = 0; m0 < M; m0 += 4)
+            pairs_q(bits, 4, 2, w, seg_rows, nseg, row_bytes, s, sz, m0, M, 2 * t, N, q.xq, q.d, q.A, K, AB, nab, ng,
+                    bpg, bias, y, y_bf16);
+    free_act(&q);
+    return rc;
 }
 
 /* ---- W8A8 prefill with 8-bit activations on u8 x s8 GEMMs that are exact for 7-bit ones only ----------------

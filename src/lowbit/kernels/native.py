@@ -3,7 +3,8 @@
     add_rmsnorm(x, y, w, eps, out)     x += y (or no y); out = rms_norm(x) · w
     attn_decode(qkv, cos, sin, kc, vc, pos, ...)   rope, K/V cache write, one query's attention
     silu_mul(gu, out)                  out = silu(g) · u
-    linear_q(qw, x, out)               out = x Wᵀ (+ b), W 4- or 8-bit codes read in place (QWeight), x int8 per 32
+    linear_q(qw, x, out)               out = x Wᵀ (+ b), W 4- or 8-bit codes read in place (QWeight), x int8 per block of
+                                       up to 128 columns (act_block)
     gemm_q(qw, x, out)                 the same for x [M, K] (prefill, evaluation): tiles of rows, each row of out
                                        equal to linear_q's for that row of x
     i8_split(u, zp) / i8_sparse_add    W8A8 prefill: 8-bit activation codes as a 7-bit GEMM operand plus a sparse
@@ -39,7 +40,7 @@ from ..core.paths import cache_dir
 from ..errors import LowbitError
 
 SOURCE = Path(__file__).with_name("decode.c")
-ABI_VERSION = 7
+ABI_VERSION = 8
 MAX_HEAD_DIM = 512  # decode.c's per-head accumulator
 _LIB: list = []  # [ctypes.CDLL or None] once tried
 
@@ -79,18 +80,24 @@ _PRIVATE: list[Path] = []  # this process's temporary build folder, where the ca
 #
 # x86-64: the best of ISAS that the CPU has (from /proc/cpuinfo), or LOWBIT_ISA (a lower one: "generic" forces the
 # plain C loops); each is compiled with its own flags and cached under its own digest. decode.c picks its code
-# paths from the compiler's macros (__AVX2__, __AVX512VNNI__ ...): "avx512-vnni" runs the same tiles with vpdpbusd
-# (whose 4-product lane sums are the integers maddubs + madd give, so its results equal the AVX2 build's).
+# paths from the compiler's macros (__AVX2__, __AVX512VNNI__, __AMX_INT8__ ...): "avx512-vnni" runs the same tiles with
+# vpdpbusd, "avx512-amx" the GEMMs of 16 rows or more on AMX tiles (granted by Linux at load: lb_amx_init, else the
+# next set is used). Every path computes the same exact integers per activation block and then the same float
+# operations (decode.c), so all of them give the same bits.
 # Other machines: one "native" build (-march=native).
 
-ISAS = ("avx512-vnni", "avx2", "generic")  # best first
+ISAS = ("avx512-amx", "avx512-vnni", "avx2", "generic")  # best first
 ISA_FLAGS = {
+    "avx512-amx": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+                   "-mamx-tile", "-mamx-int8"],
     "avx512-vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "generic": [],
     "native": ["-march=native"],
 }
-ISA_NEEDS = {"avx512-vnni": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"},
+ISA_NEEDS = {"avx512-amx": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c", "amx_tile",
+                            "amx_int8"},
+             "avx512-vnni": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"},
              "avx2": {"avx2", "fma", "f16c"}, "generic": set()}
 _ISA_LIBS: dict = {}
 _HELD_FDS: list[int] = []  # descriptors the loaded libraries were opened through (see load)  # isa -> loaded library (or None), for explicitly requested instruction sets
@@ -105,7 +112,8 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_features() -> dict:
-    """What this CPU offers that the kernels could use (AMX and AVX-512 BF16 are detected, no kernel uses them)."""
+    """What this CPU offers that the kernels could use (AMX-INT8: the "avx512-amx" GEMM; AVX-512 BF16 is detected, no
+    kernel uses it)."""
     f = cpu_flags()
     names = {"avx2": "avx2", "fma": "fma", "f16c": "f16c", "avx512f": "avx512f", "avx512bw": "avx512bw",
              "avx512vl": "avx512vl", "avx512_vnni": "avx512_vnni", "avx512_bf16": "avx512_bf16",
@@ -301,11 +309,14 @@ def lib(isa: str | None = None):
         _log("native decode ops: off (LOWBIT_NATIVE=0)")
     else:
         chosen = selected_isa()
-        try:
-            handle = _open(chosen, raise_=True)
-        except (OSError, AttributeError) as e:
-            _log(f"native decode ops for {chosen} unavailable ({e})")
-            handle = None
+        have = supported_isas()
+        for isa in have[have.index(chosen):] if chosen in have else [chosen]:  # the next set where one fails
+            try:
+                handle = _open(isa, raise_=True)
+                break
+            except (OSError, AttributeError) as e:
+                _log(f"native decode ops for {isa} unavailable ({e})")
+                handle = None
     _LIB.append(handle)  # once per process: callers ask on every matmul
     return handle
 
@@ -325,6 +336,9 @@ def _open(isa: str, raise_: bool = False):
         handle.lb_gemm_q.argtypes = [i, i, p, p, p, p, i, i, i, p, i, p, p, i]
         handle.lb_gemm_q.restype = ctypes.c_int
         handle.lb_isa.restype = ctypes.c_int
+        handle.lb_amx_init.restype = ctypes.c_int
+        if isa == "avx512-amx" and handle.lb_amx_init() != 0:
+            raise OSError("Linux did not grant the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)")
         handle.lb_add_rmsnorm_rows.argtypes = [p, p, i, p, f, i, i, p, i]
         handle.lb_silu_mul_rows.argtypes = [p, i, i, i, p, i]
         handle.lb_rope_rows.argtypes = [p, i, p, p, i, i, p, p, i, i, i, i, p, p, p]
@@ -417,28 +431,51 @@ class QWeight:
         return u if self.bits == 4 else u - 128
 
 
-def quantize_act_reference(x: torch.Tensor, interleave: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [K] -> (xq int32 [K/32, 32], d [K/32], columns [K/32, 32]): int8 per block of 32, d = max|x| / 127; blocks
-    of 32 consecutive columns, or (interleave, for 4-bit weights) the even and the odd columns of each 64."""
+def act_block(G: int) -> int:
+    """Columns per activation block (decode.c's act_block): 128 where the weight groups are whole blocks of 128,
+    else 64, else 32; a block never spans two groups."""
+    return 128 if G % 128 == 0 else 64 if G % 64 == 0 else 32
+
+
+def quantize_act_reference(x: torch.Tensor, interleave: bool, ab: int = 32
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [K] -> (xq int32 [K], d [ceil(K/ab)], columns [K], block [K]): int8 per block of ab columns (the last may be
+    shorter), d = max|x| / 127, in decode.c's storage order: sub-blocks of 32 consecutive columns, or (interleave,
+    for 4-bit weights) the even and the odd columns of each 64; block[p] = the activation block of position p."""
     K = x.shape[-1]
-    cols = torch.arange(K).view(-1, 32, 2).transpose(1, 2).reshape(-1, 32) if interleave else torch.arange(K).view(-1, 32)
+    pos = torch.arange(K)
+    b, j = pos // 32, pos % 32
+    cols = (b // 2) * 64 + 2 * j + (b % 2) if interleave else pos
+    blk = pos // ab
+    nab = -(-K // ab)
     v = x.float()[cols]
-    d = v.abs().amax(1) / 127
+    amax = F.pad(v.abs(), (0, nab * ab - K)).view(nab, ab).amax(1)
+    d = amax / 127
     inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-    return torch.round(v * inv.unsqueeze(1)).to(torch.int32), d, cols
+    return torch.round(v * inv[blk]).to(torch.int32), d, cols, blk
+
+
+def block_ints(qw: QWeight, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(I int64 [N, nab], S int64 [nab], d [nab]) of one row x [K]: the exact integer dot of every weight row with
+    each activation block, and each block's sum of codes."""
+    ab = act_block(qw.G)
+    xq, d, cols, blk = quantize_act_reference(x, qw.bits == 4, ab)
+    prod = qw.codes()[:, cols].long() * xq.long().unsqueeze(0)  # [N, K] in storage order
+    nab = d.shape[0]
+    I = torch.zeros(qw.N, nab, dtype=torch.long).index_add_(1, blk, prod)
+    S = torch.zeros(nab, dtype=torch.long).index_add_(0, blk, xq.long())
+    return I, S, d
 
 
 def linear_q_reference(qw: QWeight, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """The C matvec's math in torch: exact integer dots per 32-block, then the float combination."""
-    xq, d, cols = quantize_act_reference(x, qw.bits == 4)
-    nb = qw.K // 32
-    c = qw.codes()[:, cols]  # [N, nb, 32], the blocks' columns
-    dots = (c * xq.unsqueeze(0)).sum(-1).float() * d  # [N, nb]
-    bpg = qw.G // 32
+    """The C matvec's math in torch: exact integer dots per activation block, then the float combination (here
+    without fused multiply-adds: equal to the C result within float32 rounding)."""
+    I, S, d = block_ints(qw, x)
+    bpg = qw.G // act_block(qw.G)
     ng = qw.s.shape[1]
-    pad = ng * bpg - nb
-    per_group = F.pad(dots, (0, pad)).view(qw.N, ng, bpg).sum(-1)  # [N, ng]
-    A = F.pad(d * xq.sum(1).float(), (0, pad)).view(ng, bpg).sum(-1)  # [ng]
+    pad = ng * bpg - d.shape[0]
+    per_group = F.pad(I.float() * d, (0, pad)).view(qw.N, ng, bpg).sum(-1)  # [N, ng]
+    A = F.pad(S.float() * d, (0, pad)).view(ng, bpg).sum(-1)  # [ng]
     y = (qw.s * per_group).sum(1) - (qw.sz * A).sum(1)
     if qw.bias is not None:
         y = y + qw.bias
@@ -689,17 +726,13 @@ def gemm_q_reference(qw: QWeight, x: torch.Tensor, out_dtype: torch.dtype) -> to
 
 
 def block_dots_reference(qw: QWeight, x: torch.Tensor) -> torch.Tensor:
-    """The exact integer sums under lb_gemm_q: int64 [M, N, K/32], dot(c, xq) per 32-block of each row."""
-    out = []
-    for r in x:
-        xq, _, cols = quantize_act_reference(r, qw.bits == 4)
-        out.append((qw.codes()[:, cols].long() * xq.long().unsqueeze(0)).sum(-1))
-    return torch.stack(out)
+    """The exact integer sums under lb_gemm_q: int64 [M, N, nab], dot(c, xq) per activation block of each row."""
+    return torch.stack([block_ints(qw, r)[0] for r in x])
 
 
 def isa(L) -> str:
     """The instruction set this library's kernels were compiled for."""
-    return {0: "generic", 1: "avx2", 2: "avx512-vnni"}.get(int(L.lb_isa()), "unknown")
+    return {0: "generic", 1: "avx2", 2: "avx512-vnni", 3: "avx512-amx"}.get(int(L.lb_isa()), "unknown")
 
 
 def describe() -> str:
@@ -709,5 +742,5 @@ def describe() -> str:
     return f"{isa(L) if L is not None else 'torch ops (no native library)'} (CPU: {have})"
 
 
-__all__ = ["lib", "build", "QWeight", "linear_q", "gemm_q", "gemm_q_reference", "block_dots_reference", "isa", "describe", "cpu_features", "supported_isas", "selected_isa", "add_rmsnorm_rows", "silu_mul_rows", "rope_rows", "i8_split", "i8_split_reference", "i8_sparse_add", "linear_q_reference", "quantize_act_reference", "add_rmsnorm", "silu_mul", "attn_decode", "add_rmsnorm_reference",
+__all__ = ["lib", "build", "QWeight", "linear_q", "gemm_q", "gemm_q_reference", "block_dots_reference", "isa", "describe", "cpu_features", "supported_isas", "selected_isa", "add_rmsnorm_rows", "silu_mul_rows", "rope_rows", "i8_split", "i8_split_reference", "i8_sparse_add", "linear_q_reference", "quantize_act_reference", "act_block", "block_ints", "add_rmsnorm", "silu_mul", "attn_decode", "add_rmsnorm_reference",
            "silu_mul_reference", "attn_decode_reference", "MAX_HEAD_DIM"]

@@ -325,7 +325,7 @@ class LeanDecoder:
 
     def __init__(self, model: nn.Module, max_len: int = 2048, native: bool | None = None,
                  prefill: str = "native") -> None:
-        """prefill: "native" (4/8-bit weights in place, activations int8 per 32: the decode steps' numerics) or
+        """prefill: "native" (4/8-bit weights in place, activations int8 per block of up to 128: the decode steps' numerics) or
         "float" (prompts through each quantized weight dequantized once to float32: transformers' numerics, for
         evaluation; decode steps unchanged)."""
         if prefill not in ("native", "float"):
