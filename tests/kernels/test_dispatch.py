@@ -30,14 +30,23 @@ def isa_lib(isa):
     return L
 
 
+def with_ab(qw, ab):
+    if qw.G % ab:
+        pytest.skip(f"activation blocks of {ab} do not divide groups of {qw.G}")
+    qw.ab = ab
+    qw._check()
+    return qw
+
+
+@pytest.mark.parametrize("ab", [32, 64, 128])
 @pytest.mark.parametrize("isa", ["avx512-amx", "avx512-vnni", "generic"])
 @pytest.mark.parametrize("bits,sym,group,K", CASES)
-def test_every_path_gives_the_avx2_bits(isa, bits, sym, group, K):
+def test_every_path_gives_the_avx2_bits(isa, bits, sym, group, K, ab):
     """Every build computes the same exact integers per activation block (maddubs + madd, vpdpbusd, AMX tile dot
     products or plain C) and then the same fused multiply-adds, output by output: the same results, bit for bit,
     for the tiled GEMM (AMX from 16 rows on), the matvec, and the leftovers of every tile."""
     other, avx2 = isa_lib(isa), isa_lib("avx2")
-    qw = N.QWeight([qlinear(bits, sym, group, K, n, bias=True, seed=n) for n in (64, 7)])
+    qw = with_ab(N.QWeight([qlinear(bits, sym, group, K, n, bias=True, seed=n) for n in (64, 7)]), ab)
     for M in (5, 37):
         x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
         assert torch.equal(gemm(other, qw, x), gemm(avx2, qw, x))
@@ -46,11 +55,12 @@ def test_every_path_gives_the_avx2_bits(isa, bits, sym, group, K):
     assert torch.equal(gemm(other, qw, xb), gemm(avx2, qw, xb))
 
 
+@pytest.mark.parametrize("ab", [32, 128])
 @pytest.mark.parametrize("isa", ["avx512-amx", "avx2", "generic"])
 @pytest.mark.parametrize("bits,sym,group,K", CASES)
-def test_each_path_equals_the_reference(isa, bits, sym, group, K):
+def test_each_path_equals_the_reference(isa, bits, sym, group, K, ab):
     L = isa_lib(isa)
-    qw = N.QWeight([qlinear(bits, sym, group, K, n, bias=True, seed=n) for n in (64, 7)])
+    qw = with_ab(N.QWeight([qlinear(bits, sym, group, K, n, bias=True, seed=n) for n in (64, 7)]), ab)
     x = torch.randn(20, K, generator=torch.Generator().manual_seed(1))
     out = gemm(L, qw, x)
     assert close(out, N.gemm_q_reference(qw, x, torch.float32), F32_RTOL)

@@ -66,6 +66,18 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Te
     return inputs, kw
 
 
+def forward_context():
+    """Where calibration forwards run: float32 (nullcontext), or under bf16 autocast when LOWBIT_CALIB_AUTOCAST=bf16
+    (experimental: the linears' matmuls in bf16, everything observed and accumulated in float32). Autocast is per
+    thread: every thread that runs a block enters it."""
+    import contextlib
+    import os
+
+    if os.environ.get("LOWBIT_CALIB_AUTOCAST", "") == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 BATCH = 8  # samples per block call: bigger matmuls run faster per token on CPU than one sample at a time
 
 
@@ -91,9 +103,10 @@ def run_block(block: nn.Module, inputs: list[torch.Tensor], kw: dict, batch: int
     """The block on every sample ([1, seqlen, hidden] each), `batch` samples per call (the kwargs broadcast)."""
     outs = []
     for x in _batches(inputs, batch or BATCH):
-        o = block(x, **kw)
+        with forward_context():
+            o = block(x, **kw)
         o = o[0] if isinstance(o, (tuple, list)) else o
-        outs.extend(o.split(1))
+        outs.extend(o.float().split(1))
     return outs
 
 
@@ -117,7 +130,8 @@ def observe_inputs(block: nn.Module, modules: dict[str, nn.Module], inputs: list
         for x in _batches(inputs, batch or BATCH):
             per_call[0] = 0
             try:
-                block(x, **kw)
+                with forward_context():
+                    block(x, **kw)
             except _Stop:
                 pass
             per_call[1] = per_call[1] or per_call[0]
@@ -269,8 +283,10 @@ def run_block_staged(block: nn.Module, modules: dict[str, nn.Module], groups: li
             with torch.no_grad():  # grad mode is per thread
                 with cv:
                     wait_turn(i)
-                o = block(xs[i], **kw)
+                with forward_context():
+                    o = block(xs[i], **kw)
                 o = o[0] if isinstance(o, (tuple, list)) else o
+                o = o.float()
                 if pos[i] != len(order):
                     raise Irregular("a batch skipped a group")
                 outs[i] = o

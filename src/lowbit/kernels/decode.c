@@ -242,9 +242,9 @@ void lb_rope_rows(const void *qkv, int in_bf16, const float *cos, const float *s
  * columns (the last group may be shorter), w = s[n, g] (u - z[n, g]); sz = s * z is passed instead of z.
  * Several weights that read the same x (q|k|v) are segments of one call: no copy of any weight.
  *
- * Activations: each row of x is quantized to int8 per block of AB columns, AB = act_block(G): 128 where G % 128
- * == 0, else 64 where G % 64 == 0, else 32 (a block never spans two groups; the last one of a group or of the row
- * may be shorter): xq = nearbyint(x * (1 / d)), d = max|x| / 127 over the block. Inside a block, values are
+ * Activations: each row of x is quantized to int8 per block of AB (act_block) storage positions (a block never
+ * spans two groups; the last one of a group or of the row may be shorter): xq = nearbyint(x * (1 / d)),
+ * d = max|x| / 127 over the block. Inside a block, values are
  * stored in sub-blocks of 32: consecutive columns for 8-bit weights; for 4-bit weights the even and the odd
  * columns of each 64 (one 32-byte load of codes is two sub-blocks: low and high nibbles).
  * Then, with the exact integers I[n, a] = sum_{k in block a} c[n, k] xq[k] (c = u for 4-bit, u - 128 for 8-bit;
@@ -254,11 +254,12 @@ void lb_rope_rows(const void *qkv, int in_bf16, const float *cos, const float *s
  *     y = acc - corr (+ bias)          sz' = s (z - 128) for 8-bit
  * Every path (plain C, AVX2, AVX-512 VNNI, AMX; matvec or GEMM) computes these integers and then these float
  * operations, output by output, so all of them give the same bits; they differ in how they get the integers.
- * 4-bit needs K % 64 == 0 and G % 64 == 0, 8-bit K % 32 == 0 and G % 32 == 0. Rows are split over OpenMP threads.
- * A block of 128 columns of 4-bit codes is four u8 x s8 sub-block dots whose pair sums add up in int16 without
- * overflow (4 * 2 * 15 * 127 < 2^15): one widening per block instead of one per 32 columns. */
+ * 4-bit needs K % 64 == 0 and G % 64 == 0, 8-bit K % 32 == 0 and G % 32 == 0. Rows are split over OpenMP threads. */
 
-static inline int act_block(int G) { return G % 128 == 0 ? 128 : G % 64 == 0 ? 64 : 32; }
+/* AB, the activation block, is the caller's choice (kernels/native.py act_block: 32, llama.cpp's Q8_0): 32, 64 or 128
+ * dividing G (the integer sums stay exact: 4-bit pair sums over 4 sub-blocks fit int16). One scale per 64 or 128
+ * columns runs the AMX GEMM faster but moved SmolLM2's perplexity with int8 activations several times more than
+ * one per 32 (docs/results.md §13). */
 
 #ifdef __AVX2__
 /* 8 floats of x from column k (float32 or bf16) */
@@ -276,70 +277,74 @@ static inline __attribute__((always_inline)) __m256i pack32(__m256i a, __m256i b
 }
 #endif
 
+#ifdef __AVX2__
+/* the 32 values of storage positions p .. p + 31 (p % 32 == 0) in storage order, as 4 vectors of 8 */
+static inline __attribute__((always_inline)) void load32(const void *x, int bf16, int interleave, int p, __m256 *v) {
+    if (!interleave) {
+        for (int h = 0; h < 4; h++) v[h] = ld8(x, bf16, (size_t)p + 8 * h);
+        return;
+    }
+    const size_t c = (size_t)(p / 64) * 64; /* the even (p % 64 == 0) or odd columns of the 64 from c */
+    const int odd = (p / 32) & 1;
+    for (int h = 0; h < 4; h++) {
+        const __m256 u = ld8(x, bf16, c + 16 * h), w = ld8(x, bf16, c + 16 * h + 8);
+        const __m256 sel = odd ? _mm256_shuffle_ps(u, w, 0xdd) : _mm256_shuffle_ps(u, w, 0x88);
+        v[h] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(sel), 0xd8));
+    }
+}
+#endif
+
 /* exact IEEE division and rounding here (no fast-math), so that the reference in torch gets the same codes; the
- * AVX2 loop computes the same products and roundings (round to nearest even, as nearbyintf) 8 columns at a time */
+ * AVX2 loop computes the same products and roundings (round to nearest even, as nearbyintf) 8 values at a time.
+ * Block a holds storage positions a*AB .. (the columns of those positions: with interleave and AB = 32, the even or
+ * the odd columns of a 64). */
 __attribute__((optimize("no-fast-math"))) static void quantize_act(const void *x, int x_bf16, int K, int AB,
                                                                    int interleave, int8_t *xq, float *d, int32_t *S) {
     const int nab = (K + AB - 1) / AB;
     for (int a = 0; a < nab; a++) {
         const int k0 = a * AB, len = K - k0 < AB ? K - k0 : AB;
         float amax = 0.f;
+        int sum = 0;
 #ifdef __AVX2__
-        __m256 m8 = _mm256_setzero_ps();
+        __m256 m8 = _mm256_setzero_ps(), v[4];
         const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-        for (int k = k0; k < k0 + len; k += 8) m8 = _mm256_max_ps(_mm256_and_ps(ld8(x, x_bf16, (size_t)k), absmask), m8); /* NaN ignored, as below */
+        for (int p = k0; p < k0 + len; p += 32) {
+            load32(x, x_bf16, interleave, p, v);
+            for (int h = 0; h < 4; h++) m8 = _mm256_max_ps(_mm256_and_ps(v[h], absmask), m8); /* NaN ignored, as below */
+        }
         float lanes[8];
         _mm256_storeu_ps(lanes, m8);
         for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
-#else
-        for (int k = k0; k < k0 + len; k++) {
-            const float v = fabsf(ld(x, x_bf16, (size_t)k));
-            amax = v > amax ? v : amax;
-        }
-#endif
         const float db = amax / 127.f, id = db > 0.f ? 1.f / db : 0.f;
-        int sum = 0;
-#ifdef __AVX2__
         const __m256 iv = _mm256_set1_ps(id);
         __m256i sum8 = _mm256_setzero_si256();
-#define LB_Q8(v) _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps((v), iv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
-        if (interleave) { /* per 64 columns: the 32 even ones, then the 32 odd ones */
-            for (int c = k0; c < k0 + len; c += 64) {
-                __m256i ev[4], od[4];
-                for (int h = 0; h < 4; h++) {
-                    const __m256 u = ld8(x, x_bf16, (size_t)c + 16 * h), w = ld8(x, x_bf16, (size_t)c + 16 * h + 8);
-                    const __m256 e = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(u, w, 0x88)), 0xd8));
-                    const __m256 o = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(u, w, 0xdd)), 0xd8));
-                    ev[h] = LB_Q8(e);
-                    od[h] = LB_Q8(o);
-                    sum8 = _mm256_add_epi32(sum8, _mm256_add_epi32(ev[h], od[h]));
-                }
-                _mm256_storeu_si256((__m256i *)(xq + c), pack32(ev[0], ev[1], ev[2], ev[3]));
-                _mm256_storeu_si256((__m256i *)(xq + c + 32), pack32(od[0], od[1], od[2], od[3]));
+        for (int p = k0; p < k0 + len; p += 32) {
+            load32(x, x_bf16, interleave, p, v);
+            __m256i q[4];
+            for (int h = 0; h < 4; h++) {
+                q[h] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[h], iv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                sum8 = _mm256_add_epi32(sum8, q[h]);
             }
-        } else {
-            for (int c = k0; c < k0 + len; c += 32) {
-                __m256i v[4];
-                for (int h = 0; h < 4; h++) {
-                    v[h] = LB_Q8(ld8(x, x_bf16, (size_t)c + 8 * h));
-                    sum8 = _mm256_add_epi32(sum8, v[h]);
-                }
-                _mm256_storeu_si256((__m256i *)(xq + c), pack32(v[0], v[1], v[2], v[3]));
-            }
+            _mm256_storeu_si256((__m256i *)(xq + p), pack32(q[0], q[1], q[2], q[3]));
         }
-#undef LB_Q8
         int32_t sl[8];
         _mm256_storeu_si256((__m256i *)sl, sum8);
         for (int i = 0; i < 8; i++) sum += sl[i];
 #else
-        for (int p = k0; p < k0 + len; p++) { /* storage position p holds column col(p) */
-            const int b = p / 32, j = p % 32;
-            /* interleave: sub-block 2c = even columns of the 64 starting at 64c, sub-block 2c + 1 = odd ones */
-            const size_t col = interleave ? (size_t)(b / 2) * 64 + 2 * j + (b & 1) : (size_t)p;
-            const int q = (int)nearbyintf(ld(x, x_bf16, col) * id);
+        /* storage position p holds column col(p): with interleave, sub-block 2c = the even columns of the 64
+         * starting at 64c, sub-block 2c + 1 = the odd ones */
+#define LB_COL(p) (interleave ? (size_t)((p) / 64) * 64 + 2 * ((p) % 32) + (((p) / 32) & 1) : (size_t)(p))
+        for (int p = k0; p < k0 + len; p++) {
+            const float v = fabsf(ld(x, x_bf16, LB_COL(p)));
+            amax = v > amax ? v : amax;
+        }
+        const float db = amax / 127.f, id = db > 0.f ? 1.f / db : 0.f;
+        for (int p = k0; p < k0 + len; p++) {
+            const int q = (int)nearbyintf(ld(x, x_bf16, LB_COL(p)) * id);
             xq[p] = (int8_t)q;
             sum += q;
         }
+#undef LB_COL
 #endif
         d[a] = db;
         S[a] = sum;
@@ -412,7 +417,6 @@ static inline __attribute__((always_inline)) __m256i hsum8x8_epi32(const __m256i
 EXACT static inline __attribute__((always_inline)) void tile8(const int bits, const int RM, const int RN,
         const uint8_t *const *wr, const float *const *sr, const float *const *szr, const int8_t *const *xr,
         const float *const *dr, const float *const *Ar, int K, int AB, int nab, int ng, int bpg, float *out) {
-    float dl[TILE], sl[TILE], szl[TILE], Al[TILE];
     __m256 acc = _mm256_setzero_ps();
     for (int g = 0; g < ng; g++) {
         const int a1 = (g + 1) * bpg < nab ? (g + 1) * bpg : nab;
@@ -423,25 +427,22 @@ EXACT static inline __attribute__((always_inline)) void tile8(const int bits, co
 #pragma GCC unroll 8
             for (int p = 0; p < TILE; p++) v[p] = _mm256_setzero_si256();
             if (bits == 4) {
-                for (int c = p0 / 64; c < p1 / 64; c++) {
-                    __m256i lo[TILE], hi[TILE];
+                for (int b = p0 / 32; b < p1 / 32; b++) { /* sub-block b: low (even b) or high nibbles of chunk b / 2 */
+                    __m256i cj[TILE];
 #pragma GCC unroll 8
                     for (int j = 0; j < RN; j++) {
-                        const __m256i raw = _mm256_loadu_si256((const __m256i *)(wr[j] + (size_t)c * 32));
-                        lo[j] = _mm256_and_si256(raw, _mm256_set1_epi8(0x0f));
-                        hi[j] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0f));
+                        const __m256i raw = _mm256_loadu_si256((const __m256i *)(wr[j] + (size_t)(b / 2) * 32));
+                        cj[j] = _mm256_and_si256((b & 1) ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0f));
                     }
 #pragma GCC unroll 8
                     for (int i = 0; i < RM; i++) {
-                        const __m256i xl = _mm256_loadu_si256((const __m256i *)(xr[i] + (size_t)c * 64));
-                        const __m256i xh = _mm256_loadu_si256((const __m256i *)(xr[i] + (size_t)c * 64 + 32));
+                        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xr[i] + (size_t)b * 32));
 #pragma GCC unroll 8
                         for (int j = 0; j < RN; j++) {
 #if VNNI
-                            v[i * RN + j] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(v[i * RN + j], lo[j], xl), hi[j], xh);
+                            v[i * RN + j] = _mm256_dpbusd_epi32(v[i * RN + j], cj[j], xv);
 #else
-                            v[i * RN + j] = _mm256_add_epi16(v[i * RN + j], _mm256_add_epi16(
-                                _mm256_maddubs_epi16(lo[j], xl), _mm256_maddubs_epi16(hi[j], xh)));
+                            v[i * RN + j] = _mm256_add_epi16(v[i * RN + j], _mm256_maddubs_epi16(cj[j], xv));
 #endif
                         }
                     }
@@ -475,23 +476,24 @@ EXACT static inline __attribute__((always_inline)) void tile8(const int bits, co
                     }
                 }
             }
-#pragma GCC unroll 8
-            for (int p = 0; p < TILE; p++) dl[p] = dr[p / RN][a];
-            t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8_epi32(v)), _mm256_loadu_ps(dl), t);
+/* the 8 lanes from scalars (no round trip through memory, whose 8 stores and one wide load stall) */
+#define LB_LANES(f) _mm256_setr_ps(f(0), f(1), f(2), f(3), f(4), f(5), f(6), f(7))
+#define LB_D(p) dr[(p) / RN][a]
+#define LB_S(p) sr[(p) % RN][g]
+#define LB_SZ(p) szr[(p) % RN][g]
+#define LB_A(p) Ar[(p) / RN][g]
+            t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8_epi32(v)), RM == 1 ? _mm256_set1_ps(dr[0][a]) : LB_LANES(LB_D), t);
         }
-#pragma GCC unroll 8
-        for (int p = 0; p < TILE; p++) sl[p] = sr[p % RN][g];
-        acc = _mm256_fmadd_ps(t, _mm256_loadu_ps(sl), acc);
+        acc = _mm256_fmadd_ps(t, LB_LANES(LB_S), acc);
     }
     __m256 corr = _mm256_setzero_ps();
-    for (int g = 0; g < ng; g++) {
-#pragma GCC unroll 8
-        for (int p = 0; p < TILE; p++) {
-            szl[p] = szr[p % RN][g];
-            Al[p] = Ar[p / RN][g];
-        }
-        corr = _mm256_fmadd_ps(_mm256_loadu_ps(szl), _mm256_loadu_ps(Al), corr);
-    }
+    for (int g = 0; g < ng; g++)
+        corr = _mm256_fmadd_ps(LB_LANES(LB_SZ), RM == 1 ? _mm256_set1_ps(Ar[0][g]) : LB_LANES(LB_A), corr);
+#undef LB_LANES
+#undef LB_D
+#undef LB_S
+#undef LB_SZ
+#undef LB_A
     _mm256_storeu_ps(out, _mm256_sub_ps(acc, corr));
 }
 #endif
@@ -588,8 +590,8 @@ static int total_rows(int nseg, const int *seg_rows) {
 
 /* x [K] -> y [N]: eight weight rows per step (one x row, one code load per row and block) */
 EXACT void lb_linear_q(int bits, int nseg, const uint8_t *const *w, const int *seg_rows, const float *s, const float *sz,
-                 int K, int G, const void *x, int x_bf16, const float *bias, void *y, int y_bf16) {
-    const int AB = act_block(G), nab = (K + AB - 1) / AB, ng = (K + G - 1) / G, bpg = G / AB;
+                 int K, int G, int AB, const void *x, int x_bf16, const float *bias, void *y, int y_bf16) {
+    const int nab = (K + AB - 1) / AB, ng = (K + G - 1) / G, bpg = G / AB;
     int8_t xq[K];
     float d[nab], A[ng];
     int32_t S[nab];
@@ -607,10 +609,10 @@ EXACT void lb_linear_q(int bits, int nseg, const uint8_t *const *w, const int *s
 
 /* ---- GEMM on AMX tiles (the "avx512-amx" build; lb_amx_init must have been granted the tile state) ----------
  * C tiles [16 rows of x, 16 weight rows] of int32 = I[m, n, a] after the 64-column chunks of block a: A tiles are
- * the quantized rows of x as they lie (16 rows x 64 columns, signed), B tiles a panel's codes packed per call as
- * 16 rows of 4 consecutive columns per weight row (unsigned 4-bit codes: vpdpbsud; signed 8-bit: vpdpbssd), zero
- * past K. Then the float operations of the definition above, vectorized over 16 weight rows (the scales
- * transposed once per call). Needs blocks of at least 64 columns (AB >= 64). */
+ * the quantized rows of x as they lie (16 rows x cw = 32 or 64 columns, signed), B tiles a panel's codes packed per
+ * call as cw / 4 rows of 4 consecutive columns per weight row (unsigned 4-bit codes: vpdpbsud; signed 8-bit:
+ * vpdpbssd), zero past K. Then the float operations of the definition above, vectorized over 16 weight rows (the
+ * scales transposed once per call). */
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -629,13 +631,14 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-static void amx_configure(void) {
+/* tiles 0-3: C [16 x 16 int32]; 4-5: A, 16 rows of x by cw (64 or 32) columns; 6-7: B, cw / 4 rows of 16 x 4 codes */
+static void amx_configure(int cw) {
     tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
     for (int i = 0; i < 8; i++) {
-        c.rows[i] = 16;
-        c.colsb[i] = 64;
+        c.rows[i] = i >= 6 ? cw / 4 : 16;
+        c.colsb[i] = i == 4 || i == 5 ? cw : 64;
     }
     _tile_loadconfig(&c);
 }
@@ -672,8 +675,9 @@ static void pack_panel(int bits, const uint8_t *const *w, const int *seg_rows, i
 }
 
 EXACT static int gemm_amx(int bits, int nseg, const uint8_t *const *w, const int *seg_rows, const float *s,
-                          const float *sz, int K, int G, int M, const qact *q, const float *bias, void *y, int y_bf16) {
-    const int AB = act_block(G), nab = (K + AB - 1) / AB, ng = (K + G - 1) / G, bpg = G / AB;
+                          const float *sz, int K, int G, int AB, int M, const qact *q, const float *bias, void *y,
+                          int y_bf16) {
+    const int nab = (K + AB - 1) / AB, ng = (K + G - 1) / G, bpg = G / AB;
     const int nch = (K + 63) / 64;
     const int N = total_rows(nseg, seg_rows), Np = (N + PANEL - 1) / PANEL * PANEL;
     const size_t row_bytes = bits == 4 ? (size_t)K / 2 : (size_t)K;
@@ -692,6 +696,7 @@ EXACT static int gemm_amx(int bits, int nseg, const uint8_t *const *w, const int
         bT[n] = n < N && bias ? bias[n] : 0.f;
     }
     const int npanel = Np / PANEL, nmb = (M + 31) / 32;
+    const int cw = AB >= 64 ? 64 : 32; /* columns per tile op: a block is whole tile ops */
     int failed = 0;
 #pragma omp parallel
     {
@@ -703,7 +708,7 @@ EXACT static int gemm_amx(int bits, int nseg, const uint8_t *const *w, const int
 #pragma omp atomic write
             failed = 1;
         } else {
-            amx_configure();
+            amx_configure(cw);
         }
 #pragma omp for schedule(static)
         for (int pn = 0; pn < npanel; pn++) {
@@ -722,12 +727,14 @@ EXACT static int gemm_amx(int bits, int nseg, const uint8_t *const *w, const int
                         _tile_zero(1);
                         _tile_zero(2);
                         _tile_zero(3);
-                        for (int c = p0 / 64; c < (p1 + 63) / 64; c++) {
-                            /* x rows m0 .. m0 + 15 and m0 + 16 .. (the scratch has 32 rows past M, zero) */
-                            _tile_loadd(4, q->xq + (size_t)m0 * K + (size_t)c * 64, K);
-                            _tile_loadd(5, q->xq + (size_t)(m0 + 16) * K + (size_t)c * 64, K);
-                            _tile_loadd(6, P + (size_t)c * 2048, 64);
-                            _tile_loadd(7, P + (size_t)c * 2048 + 1024, 64);
+                        for (int k = p0; k < p1; k += cw) {
+                            /* x rows m0 .. m0 + 15 and m0 + 16 .. (the scratch has 32 rows past M, zero); the
+                             * panel's B tiles of columns k .. k + cw: rows (k % 64) / 4 .. of chunk k / 64 */
+                            const uint8_t *pb = P + (size_t)(k / 64) * 2048 + (size_t)(k % 64) * 16;
+                            _tile_loadd(4, q->xq + (size_t)m0 * K + k, K);
+                            _tile_loadd(5, q->xq + (size_t)(m0 + 16) * K + k, K);
+                            _tile_loadd(6, pb, 64);
+                            _tile_loadd(7, pb + 1024, 64);
                             if (bits == 4) {
                                 _tile_dpbsud(0, 4, 6);
                                 _tile_dpbsud(1, 4, 7);
@@ -816,14 +823,14 @@ int lb_isa(void) { return (int)isa_id(); }
 /* x [M, K] (bf16 or float32), y [M, N]; weights as lb_linear_q's. Returns 0, or -1 where the scratch (M * K
  * bytes of int8 activations and their scales; the AMX build also the packed tiles) cannot be allocated. */
 EXACT int lb_gemm_q(int bits, int nseg, const uint8_t *const *w, const int *seg_rows, const float *s, const float *sz,
-              int K, int G, int M, const void *x, int x_bf16, const float *bias, void *y, int y_bf16) {
-    const int AB = act_block(G), nab = (K + AB - 1) / AB, ng = (K + G - 1) / G, bpg = G / AB;
+              int K, int G, int AB, int M, const void *x, int x_bf16, const float *bias, void *y, int y_bf16) {
+    const int nab = (K + AB - 1) / AB, ng = (K + G - 1) / G, bpg = G / AB;
     qact q;
     if (quantize_rows(x, x_bf16, M, K, AB, G, bits == 4, &q)) return -1;
     int rc = 0;
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
-    if (amx_granted && AB >= 64 && M >= 16) {
-        rc = gemm_amx(bits, nseg, w, seg_rows, s, sz, K, G, M, &q, bias, y, y_bf16);
+    if (amx_granted && M >= 16) {
+        rc = gemm_amx(bits, nseg, w, seg_rows, s, sz, K, G, AB, M, &q, bias, y, y_bf16);
         free_act(&q);
         return rc;
     }

@@ -332,8 +332,8 @@ def _open(isa: str, raise_: bool = False):
         handle.lb_add_rmsnorm.argtypes = [p, p, i, p, f, i, p, i]
         handle.lb_silu_mul.argtypes = [p, i, i, p, i]
         handle.lb_attn_decode.argtypes = [p, i, p, p, p, p, i, i, i, i, i, f, p, p, i]
-        handle.lb_linear_q.argtypes = [i, i, p, p, p, p, i, i, p, i, p, p, i]
-        handle.lb_gemm_q.argtypes = [i, i, p, p, p, p, i, i, i, p, i, p, p, i]
+        handle.lb_linear_q.argtypes = [i, i, p, p, p, p, i, i, i, p, i, p, p, i]
+        handle.lb_gemm_q.argtypes = [i, i, p, p, p, p, i, i, i, i, p, i, p, p, i]
         handle.lb_gemm_q.restype = ctypes.c_int
         handle.lb_isa.restype = ctypes.c_int
         handle.lb_amx_init.restype = ctypes.c_int
@@ -371,6 +371,7 @@ class QWeight:
         sch = m0.scheme
         self.bits, self.K = sch.bits, m0.in_features
         self.G = sch.group_len(self.K)
+        self.ab = act_block(self.G)  # activation block (32; tests set 64 or 128 to cover the kernels' other sizes)
         self.modules = list(modules)
         self.weights = [m.qweight.contiguous() for m in modules]  # held: lb_linear_q reads their memory
         self.rows = [m.out_features for m in modules]
@@ -398,6 +399,8 @@ class QWeight:
         step = 64 if bits == 4 else 32
         if bits not in (4, 8) or not 0 < K <= MAX_K or K % step or G < step or G % step:
             raise LowbitError(f"native linear: {bits}-bit codes of {K} columns in groups of {G} do not tile")
+        if self.ab not in (32, 64, 128) or G % self.ab:
+            raise LowbitError(f"native linear: activation blocks of {self.ab} in groups of {G}")
         row_bytes = K // 2 if bits == 4 else K
         for w, r in zip(self.weights, self.rows):
             _need(w, (torch.uint8,), r * row_bytes, "linear codes")
@@ -432,9 +435,9 @@ class QWeight:
 
 
 def act_block(G: int) -> int:
-    """Columns per activation block (decode.c's act_block): 128 where the weight groups are whole blocks of 128,
-    else 64, else 32; a block never spans two groups."""
-    return 128 if G % 128 == 0 else 64 if G % 64 == 0 else 32
+    """Positions per activation block of the native matvec/GEMM: 32, as llama.cpp's Q8_0 (decode.c takes 32, 64 or
+    128 dividing G; larger blocks run the AMX GEMM faster and cost more perplexity: docs/results.md §13)."""
+    return 32
 
 
 def quantize_act_reference(x: torch.Tensor, interleave: bool, ab: int = 32
@@ -458,8 +461,7 @@ def quantize_act_reference(x: torch.Tensor, interleave: bool, ab: int = 32
 def block_ints(qw: QWeight, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(I int64 [N, nab], S int64 [nab], d [nab]) of one row x [K]: the exact integer dot of every weight row with
     each activation block, and each block's sum of codes."""
-    ab = act_block(qw.G)
-    xq, d, cols, blk = quantize_act_reference(x, qw.bits == 4, ab)
+    xq, d, cols, blk = quantize_act_reference(x, qw.bits == 4, qw.ab)
     prod = qw.codes()[:, cols].long() * xq.long().unsqueeze(0)  # [N, K] in storage order
     nab = d.shape[0]
     I = torch.zeros(qw.N, nab, dtype=torch.long).index_add_(1, blk, prod)
@@ -471,7 +473,7 @@ def linear_q_reference(qw: QWeight, x: torch.Tensor, out_dtype: torch.dtype) -> 
     """The C matvec's math in torch: exact integer dots per activation block, then the float combination (here
     without fused multiply-adds: equal to the C result within float32 rounding)."""
     I, S, d = block_ints(qw, x)
-    bpg = qw.G // act_block(qw.G)
+    bpg = qw.G // qw.ab
     ng = qw.s.shape[1]
     pad = ng * bpg - d.shape[0]
     per_group = F.pad(I.float() * d, (0, pad)).view(qw.N, ng, bpg).sum(-1)  # [N, ng]
@@ -701,7 +703,7 @@ def linear_q(L, qw: QWeight, x, out) -> None:
     not replaced after; here the tensors of this call."""
     x_bf = _io(x, qw.K, "linear input")
     out_bf = _io(out, qw.N, "linear out")
-    L.lb_linear_q(qw.bits, len(qw.rows), qw._w_ptrs, qw._rows, qw.s.data_ptr(), qw.sz.data_ptr(), qw.K, qw.G,
+    L.lb_linear_q(qw.bits, len(qw.rows), qw._w_ptrs, qw._rows, qw.s.data_ptr(), qw.sz.data_ptr(), qw.K, qw.G, qw.ab,
                   x.data_ptr(), x_bf, None if qw.bias is None else qw.bias.data_ptr(), out.data_ptr(), out_bf)
 
 
@@ -715,7 +717,7 @@ def gemm_q(L, qw: QWeight, x, out) -> None:
         raise LowbitError(f"native gemm: {M} rows of {qw.K} -> {qw.N} exceed {MAX_GEMM_ELEMS} elements")
     x_bf = _io(x, M * qw.K, "gemm input")
     out_bf = _io(out, M * qw.N, "gemm out")
-    if L.lb_gemm_q(qw.bits, len(qw.rows), qw._w_ptrs, qw._rows, qw.s.data_ptr(), qw.sz.data_ptr(), qw.K, qw.G, M,
+    if L.lb_gemm_q(qw.bits, len(qw.rows), qw._w_ptrs, qw._rows, qw.s.data_ptr(), qw.sz.data_ptr(), qw.K, qw.G, qw.ab, M,
                    x.data_ptr(), x_bf, None if qw.bias is None else qw.bias.data_ptr(), out.data_ptr(), out_bf):
         raise MemoryError(f"native gemm: no scratch for {M} rows of {qw.K}")
 
