@@ -588,7 +588,114 @@ static int total_rows(int nseg, const int *seg_rows) {
     return N;
 }
 
-/* x [K] -> y [N]: eight weight rows per step (one x row, one code load per row and block) */
+#ifdef __AVX2__
+/* ---- the decode matvec's own float order (one x row, activation blocks of 32) ----------------------------------
+ * A decode step reads every weight from memory once; the exact per-block integers of the definition above need a
+ * horizontal sum per block and row, which costs the matvec ~15-30% against this order, so here (AVX2/VNNI/AMX
+ * builds, AB = 32) each block's 8 int32 lanes are converted and scaled by d lane by lane, the group sums scaled by
+ * s, the lanes summed at the end: the same integers, another (fixed) float order, equal to the GEMM within float32
+ * rounding (tested), and equal across the AVX2, VNNI and AMX builds bit for bit. */
+
+/* the sum of the 8 lanes, in one fixed order (hadd builtins, not reassociated) */
+EXACT static inline float hsum8(__m256 v) {
+    __m128 t = _mm_hadd_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    t = _mm_hadd_ps(t, t);
+    t = _mm_hadd_ps(t, t);
+    return _mm_cvtss_f32(t);
+}
+
+/* the 32 codes of sub-block b of a row, as bytes (4-bit: 0..15; 8-bit: u - 128 as int8) */
+EXACT static inline __attribute__((always_inline)) __m256i block_codes(const uint8_t *wr, int bits, int b) {
+    if (bits == 4) {
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)(wr + (size_t)(b / 2) * 32));
+        return _mm256_and_si256((b & 1) ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0f));
+    }
+    return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wr + (size_t)b * 32)), _mm256_set1_epi8((char)0x80));
+}
+
+/* int32 lanes of dot(c, xv) as floats: 4-bit codes unsigned; 8-bit signed through |c| x sign(x, c) */
+EXACT static inline __attribute__((always_inline)) __m256 block_dot(__m256i c, __m256i xv, int bits) {
+    const __m256i a = bits == 4 ? c : _mm256_sign_epi8(c, c), b = bits == 4 ? xv : _mm256_sign_epi8(xv, c);
+#if VNNI
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b));
+#else
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
+#endif
+}
+
+#define ROWS 4 /* rows per step: the activation blocks are loaded once for all of them */
+
+/* out[r] for rows w .. w + R (R = ROWS or 1, row_bytes apart; s, sz rows ng apart) */
+EXACT static inline __attribute__((always_inline)) void rows_lanes(const uint8_t *w, size_t row_bytes, const int bits,
+        const float *s, const float *sz, const int R, int nb, int ng, int bpg, const int8_t *xq, const float *d,
+        const float *A, float *out) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    const uint8_t *w0 = w, *w1 = w0 + row_bytes, *w2 = w1 + row_bytes, *w3 = w2 + row_bytes;
+    for (int g = 0; g < ng; g++) {
+        const int b0 = g * bpg, b1 = b0 + bpg < nb ? b0 + bpg : nb;
+        __m256 v0 = _mm256_setzero_ps(), v1 = v0, v2 = v0, v3 = v0;
+        for (int b = b0; b < b1; b++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)b * 32));
+            const __m256 db = _mm256_set1_ps(d[b]);
+            v0 = _mm256_fmadd_ps(block_dot(block_codes(w0, bits, b), xv, bits), db, v0);
+            if (R == ROWS) {
+                v1 = _mm256_fmadd_ps(block_dot(block_codes(w1, bits, b), xv, bits), db, v1);
+                v2 = _mm256_fmadd_ps(block_dot(block_codes(w2, bits, b), xv, bits), db, v2);
+                v3 = _mm256_fmadd_ps(block_dot(block_codes(w3, bits, b), xv, bits), db, v3);
+            }
+        }
+        acc0 = _mm256_fmadd_ps(v0, _mm256_set1_ps(s[(size_t)g]), acc0);
+        if (R == ROWS) {
+            acc1 = _mm256_fmadd_ps(v1, _mm256_set1_ps(s[(size_t)ng + g]), acc1);
+            acc2 = _mm256_fmadd_ps(v2, _mm256_set1_ps(s[(size_t)2 * ng + g]), acc2);
+            acc3 = _mm256_fmadd_ps(v3, _mm256_set1_ps(s[(size_t)3 * ng + g]), acc3);
+        }
+    }
+    const __m256 accs[4] = {acc0, acc1, acc2, acc3};
+    for (int r = 0; r < R; r++) {
+        float corr = 0.f;
+        for (int g = 0; g < ng; g++) corr = fmaf(sz[(size_t)r * ng + g], A[g], corr);
+        out[r] = hsum8(accs[r]) - corr;
+    }
+}
+
+EXACT static void linear_lanes(int bits, int nseg, const uint8_t *const *w, const int *seg_rows, const float *s,
+                               const float *sz, int K, int G, const int8_t *xq, const float *d, const float *A,
+                               const float *bias, void *y, int y_bf16) {
+    const int nb = K / 32, ng = (K + G - 1) / G, bpg = G / 32;
+    const size_t row_bytes = bits == 4 ? (size_t)K / 2 : (size_t)K;
+    int seg_step[nseg + 1], seg_row0[nseg + 1]; /* first step and first output row of each segment */
+    seg_step[0] = seg_row0[0] = 0;
+    for (int i = 0; i < nseg; i++) {
+        seg_step[i + 1] = seg_step[i] + (seg_rows[i] + ROWS - 1) / ROWS;
+        seg_row0[i + 1] = seg_row0[i] + seg_rows[i];
+    }
+    /* two threads even for the smallest matrices here: in a decode step every weight comes from memory, and one
+     * core streams far less of it than two (a hot-cache microbenchmark says otherwise) */
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < seg_step[nseg]; i++) {
+        int sg = 0;
+        while (i >= seg_step[sg + 1]) sg++;
+        const int local = (i - seg_step[sg]) * ROWS, R = seg_rows[sg] - local < ROWS ? seg_rows[sg] - local : ROWS;
+        const int n0 = seg_row0[sg] + local;
+        const uint8_t *wr = w[sg] + (size_t)local * row_bytes;
+        const float *sr = s + (size_t)n0 * ng, *szr = sz + (size_t)n0 * ng;
+        float out[ROWS];
+        if (bits == 4 && R == ROWS)
+            rows_lanes(wr, row_bytes, 4, sr, szr, ROWS, nb, ng, bpg, xq, d, A, out);
+        else if (bits == 4)
+            for (int r = 0; r < R; r++)
+                rows_lanes(wr + r * row_bytes, row_bytes, 4, sr + r * ng, szr + r * ng, 1, nb, ng, bpg, xq, d, A, out + r);
+        else /* 8-bit: one row at a time, faster than four (register pressure of the sign trick) */
+            for (int r = 0; r < R; r++)
+                rows_lanes(wr + r * row_bytes, row_bytes, 8, sr + r * ng, szr + r * ng, 1, nb, ng, bpg, xq, d, A, out + r);
+        for (int r = 0; r < R; r++) st(y, y_bf16, (size_t)n0 + r, bias ? out[r] + bias[n0 + r] : out[r]);
+    }
+}
+#endif
+
+/* x [K] -> y [N]: the lane order above where it applies (AVX2 builds, AB = 32), else eight weight rows per step by
+ * the definition (one x row, one code load per row and block) */
 EXACT void lb_linear_q(int bits, int nseg, const uint8_t *const *w, const int *seg_rows, const float *s, const float *sz,
                  int K, int G, int AB, const void *x, int x_bf16, const float *bias, void *y, int y_bf16) {
     const int nab = (K + AB - 1) / AB, ng = (K + G - 1) / G, bpg = G / AB;
@@ -597,10 +704,14 @@ EXACT void lb_linear_q(int bits, int nseg, const uint8_t *const *w, const int *s
     int32_t S[nab];
     quantize_act(x, x_bf16, K, AB, bits == 4, xq, d, S);
     group_sums(S, d, nab, ng, bpg, A);
+#ifdef __AVX2__
+    if (AB == 32) {
+        linear_lanes(bits, nseg, w, seg_rows, s, sz, K, G, xq, d, A, bias, y, y_bf16);
+        return;
+    }
+#endif
     const size_t row_bytes = bits == 4 ? (size_t)K / 2 : (size_t)K;
     const int N = total_rows(nseg, seg_rows);
-    /* two threads even for the smallest matrices here: in a decode step every weight comes from memory, and one
-     * core streams far less of it than two (a hot-cache microbenchmark says otherwise) */
 #pragma omp parallel for schedule(static)
     for (int n0 = 0; n0 < N; n0 += 8)
         pairs_q(bits, 1, 8, w, seg_rows, nseg, row_bytes, s, sz, 0, 1, n0, N, xq, d, A, K, AB, nab, ng, bpg, bias,
