@@ -78,6 +78,11 @@ def forward_context():
     return contextlib.nullcontext()
 
 
+def _exact(x: torch.Tensor):
+    """No autocast (for the statistics and the quantization a hook runs inside a forward)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 BATCH = 8  # samples per block call: bigger matmuls run faster per token on CPU than one sample at a time
 
 
@@ -120,7 +125,8 @@ def observe_inputs(block: nn.Module, modules: dict[str, nn.Module], inputs: list
     per_call = [0, None]  # observations so far in this call; how many a whole call makes (after the first)
 
     def pre(mod, args, n):
-        observe(n, args[0])  # no_grad: the tensor itself (linears that share it are recognised by identity)
+        with _exact(args[0]):  # statistics in float32 even inside an autocast forward
+            observe(n, args[0])  # no_grad: the tensor itself (linears that share it are recognised by identity)
         per_call[0] += 1
         if per_call[0] == per_call[1]:
             raise _Stop
@@ -239,13 +245,14 @@ def run_block_staged(block: nn.Module, modules: dict[str, nn.Module], groups: li
             raise Irregular(f"{name} called out of order")
         pos[i] += 1
         x = args[0]
-        if observe_group is not None:
-            observe_group(heads[name], x)
-        else:
-            for n in heads[name]:
-                observe(n, x)
-        if i == nb - 1:
-            on_group(heads[name])
+        with _exact(x):  # statistics and the quantization in float32 even inside an autocast forward
+            if observe_group is not None:
+                observe_group(heads[name], x)
+            else:
+                for n in heads[name]:
+                    observe(n, x)
+            if i == nb - 1:
+                on_group(heads[name])
         parked = park(i, x) if i != nb - 1 else None  # the last worker goes on at once
         hand_on(i)
         with cv:
