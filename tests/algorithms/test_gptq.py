@@ -205,6 +205,7 @@ def test_staged_pass_equals_a_statistics_pass_per_group(tiny, calib, monkeypatch
     model, _ = tiny
     monkeypatch.setattr(seq, "BATCH", 3)  # 8 samples: batches of 3, 3, 2 -> three workers
     monkeypatch.setattr(seq, "PARK_MIN", 0)  # waiting workers park every input in the temporary file
+    monkeypatch.setattr(seq, "PARK_BUDGET", 0)
     cfg = QuantConfig(method="gptq", scheme=Scheme(4, True, "group", 32), options={"act_order": act_order})
     calls = []
     real = seq.run_block_staged

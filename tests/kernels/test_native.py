@@ -443,3 +443,37 @@ def test_qweight_refuses_activation_blocks_the_kernels_do_not_take(ab):
     qw.ab = ab
     with pytest.raises(LowbitError, match="activation blocks"):
         qw._check()
+
+
+# ---- GPTQ's column loop in C (core/gptq.gptq_rows, cols_kernel) -----------------------------------------------
+
+@pytest.mark.parametrize("bits,sym,group,act_order,clip", [(4, True, 32, True, 0), (4, False, 32, False, 0),
+                                                         (3, False, 64, True, 0), (8, True, None, False, 0),
+                                                         (2, False, 32, False, 4), (4, True, None, True, 0)])
+def test_native_gptq_columns_give_the_torch_loops_bits(bits, sym, group, act_order, clip):
+    from lowbit.core.gptq import gptq_rows
+
+    torch.manual_seed(0)
+    W = [torch.randn(70, 160), torch.randn(33, 160)]  # two parts, rows not a multiple of any tile
+    X = torch.randn(400, 160) * torch.linspace(0.2, 3, 160)
+    H = 2 * X.T @ X / 400
+    H[7] = 0  # a dead column
+    H[:, 7] = 0
+    scheme = Scheme(bits, sym, "channel") if group is None else Scheme(bits, sym, "group", group)
+    ref, ref_loss = gptq_rows(W, H.clone(), scheme, 48, 0.01, act_order, clip)  # 48: blocks across groups
+    got, got_loss = gptq_rows(W, H.clone(), scheme, 48, 0.01, act_order, clip, cols_kernel=N.gptq_cols_kernel())
+    assert torch.equal(got.codes, ref.codes) and torch.equal(got.scale, ref.scale)
+    assert (got.zero is None and ref.zero is None) or torch.equal(got.zero, ref.zero)
+    assert torch.equal(got_loss, ref_loss)
+
+
+def test_native_gptq_columns_check_their_arrays():
+    b, rows = 8, 16
+    args = dict(W1=torch.zeros(b, rows), H1=torch.eye(b), c0=0, c1=b, grp=torch.zeros(b, dtype=torch.int32),
+                sT=torch.ones(1, rows), zT=None, qmin=-8.0, qmax=7.0, Q=torch.zeros(b, rows, dtype=torch.int8),
+                E=torch.zeros(b, rows))
+    N.gptq_cols(L, **args)  # fine
+    for k, bad in [("grp", torch.full((b,), 1, dtype=torch.int32)), ("c1", b + 1), ("Q", torch.zeros(b, rows - 1, dtype=torch.int8)),
+                   ("H1", torch.eye(b + 1)), ("sT", torch.ones(1, rows + 1)), ("E", torch.zeros(b, rows).t())]:
+        with pytest.raises(LowbitError, match="gptq columns"):
+            N.gptq_cols(L, **{**args, k: bad})

@@ -17,6 +17,7 @@ from ..core.quant import QTensor
 from ..core.scheme import Scheme
 from ..core.state import state_of
 from ..errors import LowbitError
+from ..kernels.native import gptq_cols_kernel
 from ..models.arch import block_linears, sequential_groups, set_module
 from ..nn.qlinear import QuantLinear
 from .registry import CalibOptions, MethodSpec, register
@@ -76,7 +77,8 @@ def gptq_linears(linears: dict[str, nn.Module], hess: Hessians, config: QuantCon
                 hess[n].forget()  # shared with names[0] (or an equal copy)
             H, alone = hess.take(names[0])  # handed to the sweep (factored in its memory when large and alone)
             qt, row_loss = gptq_rows([linears[n].weight for n in names], H, scheme, opts.blocksize, opts.percdamp,
-                                     opts.act_order, opts.clip_grid, consume=alone)
+                                     opts.act_order, opts.clip_grid, consume=alone,
+                                     cols_kernel=gptq_cols_kernel() if H.device.type == "cpu" else None)
             del H
             sizes = [linears[n].out_features for n in names]
             parts = _split_rows(qt, sizes) if len(names) > 1 else [qt]

@@ -66,20 +66,9 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Te
     return inputs, kw
 
 
-def forward_context():
-    """Where calibration forwards run: float32 (nullcontext), or under bf16 autocast when LOWBIT_CALIB_AUTOCAST=bf16
-    (experimental: the linears' matmuls in bf16, everything observed and accumulated in float32). Autocast is per
-    thread: every thread that runs a block enters it."""
-    import contextlib
-    import os
-
-    if os.environ.get("LOWBIT_CALIB_AUTOCAST", "") == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _exact(x: torch.Tensor):
-    """No autocast (for the statistics and the quantization a hook runs inside a forward)."""
+    """No autocast (for the statistics and the quantization a hook runs inside a forward: a caller's autocast
+    region would otherwise put xᵀx in bf16, and H would not be positive-definite)."""
     return torch.autocast(x.device.type, enabled=False)
 
 
@@ -108,10 +97,9 @@ def run_block(block: nn.Module, inputs: list[torch.Tensor], kw: dict, batch: int
     """The block on every sample ([1, seqlen, hidden] each), `batch` samples per call (the kwargs broadcast)."""
     outs = []
     for x in _batches(inputs, batch or BATCH):
-        with forward_context():
-            o = block(x, **kw)
+        o = block(x, **kw)
         o = o[0] if isinstance(o, (tuple, list)) else o
-        outs.extend(o.float().split(1))
+        outs.extend(o.split(1))
     return outs
 
 
@@ -136,8 +124,7 @@ def observe_inputs(block: nn.Module, modules: dict[str, nn.Module], inputs: list
         for x in _batches(inputs, batch or BATCH):
             per_call[0] = 0
             try:
-                with forward_context():
-                    block(x, **kw)
+                block(x, **kw)
             except _Stop:
                 pass
             per_call[1] = per_call[1] or per_call[0]
@@ -147,6 +134,8 @@ def observe_inputs(block: nn.Module, modules: dict[str, nn.Module], inputs: list
 
 
 PARK_MIN = 1 << 20  # bytes: smaller waiting inputs stay in memory
+PARK_BUDGET = 128 << 20  # bytes: waiting inputs that all together take less stay in memory (writing and reading
+# them back cost ~6% of a small model's calibration; parking is for the big ones: 235 MB per batch at 8B's MLP)
 
 
 _spill: list = []  # one temporary file per worker, reused by every staged pass: the same pages rewritten
@@ -266,7 +255,7 @@ def run_block_staged(block: nn.Module, modules: dict[str, nn.Module], groups: li
         not a batch view of the shared inputs."""
         st = x.untyped_storage()
         if not park_inputs or x.device.type != "cpu" or st.nbytes() != x.numel() * x.element_size() \
-                or st.nbytes() < PARK_MIN:
+                or st.nbytes() < PARK_MIN or st.nbytes() * (nb - 1) < PARK_BUDGET:
             return None
         f = _spill_file(i)
         f.seek(0)
@@ -290,10 +279,8 @@ def run_block_staged(block: nn.Module, modules: dict[str, nn.Module], groups: li
             with torch.no_grad():  # grad mode is per thread
                 with cv:
                     wait_turn(i)
-                with forward_context():
-                    o = block(xs[i], **kw)
+                o = block(xs[i], **kw)
                 o = o[0] if isinstance(o, (tuple, list)) else o
-                o = o.float()
                 if pos[i] != len(order):
                     raise Irregular("a batch skipped a group")
                 outs[i] = o

@@ -240,7 +240,8 @@ class Hessians:
             self.h[n].parts = []
 
 
-LEAN_N = 8192  # H of at least this many columns is factored in place (n x n float32: 256 MB and up)
+LEAN_N = 1024  # H of at least this many columns is factored in place (the blocked reverse Cholesky and triangular
+# inverse: one n x n matrix instead of two or three, and at 1,536 columns 2.5x faster than potrf/potri/potrf)
 LEAN_BLOCK = 512  # the in-place factorization's block size
 
 
@@ -339,8 +340,8 @@ def gptq_quantize(
 
 @torch.no_grad()
 def gptq_rows(W: torch.Tensor | list[torch.Tensor], H: torch.Tensor, scheme: Scheme, blocksize: int = 128,
-              percdamp: float = 0.01, act_order: bool = False, clip_grid: int = 0, consume: bool = False
-              ) -> tuple[QTensor, torch.Tensor]:
+              percdamp: float = 0.01, act_order: bool = False, clip_grid: int = 0, consume: bool = False,
+              cols_kernel=None) -> tuple[QTensor, torch.Tensor]:
     """`gptq_quantize` with the loss of every output row ([out]). Rows never interact in GPTQ (H acts on
     columns; group params are per row), so weights that share H can be swept as one stacked matrix: W may be
     a list of weights [out_i, in], swept as their row concatenation (without building it).
@@ -355,6 +356,9 @@ def gptq_rows(W: torch.Tensor | list[torch.Tensor], H: torch.Tensor, scheme: Sch
     consume: H is the caller's to give (a float32 tensor on W's device that nothing reads afterwards): it is
     permuted and factored in its own memory when it has at least LEAN_N columns, so the sweep's peak holds one
     n x n matrix instead of two or three.
+    cols_kernel: the column loop of a lazy block in native code (kernels/native.gptq_cols_kernel: the same
+    operations in the same order, so the same codes), called for each run of columns between group starts;
+    None: the loop below in torch ops.
     """
     parts = [w.detach() for w in W] if isinstance(W, (list, tuple)) else [W.detach()]
     rows, cols = sum(w.shape[0] for w in parts), parts[0].shape[1]
@@ -422,22 +426,37 @@ def gptq_rows(W: torch.Tensor | list[torch.Tensor], H: torch.Tensor, scheme: Sch
     qmin, qmax = scheme.qmin, scheme.qmax
     sT = scale.float().T.contiguous()  # [groups, out]
     zT = zero.float().T.contiguous() if zero is not None else None
+    def fit_group(col: int) -> None:  # entering a new group: fit it on the updated weights
+        k = group_of[col]
+        # the group's columns: the rest of this lazy block (updated), then beyond it
+        s, z = _group_params(WT[col: col + g].T, scheme, clip_grid, hdiag[perm[col: col + g]])
+        scale[:, k:k + 1] = s
+        sT[k] = s[:, 0].float()
+        if zero is not None:
+            zero[:, k:k + 1] = z
+            zT[k] = z[:, 0].float()
+
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = WT[i1:i2]  # [b, out], a view: updated in place
         Hinv1 = Hinv[i1:i2, i1:i2]
-        d_all = torch.diag(Hinv1).tolist()
-        for i in range(i2 - i1):
+        if cols_kernel is not None:
+            grp = torch.tensor(group_of[i1:i2], dtype=torch.int32)
+            i = 0
+            while i < i2 - i1:  # runs of columns between group starts
+                if starts[i1 + i]:
+                    fit_group(i1 + i)
+                j = i + 1
+                while j < i2 - i1 and not starts[i1 + j]:
+                    j += 1
+                cols_kernel(W1, Hinv1, i, j, grp, sT, zT, float(qmin), float(qmax), QT[i1:i2], Err[: i2 - i1])
+                i = j
+        d_all = torch.diag(Hinv1).tolist() if cols_kernel is None else []
+        for i in range(len(d_all)):
             col = i1 + i
             k = group_of[col]
-            if starts[col]:  # entering a new group: fit it on the updated weights
-                # the group's columns: the rest of this lazy block (updated), then beyond it
-                s, z = _group_params(WT[col: col + g].T, scheme, clip_grid, hdiag[perm[col: col + g]])
-                scale[:, k:k + 1] = s
-                sT[k] = s[:, 0].float()
-                if zero is not None:
-                    zero[:, k:k + 1] = z
-                    zT[k] = z[:, 0].float()
+            if starts[col]:
+                fit_group(col)
             w = W1[i]
             s = sT[k]
             if zT is not None:
@@ -450,7 +469,9 @@ def gptq_rows(W: torch.Tensor | list[torch.Tensor], H: torch.Tensor, scheme: Sch
             err = Err[i]
             torch.sub(w, dq, out=err).div_(d_all[i])
             if i + 1 < i2 - i1:
-                W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)
+                # two roundings (product, then difference) on every machine: addr_ fuses them where torch's
+                # vector loop reaches and not in its tail, which native code could not reproduce
+                W1[i + 1:].sub_(torch.outer(Hinv1[i, i + 1:], err))
         # lazy batch update of every later column with this block's errors: W[:, i2:] -= Err1 Hinv[i1:i2, i2:]
         E = Err[: i2 - i1]
         WT[i2:].addmm_(Hinv[i1:i2, i2:].T, E, alpha=-1)

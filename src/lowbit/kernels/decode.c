@@ -957,6 +957,46 @@ EXACT int lb_gemm_q(int bits, int nseg, const uint8_t *const *w, const int *seg_
     return rc;
 }
 
+/* ---- GPTQ's column sweep inside one lazy block (core/gptq.gptq_rows) ----------------------------------------
+ * W1 [b, rows]: the block's columns (transposed: one contiguous row per weight column), updated in place; H1 the
+ * block's part of the inverse Hessian's upper factor (element i, j at H1 + i * hs0 + j * hs1);
+ * columns c0 .. c1 - 1 are quantized in turn with their group's per-row scale sT + grp[i] * rows (and zero zT + ...,
+ * NULL when symmetric), codes to Q + i * rows (int8 or uint8), scaled errors (w - dq) / d to E + i * rows, and every
+ * later column of the block updated: W1[j] = W1[j] - H1[i, j] * e (two roundings). The same operations in the same
+ * order as the torch loop it replaces (true division, round half to even, clamp, then the outer product and the
+ * difference), so the codes are the same bits. Rows never interact: split over threads. */
+EXACT void lb_gptq_cols(float *W1, int b, int rows, const float *H1, int hs0, int hs1, int c0, int c1, const int32_t *grp,
+                        const float *sT, const float *zT, float qmin, float qmax, void *Q, int q_signed, float *E) {
+    const int chunk = 256; /* rows per task: the block's columns of them stay in cache */
+    const int ntask = (rows + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < ntask; t++) {
+        const int r0 = t * chunk, r1 = rows - r0 < chunk ? rows : r0 + chunk;
+        for (int i = c0; i < c1; i++) {
+            float *w = W1 + (size_t)i * rows, *e = E + (size_t)i * rows;
+            const float *sc = sT + (size_t)grp[i] * rows, *z = zT ? zT + (size_t)grp[i] * rows : NULL;
+            const float d = H1[(size_t)i * hs0 + (size_t)i * hs1];
+            for (int r = r0; r < r1; r++) {
+                float q = nearbyintf(w[r] / sc[r]);
+                if (z) q = q + z[r];
+                q = q < qmin ? qmin : q; /* clamp_(qmin, qmax) */
+                q = q > qmax ? qmax : q;
+                const float dq = z ? (q - z[r]) * sc[r] : q * sc[r];
+                if (q_signed)
+                    ((int8_t *)Q)[(size_t)i * rows + r] = (int8_t)q;
+                else
+                    ((uint8_t *)Q)[(size_t)i * rows + r] = (uint8_t)q;
+                e[r] = (w[r] - dq) / d;
+            }
+            for (int j = i + 1; j < b; j++) {
+                const float h = H1[(size_t)i * hs0 + (size_t)j * hs1];
+                float *wj = W1 + (size_t)j * rows;
+                for (int r = r0; r < r1; r++) wj[r] = wj[r] - h * e[r];
+            }
+        }
+    }
+}
+
 /* ---- W8A8 prefill with 8-bit activations on u8 x s8 GEMMs that are exact for 7-bit ones only ----------------
  * (AVX2 without VNNI adds pairs of u8 x s8 products in saturating int16: exact while u <= 127.)
  * The activation codes q = u - zp[r] are split into c = clamp(q, -64, 63), whose 7-bit code uc = c + 64 goes

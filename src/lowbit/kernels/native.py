@@ -344,6 +344,8 @@ def _open(isa: str, raise_: bool = False):
         handle.lb_rope_rows.argtypes = [p, i, p, p, i, i, p, p, i, i, i, i, p, p, p]
         for fn in (handle.lb_add_rmsnorm_rows, handle.lb_silu_mul_rows, handle.lb_rope_rows):
             fn.restype = None
+        handle.lb_gptq_cols.argtypes = [p, i, i, p, i, i, i, i, p, p, p, f, f, p, i, p]
+        handle.lb_gptq_cols.restype = None
         handle.lb_i8_split.argtypes = [p, i, i, p, p, p, p, p]
         handle.lb_i8_split.restype = ctypes.c_int64
         handle.lb_i8_sparse_add.argtypes = [i, i, p, p, p, p, p]
@@ -732,6 +734,38 @@ def block_dots_reference(qw: QWeight, x: torch.Tensor) -> torch.Tensor:
     return torch.stack([block_ints(qw, r)[0] for r in x])
 
 
+def gptq_cols(L, W1: torch.Tensor, H1: torch.Tensor, c0: int, c1: int, grp: torch.Tensor, sT: torch.Tensor,
+              zT: torch.Tensor | None, qmin: float, qmax: float, Q: torch.Tensor, E: torch.Tensor) -> None:
+    """lb_gptq_cols: columns c0..c1 of a GPTQ lazy block (core/gptq.gptq_rows' loop, the same operations), every
+    tensor and index checked against the others first."""
+    b, rows = W1.shape if W1.dim() == 2 else (-1, -1)
+    ng = sT.shape[0] if sT.dim() == 2 else -1
+    ok = (W1.dtype == torch.float32 and W1.is_contiguous() and H1.dtype == torch.float32 and H1.dim() == 2
+          and tuple(H1.shape) == (b, b) and min(H1.stride()) >= 1 and max(H1.stride()) < INT_MAX and 0 <= c0 < c1 <= b
+          and grp.dtype == torch.int32 and grp.is_contiguous() and grp.numel() == b
+          and sT.dtype == torch.float32 and sT.is_contiguous() and sT.shape[1:] == (rows,)
+          and (zT is None or (zT.dtype == torch.float32 and zT.is_contiguous() and zT.shape == sT.shape))
+          and Q.dtype in (torch.int8, torch.uint8) and Q.is_contiguous() and tuple(Q.shape) == (b, rows)
+          and E.dtype == torch.float32 and E.is_contiguous() and tuple(E.shape) == (b, rows) and 0 < rows < INT_MAX
+          and all(t.device.type == "cpu" for t in (W1, H1, grp, sT, Q, E)))
+    if ok:
+        g = grp[c0:c1]
+        ok = bool(((g >= 0) & (g < ng)).all())
+    if not ok:
+        raise LowbitError("native gptq columns: arrays that do not match the block")
+    L.lb_gptq_cols(W1.data_ptr(), b, rows, H1.data_ptr(), H1.stride(0), H1.stride(1), c0, c1, grp.data_ptr(), sT.data_ptr(),
+                   None if zT is None else zT.data_ptr(), qmin, qmax, Q.data_ptr(), int(Q.dtype == torch.int8),
+                   E.data_ptr())
+
+
+def gptq_cols_kernel():
+    """core/gptq.gptq_rows' native column loop (a function of its arguments), or None without the library."""
+    L = lib()
+    if L is None:
+        return None
+    return lambda *args: gptq_cols(L, *args)
+
+
 def isa(L) -> str:
     """The instruction set this library's kernels were compiled for."""
     return {0: "generic", 1: "avx2", 2: "avx512-vnni", 3: "avx512-amx"}.get(int(L.lb_isa()), "unknown")
@@ -744,5 +778,5 @@ def describe() -> str:
     return f"{isa(L) if L is not None else 'torch ops (no native library)'} (CPU: {have})"
 
 
-__all__ = ["lib", "build", "QWeight", "linear_q", "gemm_q", "gemm_q_reference", "block_dots_reference", "isa", "describe", "cpu_features", "supported_isas", "selected_isa", "add_rmsnorm_rows", "silu_mul_rows", "rope_rows", "i8_split", "i8_split_reference", "i8_sparse_add", "linear_q_reference", "quantize_act_reference", "act_block", "block_ints", "add_rmsnorm", "silu_mul", "attn_decode", "add_rmsnorm_reference",
+__all__ = ["lib", "build", "QWeight", "linear_q", "gemm_q", "gemm_q_reference", "block_dots_reference", "isa", "describe", "gptq_cols", "gptq_cols_kernel", "cpu_features", "supported_isas", "selected_isa", "add_rmsnorm_rows", "silu_mul_rows", "rope_rows", "i8_split", "i8_split_reference", "i8_sparse_add", "linear_q_reference", "quantize_act_reference", "act_block", "block_ints", "add_rmsnorm", "silu_mul", "attn_decode", "add_rmsnorm_reference",
            "silu_mul_reference", "attn_decode_reference", "MAX_HEAD_DIM"]
