@@ -61,6 +61,7 @@ LOWBIT = {
     "rtn-asym": ["--method", "rtn", "--asym"],
     "gptq": ["--method", "gptq", "--sym"],
     "gptq-asym": ["--method", "gptq", "--asym"],
+    "gptq-bf16": ["--method", "gptq", "--sym", "--calib-dtype", "bfloat16"],  # bf16 autocast forwards
     "gptq-clip": ["--method", "gptq", "--sym", "--clip-grid", "20"],
     "gptq-asym-clip": ["--method", "gptq", "--asym", "--clip-grid", "20"],
     "gptq-clip-natural": ["--method", "gptq", "--sym", "--clip-grid", "20", "--no-act-order"],

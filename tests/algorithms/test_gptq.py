@@ -308,3 +308,23 @@ def test_lazy_model_falls_back_after_groups_were_dropped(tiny_dir, calib, monkey
     assert a.keys() == b.keys() and len(a) == 14
     for n in a:
         assert torch.equal(a[n][0], b[n][0]) and torch.equal(a[n][1], b[n][1]), n
+
+
+def test_bf16_calibration_forwards_keep_float32_statistics(tiny, calib):
+    """--calib-dtype bfloat16: the block forwards run under bf16 autocast, the Hessians and the sweep in float32
+    (a Hessian accumulated in bf16 is not positive-definite and would stop the run): codes close to float32's."""
+    model, _ = tiny
+    out, logits = {}, {}
+    for dt in ("float32", "bfloat16"):
+        cfg = QuantConfig(method="gptq", scheme=Scheme(4, True, "group", 32), options={"calib_dtype": dt})
+        q = lowbit.quantize(copy.deepcopy(model), cfg, calib_ids=calib)
+        out[dt], logits[dt] = _codes(q), q(calib[:2]).logits
+    a, b = out["float32"], out["bfloat16"]
+    assert a.keys() == b.keys() and len(a) == 14
+    differ = sum(int((a[n][0] != b[n][0]).sum()) for n in a) / sum(a[n][0].numel() for n in a)
+    assert 0 < differ < 0.4  # packed bytes (two codes each) that differ: rounding flips, not another model
+    la, lb = logits["float32"], logits["bfloat16"]
+    assert (la - lb).abs().max() < 0.1 * la.abs().max()
+    with pytest.raises(LowbitError, match="calib-dtype"):
+        cfg = QuantConfig(method="gptq", scheme=Scheme(4, True, "group", 32), options={"calib_dtype": "float16"})
+        lowbit.quantize(copy.deepcopy(model), cfg, calib_ids=calib)

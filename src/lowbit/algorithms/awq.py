@@ -32,11 +32,11 @@ from ..errors import LowbitError
 from ..models.arch import awq_clips, block_linears, scale_mappings, select_modules, set_module
 from ..nn.qlinear import QuantLinear
 from .gptq import gptq_linears
-from .registry import CalibOptions, MethodSpec, register
+from .registry import CalibOptions, ForwardOptions, MethodSpec, register
 
 
 @dataclass(frozen=True)
-class AwqOptions(CalibOptions):
+class AwqOptions(CalibOptions, ForwardOptions):
     awq_grid: int = option(20, "Points of the scale search's alpha grid on [0, 1).")
     awq_clip: bool = option(True, "Then search each group's clipped weight range where it lowers the output "
                                   "error; --no-awq-clip: keep min/max.")
@@ -227,7 +227,8 @@ def run_awq(model: nn.Module, config: QuantConfig, ctx, use_gptq: bool) -> dict[
     ids = ctx.calib_ids()
     selected = set(select_modules(model, config.include, config.exclude, tuple(config.overrides)))
     proc = awq_block(model, config, selected, use_gptq)
-    return layer_sequential(model, ids, proc, desc="awq+gptq" if use_gptq else "awq")
+    return layer_sequential(model, ids, proc, desc="awq+gptq" if use_gptq else "awq",
+                            forward_dtype=config.options.calib_dtype)
 
 
 def awq(model: nn.Module, config: QuantConfig, ctx) -> dict[str, Scheme]:

@@ -20,7 +20,7 @@ from ..errors import LowbitError
 from ..kernels.native import gptq_cols_kernel
 from ..models.arch import block_linears, sequential_groups, set_module
 from ..nn.qlinear import QuantLinear
-from .registry import CalibOptions, MethodSpec, register
+from .registry import CalibOptions, ForwardOptions, MethodSpec, register
 from .rtn import ClipOptions
 
 
@@ -42,7 +42,7 @@ class GptqSweepOptions(ClipOptions):
 
 
 @dataclass(frozen=True)
-class GptqOptions(CalibOptions, GptqSweepOptions):
+class GptqOptions(CalibOptions, ForwardOptions, GptqSweepOptions):
     true_sequential: bool = option(True, "Quantize q/k/v, o, gate/up, down in turn inside a block, each from "
                                          "inputs through the ones before it; --no-true-sequential: every linear "
                                          "from the float block's inputs.")
@@ -186,7 +186,8 @@ def gptq(model: nn.Module, config: QuantConfig, ctx) -> dict[str, Scheme]:
     from ..models.arch import select_modules
 
     selected = set(select_modules(model, config.include, config.exclude, tuple(config.overrides)))
-    return layer_sequential(model, ctx.calib_ids(), gptq_block(model, config, selected), desc="gptq")
+    return layer_sequential(model, ctx.calib_ids(), gptq_block(model, config, selected), desc="gptq",
+                            forward_dtype=config.options.calib_dtype)
 
 
 SPEC = register(MethodSpec(

@@ -125,11 +125,25 @@ class CalibOptions(Options):
             raise LowbitError(f"need --nsamples >= 1 and --calib-seqlen >= 2, got {self.nsamples} and "
                               f"{self.calib_seqlen}")
 
+
     def check_files(self) -> None:
         if self.calib is not None:
             from ..core.text import read_text
 
             read_text(self.calib)  # missing or empty calibration text: refuse before loading anything
+
+
+@dataclass(frozen=True)
+class ForwardOptions(Options):
+    """The layer-sequential pass's block forwards (gptq, awq, awq+gptq)."""
+
+    calib_dtype: str = option("float32", "Matmuls of the calibration forwards: float32, or bfloat16 (bf16 autocast; "
+                                         "statistics, Hessians and the quantization stay float32): faster where "
+                                         "the CPU has native bf16 (AMX, AVX-512 BF16); codes differ slightly.")
+
+    def check(self) -> None:
+        if self.calib_dtype not in ("float32", "bfloat16"):
+            raise LowbitError(f"--calib-dtype must be float32 or bfloat16, got {self.calib_dtype!r}")
 
 
 # ----------------------------------------------------------------------------- the registry

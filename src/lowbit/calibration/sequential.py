@@ -11,6 +11,7 @@ from models.arch (name patterns, with a fallback).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
 import tempfile
@@ -66,6 +67,17 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Te
     return inputs, kw
 
 
+_FORWARD = {"dtype": "float32"}  # the layer_sequential pass under way: its block forwards' matmul dtype
+
+
+def _forward(x: torch.Tensor):
+    """A block forward of the pass: float32 as the model is, or under bf16 autocast (per thread: every thread that
+    runs a block enters it)."""
+    if _FORWARD["dtype"] == "bfloat16":
+        return torch.autocast(x.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _exact(x: torch.Tensor):
     """No autocast (for the statistics and the quantization a hook runs inside a forward: a caller's autocast
     region would otherwise put xᵀx in bf16, and H would not be positive-definite)."""
@@ -97,9 +109,10 @@ def run_block(block: nn.Module, inputs: list[torch.Tensor], kw: dict, batch: int
     """The block on every sample ([1, seqlen, hidden] each), `batch` samples per call (the kwargs broadcast)."""
     outs = []
     for x in _batches(inputs, batch or BATCH):
-        o = block(x, **kw)
+        with _forward(x):
+            o = block(x, **kw)
         o = o[0] if isinstance(o, (tuple, list)) else o
-        outs.extend(o.split(1))
+        outs.extend(o.float().split(1))
     return outs
 
 
@@ -124,7 +137,8 @@ def observe_inputs(block: nn.Module, modules: dict[str, nn.Module], inputs: list
         for x in _batches(inputs, batch or BATCH):
             per_call[0] = 0
             try:
-                block(x, **kw)
+                with _forward(x):
+                    block(x, **kw)
             except _Stop:
                 pass
             per_call[1] = per_call[1] or per_call[0]
@@ -279,8 +293,10 @@ def run_block_staged(block: nn.Module, modules: dict[str, nn.Module], groups: li
             with torch.no_grad():  # grad mode is per thread
                 with cv:
                     wait_turn(i)
-                o = block(xs[i], **kw)
+                with _forward(xs[i]):
+                    o = block(xs[i], **kw)
                 o = o[0] if isinstance(o, (tuple, list)) else o
+                o = o.float()  # (bf16 autocast: the residual stream is float32 already; a no-op then)
                 if pos[i] != len(order):
                     raise Irregular("a batch skipped a group")
                 outs[i] = o
@@ -318,13 +334,15 @@ def run_block_staged(block: nn.Module, modules: dict[str, nn.Module], groups: li
 BlockFn = Callable[[str, nn.Module, list[torch.Tensor], dict], "dict[str, Scheme] | tuple[dict, list]"]
 
 
-def layer_sequential(model: nn.Module, ids: torch.Tensor, process_block: BlockFn, desc: str = "calibrate") -> dict[str, Scheme]:
+def layer_sequential(model: nn.Module, ids: torch.Tensor, process_block: BlockFn, desc: str = "calibrate",
+                     forward_dtype: str = "float32") -> dict[str, Scheme]:
     """Drive `process_block` over the decoder blocks in order; returns everything it quantized.
 
     state_of(model).device: where the blocks and their inputs compute (each block moved there when reached,
     back to the CPU when done). state_of(model).sink (a streamed run, formats/stream.py): each finished block
     and the next block's inputs go to disk; a resumed run skips the blocks the sink has and starts from the
-    inputs it saved."""
+    inputs it saved. forward_dtype "bfloat16": the block forwards' matmuls under bf16 autocast (the statistics
+    and the quantization in the hooks stay float32)."""
     blocks = find_blocks(model)
     st = state_of(model)
     lazy, sink, dev = st.lazy, st.sink, torch.device(st.device)
@@ -343,6 +361,7 @@ def layer_sequential(model: nn.Module, ids: torch.Tensor, process_block: BlockFn
     if lazy is not None:  # embeddings and head are not needed again until the end: back to disk
         lazy.release(model, skip=tuple(n + "." for n, _ in blocks))
     bar = tqdm(blocks[start:], desc=desc, unit="block", file=sys.stderr, leave=False, initial=0)
+    _FORWARD["dtype"] = forward_dtype
     try:
         for i, (name, block) in enumerate(bar, start=start):
             if lazy is not None:
@@ -361,6 +380,7 @@ def layer_sequential(model: nn.Module, ids: torch.Tensor, process_block: BlockFn
                 sink.finish_block(i, name, block, quantized, None if last else inputs)
             release_free_memory()
     finally:
+        _FORWARD["dtype"] = "float32"
         close_spill_files()
     print(f"lowbit: {desc}: {len(blocks) - start} blocks in {time.time() - t0:.1f}s", file=sys.stderr)
     return done
