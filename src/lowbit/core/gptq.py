@@ -241,7 +241,7 @@ class Hessians:
 
 
 LEAN_N = 1024  # H of at least this many columns is factored in place (the blocked reverse Cholesky and triangular
-# inverse: one n x n matrix instead of two or three, and at 1,536 columns 2.5x faster than potrf/potri/potrf)
+# inverse: one n x n matrix instead of two or three, and faster than potrf/potri/potrf at these sizes: docs §13)
 LEAN_BLOCK = 512  # the in-place factorization's block size
 
 

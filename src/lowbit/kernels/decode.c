@@ -591,7 +591,7 @@ static int total_rows(int nseg, const int *seg_rows) {
 #ifdef __AVX2__
 /* ---- the decode matvec's own float order (one x row, activation blocks of 32) ----------------------------------
  * A decode step reads every weight from memory once; the exact per-block integers of the definition above need a
- * horizontal sum per block and row, which costs the matvec ~15-30% against this order, so here (AVX2/VNNI/AMX
+ * horizontal sum per block and row, which made decode measurably slower than this order (docs §13), so here (AVX2/VNNI/AMX
  * builds, AB = 32) each block's 8 int32 lanes are converted and scaled by d lane by lane, the group sums scaled by
  * s, the lanes summed at the end: the same integers, another (fixed) float order, equal to the GEMM within float32
  * rounding (tested), and equal across the AVX2, VNNI and AMX builds bit for bit. */
