@@ -78,7 +78,8 @@ def gptq_linears(linears: dict[str, nn.Module], hess: Hessians, config: QuantCon
             H, alone = hess.take(names[0])  # handed to the sweep (factored in its memory when large and alone)
             qt, row_loss = gptq_rows([linears[n].weight for n in names], H, scheme, opts.blocksize, opts.percdamp,
                                      opts.act_order, opts.clip_grid, consume=alone,
-                                     cols_kernel=gptq_cols_kernel() if H.device.type == "cpu" else None)
+                                     cols_kernel=gptq_cols_kernel() if H.device.type == "cpu"
+                                     and linears[names[0]].weight.device.type == "cpu" else None)
             del H
             sizes = [linears[n].out_features for n in names]
             parts = _split_rows(qt, sizes) if len(names) > 1 else [qt]

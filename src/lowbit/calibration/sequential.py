@@ -361,7 +361,9 @@ def layer_sequential(model: nn.Module, ids: torch.Tensor, process_block: BlockFn
     if lazy is not None:  # embeddings and head are not needed again until the end: back to disk
         lazy.release(model, skip=tuple(n + "." for n, _ in blocks))
     bar = tqdm(blocks[start:], desc=desc, unit="block", file=sys.stderr, leave=False, initial=0)
-    _FORWARD["dtype"] = forward_dtype
+    if forward_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"forward_dtype {forward_dtype!r}")
+    before, _FORWARD["dtype"] = _FORWARD["dtype"], forward_dtype  # (one pass at a time per process)
     try:
         for i, (name, block) in enumerate(bar, start=start):
             if lazy is not None:
@@ -380,7 +382,7 @@ def layer_sequential(model: nn.Module, ids: torch.Tensor, process_block: BlockFn
                 sink.finish_block(i, name, block, quantized, None if last else inputs)
             release_free_memory()
     finally:
-        _FORWARD["dtype"] = "float32"
+        _FORWARD["dtype"] = before
         close_spill_files()
     print(f"lowbit: {desc}: {len(blocks) - start} blocks in {time.time() - t0:.1f}s", file=sys.stderr)
     return done

@@ -10,7 +10,7 @@
  *   lb_silu_mul      out = silu(g) * u for g|u = one vector [2n]
  *   lb_linear_q      y = x W^T for 4- or 8-bit codes in groups, read in place; activations int8 per block of
  *                    up to 128 columns (act_block)
- *   lb_gemm_q        Y = X W^T for M rows at once (prefill, evaluation): the same math as lb_linear_q per row
+ *   lb_gemm_q        Y = X W^T for M rows at once (prefill, evaluation): the same integers as lb_linear_q per row
  *   lb_isa           which instruction set this build's kernels use (0 generic, 1 AVX2, 2 AVX-512 VNNI, 3 AMX)
  *   lb_amx_init      asks Linux for the AMX tile state (0 granted, -1 not: the AMX GEMM stays off)
  *
@@ -252,8 +252,10 @@ void lb_rope_rows(const void *qkv, int in_bf16, const float *cos, const float *s
  *     acc = 0; for g: { t = 0; for a in g: t = fma(I[n, a], d[a], t); acc = fma(t, s[n, g], acc) }
  *     A_g = fma chain of S[a] d[a] over a in g;  corr = 0; for g: corr = fma(sz'[n, g], A_g, corr)
  *     y = acc - corr (+ bias)          sz' = s (z - 128) for 8-bit
- * Every path (plain C, AVX2, AVX-512 VNNI, AMX; matvec or GEMM) computes these integers and then these float
- * operations, output by output, so all of them give the same bits; they differ in how they get the integers.
+ * Every GEMM path (plain C, AVX2, AVX-512 VNNI, AMX) and the plain-C matvec compute these integers and then these
+ * float operations, output by output, so all of them give the same bits; they differ in how they get the integers.
+ * The SIMD builds' decode matvec uses the same integers in its own lane order (below): equal within float32
+ * rounding.
  * 4-bit needs K % 64 == 0 and G % 64 == 0, 8-bit K % 32 == 0 and G % 32 == 0. Rows are split over OpenMP threads. */
 
 /* AB, the activation block, is the caller's choice (kernels/native.py act_block: 32, llama.cpp's Q8_0): 32, 64 or 128
@@ -294,6 +296,12 @@ static inline __attribute__((always_inline)) void load32(const void *x, int bf16
 }
 #endif
 
+/* 1 / d, or 0 where d is 0 or so small that 1 / d overflows (a block of near-zero values quantizes to zeros) */
+__attribute__((optimize("no-fast-math"))) static inline float act_inverse(float d) {
+    const float id = d > 0.f ? 1.f / d : 0.f;
+    return id <= FLT_MAX ? id : 0.f;
+}
+
 /* exact IEEE division and rounding here (no fast-math), so that the reference in torch gets the same codes; the
  * AVX2 loop computes the same products and roundings (round to nearest even, as nearbyintf) 8 values at a time.
  * Block a holds storage positions a*AB .. (the columns of those positions: with interleave and AB = 32, the even or
@@ -315,14 +323,15 @@ __attribute__((optimize("no-fast-math"))) static void quantize_act(const void *x
         float lanes[8];
         _mm256_storeu_ps(lanes, m8);
         for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
-        const float db = amax / 127.f, id = db > 0.f ? 1.f / db : 0.f;
-        const __m256 iv = _mm256_set1_ps(id);
+        const float db = amax / 127.f, id = act_inverse(db);
+        const __m256 iv = _mm256_set1_ps(id), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
         __m256i sum8 = _mm256_setzero_si256();
         for (int p = k0; p < k0 + len; p += 32) {
             load32(x, x_bf16, interleave, p, v);
             __m256i q[4];
             for (int h = 0; h < 4; h++) {
-                q[h] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[h], iv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[h], iv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                q[h] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi)); /* NaN -> -127, as below */
                 sum8 = _mm256_add_epi32(sum8, q[h]);
             }
             _mm256_storeu_si256((__m256i *)(xq + p), pack32(q[0], q[1], q[2], q[3]));
@@ -338,9 +347,12 @@ __attribute__((optimize("no-fast-math"))) static void quantize_act(const void *x
             const float v = fabsf(ld(x, x_bf16, LB_COL(p)));
             amax = v > amax ? v : amax;
         }
-        const float db = amax / 127.f, id = db > 0.f ? 1.f / db : 0.f;
+        const float db = amax / 127.f, id = act_inverse(db);
         for (int p = k0; p < k0 + len; p++) {
-            const int q = (int)nearbyintf(ld(x, x_bf16, LB_COL(p)) * id);
+            float r = nearbyintf(ld(x, x_bf16, LB_COL(p)) * id);
+            r = r > -127.f ? r : -127.f; /* NaN -> -127 (a non-finite x only) */
+            r = r < 127.f ? r : 127.f;
+            const int q = (int)r;
             xq[p] = (int8_t)q;
             sum += q;
         }
@@ -915,7 +927,8 @@ int lb_amx_init(void) { return -1; }
 /* ---- weight-quantized GEMM for many rows (prefill, evaluation windows) --------------------------------------
  * Y [M, N] = X [M, K] W^T: every row of X quantized as lb_linear_q does, then tiles of 4 rows of X by 2 rows of W
  * (their 8 block dots in registers, each code chunk unpacked once for 4 rows of X), or the AMX tiles above; every
- * output by the definition above, so a row of Y equals lb_linear_q's result for that row of X, on every path. */
+ * output by the definition above, so every path gives the same Y; a row of Y equals lb_linear_q's result for that
+ * row of X within float32 rounding (bit for bit in the plain-C build). */
 
 static int64_t isa_id(void) {
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512VNNI__)

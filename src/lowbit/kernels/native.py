@@ -5,8 +5,9 @@
     silu_mul(gu, out)                  out = silu(g) · u
     linear_q(qw, x, out)               out = x Wᵀ (+ b), W 4- or 8-bit codes read in place (QWeight), x int8 per block of
                                        up to 128 columns (act_block)
-    gemm_q(qw, x, out)                 the same for x [M, K] (prefill, evaluation): tiles of rows, each row of out
-                                       equal to linear_q's for that row of x
+    gemm_q(qw, x, out)                 the same for x [M, K] (prefill, evaluation): tiles of rows (AMX tiles where
+                                       granted), each row of out equal to linear_q's for that row of x within
+                                       float32 rounding (the same integers; every GEMM path the same bits)
     i8_split(u, zp) / i8_sparse_add    W8A8 prefill: 8-bit activation codes as a 7-bit GEMM operand plus a sparse
                                        rest (kernels/int8.py, kind "onednn-sparse")
 (inputs and outputs float32 or bfloat16, per tensor; the math and the residual in float32; the K/V cache float16).
@@ -408,7 +409,7 @@ class QWeight:
             _need(w, (torch.uint8,), r * row_bytes, "linear codes")
             if tuple(w.shape) != (r, row_bytes) or r < 1:
                 raise LowbitError(f"native linear: codes {list(w.shape)}, need [{r}, {row_bytes}]")
-        if self.N >= 1 << 31 or self.ng != -(-K // G):
+        if self.N >= (1 << 31) - 64 or self.ng != -(-K // G):  # (C rounds N and M up to whole tiles in int)
             raise LowbitError(f"native linear: {self.N} rows, scales of {self.ng} groups for {K} columns / {G}")
         _need(self.s, _F32, self.N * self.ng, "linear scales")
         _need(self.sz, _F32, self.N * self.ng, "linear zero terms")
@@ -457,7 +458,8 @@ def quantize_act_reference(x: torch.Tensor, interleave: bool, ab: int = 32
     amax = F.pad(v.abs(), (0, nab * ab - K)).view(nab, ab).amax(1)
     d = amax / 127
     inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-    return torch.round(v * inv[blk]).to(torch.int32), d, cols, blk
+    inv = torch.where(inv <= torch.finfo(torch.float32).max, inv, torch.zeros_like(inv))  # act_inverse
+    return torch.round(v * inv[blk]).clamp(-127, 127).to(torch.int32), d, cols, blk
 
 
 def block_ints(qw: QWeight, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -710,9 +712,10 @@ def linear_q(L, qw: QWeight, x, out) -> None:
 
 
 def gemm_q(L, qw: QWeight, x, out) -> None:
-    """out [M, N] = x [M, K] Wᵀ (+ bias): lb_gemm_q, row m equal to linear_q of x[m]. x and out bf16 or float32.
+    """out [M, N] = x [M, K] Wᵀ (+ bias): lb_gemm_q, row m equal to linear_q of x[m] within float32 rounding (the
+    same integers). x and out bf16 or float32.
     M, K and N are checked against both tensors here (qw's own arrays were checked when it was made)."""
-    if x.dim() != 2 or out.dim() != 2 or x.shape[0] != out.shape[0] or not 0 < x.shape[0] <= INT_MAX:
+    if x.dim() != 2 or out.dim() != 2 or x.shape[0] != out.shape[0] or not 0 < x.shape[0] <= INT_MAX - 64:
         raise LowbitError(f"native gemm: input {list(x.shape)}, output {list(out.shape)}")
     M = x.shape[0]
     if M * qw.K > MAX_GEMM_ELEMS or M * qw.N > MAX_GEMM_ELEMS:
@@ -747,7 +750,7 @@ def gptq_cols(L, W1: torch.Tensor, H1: torch.Tensor, c0: int, c1: int, grp: torc
           and (zT is None or (zT.dtype == torch.float32 and zT.is_contiguous() and zT.shape == sT.shape))
           and Q.dtype in (torch.int8, torch.uint8) and Q.is_contiguous() and tuple(Q.shape) == (b, rows)
           and E.dtype == torch.float32 and E.is_contiguous() and tuple(E.shape) == (b, rows) and 0 < rows < INT_MAX
-          and all(t.device.type == "cpu" for t in (W1, H1, grp, sT, Q, E)))
+          and all(t.device.type == "cpu" for t in (W1, H1, grp, sT, Q, E, *(() if zT is None else (zT,)))))
     if ok:
         g = grp[c0:c1]
         ok = bool(((g >= 0) & (g < ng)).all())
