@@ -252,10 +252,10 @@ void lb_rope_rows(const void *qkv, int in_bf16, const float *cos, const float *s
  *     acc = 0; for g: { t = 0; for a in g: t = fma(I[n, a], d[a], t); acc = fma(t, s[n, g], acc) }
  *     A_g = fma chain of S[a] d[a] over a in g;  corr = 0; for g: corr = fma(sz'[n, g], A_g, corr)
  *     y = acc - corr (+ bias)          sz' = s (z - 128) for 8-bit
- * Every GEMM path (plain C, AVX2, AVX-512 VNNI, AMX) and the plain-C matvec compute these integers and then these
- * float operations, output by output, so all of them give the same bits; they differ in how they get the integers.
- * The SIMD builds' decode matvec uses the same integers in its own lane order (below): equal within float32
- * rounding.
+ * The plain-C build, the AMX GEMM and every GEMM with AB > 32 compute these integers and then these float
+ * operations, output by output, so they give the same bits. The SIMD builds' matvec and their GEMM at AB = 32 use
+ * the same integers in a lane order of their own (below): bit for bit equal to each other (AVX2 and VNNI alike),
+ * and to the order above within float32 rounding.
  * 4-bit needs K % 64 == 0 and G % 64 == 0, 8-bit K % 32 == 0 and G % 32 == 0. Rows are split over OpenMP threads. */
 
 /* AB, the activation block, is the caller's choice (kernels/native.py act_block: 32, llama.cpp's Q8_0): 32, 64 or 128
@@ -704,6 +704,134 @@ EXACT static void linear_lanes(int bits, int nseg, const uint8_t *const *w, cons
         for (int r = 0; r < R; r++) st(y, y_bf16, (size_t)n0 + r, bias ? out[r] + bias[n0 + r] : out[r]);
     }
 }
+
+/* int32 lanes of |c| . sign(x, c) (8-bit codes, ca = |c|) as floats: the same integers as block_dot's */
+EXACT static inline __attribute__((always_inline)) __m256 block_dot_signed(__m256i ca, __m256i c, __m256i xv) {
+    const __m256i b = _mm256_sign_epi8(xv, c);
+#if VNNI
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ca, b));
+#else
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ca, b), _mm256_set1_epi16(1)));
+#endif
+}
+
+#define GM 4 /* rows of X per GEMM tile */
+#define GN 2 /* rows of W per GEMM tile */
+
+/* a tile: RM rows of X (xq rows K bytes apart, d rows nb apart) by RN rows of W (row_bytes apart, s rows ng
+ * apart); out[i * RN + j] = the lanes' sum before the zero term */
+EXACT static inline __attribute__((always_inline)) void tile_q(const int bits, const int RM, const int RN, const uint8_t *w,
+        size_t row_bytes, const float *s, int ng, int nb, int bpg, const int8_t *xq, size_t K, const float *d,
+        float *out) {
+    __m256 acc[GM][GN], v[GM][GN];
+#pragma GCC unroll 4
+    for (int i = 0; i < RM; i++)
+#pragma GCC unroll 2
+        for (int j = 0; j < RN; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        const int b0 = g * bpg, b1 = b0 + bpg < nb ? b0 + bpg : nb;
+#pragma GCC unroll 4
+        for (int i = 0; i < RM; i++)
+#pragma GCC unroll 2
+            for (int j = 0; j < RN; j++) v[i][j] = _mm256_setzero_ps();
+        for (int b = b0; b < b1; b++) {
+            __m256i c[GN], ca[GN];
+#pragma GCC unroll 2
+            for (int j = 0; j < RN; j++) {
+                c[j] = block_codes(w + (size_t)j * row_bytes, bits, b);
+                if (bits == 8) ca[j] = _mm256_sign_epi8(c[j], c[j]);
+            }
+#pragma GCC unroll 4
+            for (int i = 0; i < RM; i++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)i * K + (size_t)b * 32));
+                const __m256 db = _mm256_set1_ps(d[(size_t)i * nb + b]);
+#pragma GCC unroll 2
+                for (int j = 0; j < RN; j++) {
+                    v[i][j] = _mm256_fmadd_ps(bits == 4 ? block_dot(c[j], xv, 4) : block_dot_signed(ca[j], c[j], xv), db,
+                                              v[i][j]);
+                }
+            }
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < RM; i++)
+#pragma GCC unroll 2
+            for (int j = 0; j < RN; j++)
+                acc[i][j] = _mm256_fmadd_ps(v[i][j], _mm256_set1_ps(s[(size_t)j * ng + g]), acc[i][j]);
+    }
+    if (RM * RN == 8) { /* the 8 lane sums at once (transposed), in hsum8's order: ((x0+x1)+(x2+x3))+((x4+x5)+(x6+x7)) */
+        const __m256 *a = &acc[0][0];
+        const __m256 a01 = _mm256_hadd_ps(a[0], a[1]), a23 = _mm256_hadd_ps(a[2], a[3]);
+        const __m256 a45 = _mm256_hadd_ps(a[4], a[5]), a67 = _mm256_hadd_ps(a[6], a[7]);
+        const __m256 a0123 = _mm256_hadd_ps(a01, a23), a4567 = _mm256_hadd_ps(a45, a67);
+        _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(a0123, a4567, 0x20),
+                                            _mm256_permute2f128_ps(a0123, a4567, 0x31)));
+        return;
+    }
+    for (int i = 0; i < RM; i++)
+        for (int j = 0; j < RN; j++) out[i * RN + j] = hsum8(acc[i][j]);
+}
+
+/* bits 4 or 8 as a compile-time constant: one specialized copy of the row loop each */
+EXACT static inline __attribute__((always_inline)) void gemm_rows_lanes(const int bits, const uint8_t *w, size_t row_bytes,
+        const float *s, const float *sz, int n0, int R, int ng, int nb, int bpg, int M, const int8_t *xq, size_t K,
+        const float *d, const float *A, const float *bias, void *y, int y_bf16, int N) {
+    /* weight rows n0 .. n0 + R (R <= GN) of a segment whose first row is w; output columns n0.. of y */
+    for (int m0 = 0; m0 < M; m0 += GM) {
+        const int RM = M - m0 < GM ? M - m0 : GM;
+        float out[GM * GN];
+        const int8_t *xr = xq + (size_t)m0 * K;
+        const float *dr = d + (size_t)m0 * nb;
+        if (RM == GM && R == GN)
+            tile_q(bits, GM, GN, w, row_bytes, s, ng, nb, bpg, xr, K, dr, out);
+        else if (RM == GM)
+            tile_q(bits, GM, 1, w, row_bytes, s, ng, nb, bpg, xr, K, dr, out);
+        else if (R == GN)
+            for (int i = 0; i < RM; i++) tile_q(bits, 1, GN, w, row_bytes, s, ng, nb, bpg, xr + i * K, K, dr + i * nb, out + i * R);
+        else
+            for (int i = 0; i < RM; i++) tile_q(bits, 1, 1, w, row_bytes, s, ng, nb, bpg, xr + i * K, K, dr + i * nb, out + i * R);
+        for (int i = 0; i < RM; i++)
+            for (int j = 0; j < R; j++) {
+                float corr = 0.f;
+                for (int g = 0; g < ng; g++) corr = fmaf(sz[(size_t)j * ng + g], A[(size_t)(m0 + i) * ng + g], corr);
+                out[i * R + j] -= corr;
+            }
+
+        for (int i = 0; i < RM; i++)
+            for (int j = 0; j < R; j++) {
+                const float o = out[i * R + j];
+                st(y, y_bf16, (size_t)(m0 + i) * N + n0 + j, bias ? o + bias[n0 + j] : o);
+            }
+    }
+}
+
+
+/* the GEMM in the matvec's lane order (AVX2/VNNI builds, AB = 32): each row of Y equals lb_linear_q's bit for bit */
+EXACT static void gemm_lanes(int bits, int nseg, const uint8_t *const *w, const int *seg_rows, const float *s,
+                             const float *sz, int K, int G, int M, const qact *q, const float *bias, void *y, int y_bf16) {
+    const int nb = K / 32, ng = (K + G - 1) / G, bpg = G / 32;
+    const size_t row_bytes = bits == 4 ? (size_t)K / 2 : (size_t)K;
+    const int N = total_rows(nseg, seg_rows);
+    int seg_step[nseg + 1], seg_row0[nseg + 1];
+    seg_step[0] = seg_row0[0] = 0;
+    for (int i = 0; i < nseg; i++) {
+        seg_step[i + 1] = seg_step[i] + (seg_rows[i] + GN - 1) / GN;
+        seg_row0[i + 1] = seg_row0[i] + seg_rows[i];
+    }
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < seg_step[nseg]; t++) {
+        int sg = 0;
+        while (t >= seg_step[sg + 1]) sg++;
+        const int local = (t - seg_step[sg]) * GN, R = seg_rows[sg] - local < GN ? seg_rows[sg] - local : GN;
+        const int n0 = seg_row0[sg] + local;
+        const uint8_t *wr = w[sg] + (size_t)local * row_bytes;
+        if (bits == 4)
+            gemm_rows_lanes(4, wr, row_bytes, s + (size_t)n0 * ng, sz + (size_t)n0 * ng, n0, R, ng, nb, bpg, M, q->xq,
+                            K, q->d, q->A, bias, y, y_bf16, N);
+        else
+            gemm_rows_lanes(8, wr, row_bytes, s + (size_t)n0 * ng, sz + (size_t)n0 * ng, n0, R, ng, nb, bpg, M, q->xq,
+                            K, q->d, q->A, bias, y, y_bf16, N);
+    }
+}
 #endif
 
 /* x [K] -> y [N]: the lane order above where it applies (AVX2 builds, AB = 32), else eight weight rows per step by
@@ -927,8 +1055,8 @@ int lb_amx_init(void) { return -1; }
 /* ---- weight-quantized GEMM for many rows (prefill, evaluation windows) --------------------------------------
  * Y [M, N] = X [M, K] W^T: every row of X quantized as lb_linear_q does, then tiles of 4 rows of X by 2 rows of W
  * (their 8 block dots in registers, each code chunk unpacked once for 4 rows of X), or the AMX tiles above; every
- * output by the definition above, so every path gives the same Y; a row of Y equals lb_linear_q's result for that
- * row of X within float32 rounding (bit for bit in the plain-C build). */
+ * output by the definition above; or, in the SIMD builds at AB = 32 below the AMX threshold, the matvec's lane
+ * order (gemm_lanes), whose rows equal lb_linear_q's bit for bit. */
 
 static int64_t isa_id(void) {
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512VNNI__)
@@ -955,6 +1083,13 @@ EXACT int lb_gemm_q(int bits, int nseg, const uint8_t *const *w, const int *seg_
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
     if (amx_granted && M >= 16) {
         rc = gemm_amx(bits, nseg, w, seg_rows, s, sz, K, G, AB, M, &q, bias, y, y_bf16);
+        free_act(&q);
+        return rc;
+    }
+#endif
+#ifdef __AVX2__
+    if (AB == 32) { /* the matvec's lane order: rows equal to lb_linear_q's */
+        gemm_lanes(bits, nseg, w, seg_rows, s, sz, K, G, M, &q, bias, y, y_bf16);
         free_act(&q);
         return rc;
     }

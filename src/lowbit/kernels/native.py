@@ -5,9 +5,9 @@
     silu_mul(gu, out)                  out = silu(g) · u
     linear_q(qw, x, out)               out = x Wᵀ (+ b), W 4- or 8-bit codes read in place (QWeight), x int8 per block of
                                        up to 128 columns (act_block)
-    gemm_q(qw, x, out)                 the same for x [M, K] (prefill, evaluation): tiles of rows (AMX tiles where
-                                       granted), each row of out equal to linear_q's for that row of x within
-                                       float32 rounding (the same integers; every GEMM path the same bits)
+    gemm_q(qw, x, out)                 the same for x [M, K] (prefill, evaluation): tiles of rows, each row of out
+                                       equal to linear_q's for that row of x (AMX tiles where granted: within
+                                       float32 rounding, the same integers)
     i8_split(u, zp) / i8_sparse_add    W8A8 prefill: 8-bit activation codes as a 7-bit GEMM operand plus a sparse
                                        rest (kernels/int8.py, kind "onednn-sparse")
 (inputs and outputs float32 or bfloat16, per tensor; the math and the residual in float32; the K/V cache float16).
@@ -712,8 +712,8 @@ def linear_q(L, qw: QWeight, x, out) -> None:
 
 
 def gemm_q(L, qw: QWeight, x, out) -> None:
-    """out [M, N] = x [M, K] Wᵀ (+ bias): lb_gemm_q, row m equal to linear_q of x[m] within float32 rounding (the
-    same integers). x and out bf16 or float32.
+    """out [M, N] = x [M, K] Wᵀ (+ bias): lb_gemm_q, row m equal to linear_q of x[m] (on AMX tiles: within float32
+    rounding, the same integers). x and out bf16 or float32.
     M, K and N are checked against both tensors here (qw's own arrays were checked when it was made)."""
     if x.dim() != 2 or out.dim() != 2 or x.shape[0] != out.shape[0] or not 0 < x.shape[0] <= INT_MAX - 64:
         raise LowbitError(f"native gemm: input {list(x.shape)}, output {list(out.shape)}")
