@@ -141,6 +141,15 @@ def test_cli_quantize_resume_and_dtype(tiny_dir, tmp_path, cli, text_file):
     assert code == 0, err
 
 
+def test_streamed_output_into_folders_that_do_not_exist_yet(tiny_dir, tmp_path, cli):
+    """README's `make demo` writes out/smollm2-w4g128 on a fresh clone: OUT's parent folders are made."""
+    out = tmp_path / "new" / "deeper" / "q"
+    code, _, err = cli("quantize", tiny_dir, out, "--method", "rtn", "--bits", "4", "--group-size", "32", "--sym")
+    assert code == 0, err
+    assert (out / "lowbit.safetensors").is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["q"]  # no resume state left beside it
+
+
 def test_ctrl_c_says_how_to_resume(tiny_dir, tmp_path, cli, text_file, monkeypatch):
     real = stream.StreamSink.finish_block
 

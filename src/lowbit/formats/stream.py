@@ -92,7 +92,10 @@ class StreamSink:
         state_path = self.dir / STATE
         if self.dir.exists() and not self.dir.is_dir():
             raise LowbitError(f"{self.dir}: in the way of the resume state (not a folder)")
-        self.dir.mkdir(exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)  # OUT's folder may not exist yet (out/model: make demo)
+        except OSError as e:
+            raise LowbitError(f"{self.dir}: cannot write ({e.strerror})") from None
         self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
