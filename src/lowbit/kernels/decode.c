@@ -259,7 +259,7 @@ void lb_rope_rows(const void *qkv, int in_bf16, const float *cos, const float *s
  * 4-bit needs K % 64 == 0 and G % 64 == 0, 8-bit K % 32 == 0 and G % 32 == 0. Rows are split over OpenMP threads. */
 
 /* AB, the activation block, is the caller's choice (kernels/native.py act_block: 32, llama.cpp's Q8_0): 32, 64 or 128
- * dividing G (the integer sums stay exact: 4-bit pair sums over 4 sub-blocks fit int16). One scale per 64 or 128
+ * dividing G (plain C for 64 and 128 below the AMX threshold: a measurement setting, not a fast path). One scale per 64 or 128
  * columns runs the AMX GEMM faster but moved SmolLM2's perplexity with int8 activations several times more than
  * one per 32 (docs/results.md §13). */
 
@@ -388,7 +388,10 @@ EXACT static inline float combine(const int32_t *I, const float *d, const float 
 }
 
 /* I[n, a] of one weight row and one row of xq, plainly */
-static inline int32_t block_dot_plain(const uint8_t *wr, int bits, const int8_t *xq, int p0, int p1) {
+/* not vectorized by the compiler: gcc 12 with AVX-512 VNNI turned the 8-bit loop ((u - 128) * x) into a wrong
+ * vpdpbusd sum (tests/kernels/test_dispatch.py caught it) */
+__attribute__((optimize("no-tree-vectorize"))) static int32_t block_dot_plain(const uint8_t *wr, int bits,
+                                                                             const int8_t *xq, int p0, int p1) {
     int32_t dot = 0;
     for (int p = p0; p < p1; p++) {
         const int b = p / 32, j = p % 32;
@@ -411,103 +414,6 @@ static inline int32_t block_dot_plain(const uint8_t *wr, int bits, const int8_t 
 #define VNNI 0
 #endif
 
-/* The integer lanes of one (x row, weight row) pair over a block, kept per pair in a register: 4-bit, int16 pair
- * sums (AVX2: maddubs, widened once per block) or int32 (VNNI: vpdpbusd); 8-bit, int32 (|c| x sign(x, c)). */
-#define TILE 8 /* pairs per step: RM rows of x by RN rows of W, RM * RN == 8 (4 x 2 for the GEMM, 1 x 8 for the matvec) */
-
-/* the 8 lane sums of v[0..7] as one vector (lane p = sum of v[p]'s lanes): exact integer adds */
-static inline __attribute__((always_inline)) __m256i hsum8x8_epi32(const __m256i *v) {
-    const __m256i a01 = _mm256_hadd_epi32(v[0], v[1]), a23 = _mm256_hadd_epi32(v[2], v[3]);
-    const __m256i a45 = _mm256_hadd_epi32(v[4], v[5]), a67 = _mm256_hadd_epi32(v[6], v[7]);
-    const __m256i a0123 = _mm256_hadd_epi32(a01, a23), a4567 = _mm256_hadd_epi32(a45, a67);
-    return _mm256_add_epi32(_mm256_permute2x128_si256(a0123, a4567, 0x20),
-                            _mm256_permute2x128_si256(a0123, a4567, 0x31));
-}
-
-/* out[p] for the RM x RN pairs p = i * RN + j of x rows xr[i] (quantized: xq, d, A) and weight rows wr[j] (s, sz
- * rows, ng apart); rows past the valid ones are given as copies of valid ones by the caller */
-EXACT static inline __attribute__((always_inline)) void tile8(const int bits, const int RM, const int RN,
-        const uint8_t *const *wr, const float *const *sr, const float *const *szr, const int8_t *const *xr,
-        const float *const *dr, const float *const *Ar, int K, int AB, int nab, int ng, int bpg, float *out) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int g = 0; g < ng; g++) {
-        const int a1 = (g + 1) * bpg < nab ? (g + 1) * bpg : nab;
-        __m256 t = _mm256_setzero_ps();
-        for (int a = g * bpg; a < a1; a++) {
-            const int p0 = a * AB, p1 = K - p0 < AB ? K : p0 + AB;
-            __m256i v[TILE];
-#pragma GCC unroll 8
-            for (int p = 0; p < TILE; p++) v[p] = _mm256_setzero_si256();
-            if (bits == 4) {
-                for (int b = p0 / 32; b < p1 / 32; b++) { /* sub-block b: low (even b) or high nibbles of chunk b / 2 */
-                    __m256i cj[TILE];
-#pragma GCC unroll 8
-                    for (int j = 0; j < RN; j++) {
-                        const __m256i raw = _mm256_loadu_si256((const __m256i *)(wr[j] + (size_t)(b / 2) * 32));
-                        cj[j] = _mm256_and_si256((b & 1) ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0f));
-                    }
-#pragma GCC unroll 8
-                    for (int i = 0; i < RM; i++) {
-                        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xr[i] + (size_t)b * 32));
-#pragma GCC unroll 8
-                        for (int j = 0; j < RN; j++) {
-#if VNNI
-                            v[i * RN + j] = _mm256_dpbusd_epi32(v[i * RN + j], cj[j], xv);
-#else
-                            v[i * RN + j] = _mm256_add_epi16(v[i * RN + j], _mm256_maddubs_epi16(cj[j], xv));
-#endif
-                        }
-                    }
-                }
-#if !VNNI
-#pragma GCC unroll 8
-                for (int p = 0; p < TILE; p++) v[p] = _mm256_madd_epi16(v[p], _mm256_set1_epi16(1));
-#endif
-            } else {
-                for (int b = p0 / 32; b < p1 / 32; b++) {
-                    __m256i c8[TILE], ca[TILE];
-#pragma GCC unroll 8
-                    for (int j = 0; j < RN; j++) {
-                        c8[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wr[j] + (size_t)b * 32)),
-                                                 _mm256_set1_epi8((char)0x80));
-                        ca[j] = _mm256_sign_epi8(c8[j], c8[j]);
-                    }
-#pragma GCC unroll 8
-                    for (int i = 0; i < RM; i++) {
-                        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xr[i] + (size_t)b * 32));
-#pragma GCC unroll 8
-                        for (int j = 0; j < RN; j++) {
-                            const __m256i xs = _mm256_sign_epi8(xv, c8[j]);
-#if VNNI
-                            v[i * RN + j] = _mm256_dpbusd_epi32(v[i * RN + j], ca[j], xs);
-#else
-                            v[i * RN + j] = _mm256_add_epi32(v[i * RN + j],
-                                _mm256_madd_epi16(_mm256_maddubs_epi16(ca[j], xs), _mm256_set1_epi16(1)));
-#endif
-                        }
-                    }
-                }
-            }
-/* the 8 lanes from scalars (no round trip through memory, whose 8 stores and one wide load stall) */
-#define LB_LANES(f) _mm256_setr_ps(f(0), f(1), f(2), f(3), f(4), f(5), f(6), f(7))
-#define LB_D(p) dr[(p) / RN][a]
-#define LB_S(p) sr[(p) % RN][g]
-#define LB_SZ(p) szr[(p) % RN][g]
-#define LB_A(p) Ar[(p) / RN][g]
-            t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8_epi32(v)), RM == 1 ? _mm256_set1_ps(dr[0][a]) : LB_LANES(LB_D), t);
-        }
-        acc = _mm256_fmadd_ps(t, LB_LANES(LB_S), acc);
-    }
-    __m256 corr = _mm256_setzero_ps();
-    for (int g = 0; g < ng; g++)
-        corr = _mm256_fmadd_ps(LB_LANES(LB_SZ), RM == 1 ? _mm256_set1_ps(Ar[0][g]) : LB_LANES(LB_A), corr);
-#undef LB_LANES
-#undef LB_D
-#undef LB_S
-#undef LB_SZ
-#undef LB_A
-    _mm256_storeu_ps(out, _mm256_sub_ps(acc, corr));
-}
 #endif
 
 /* where weight row n (0 <= n < N) of the segments lies */
@@ -517,37 +423,13 @@ static inline const uint8_t *row_ptr(const uint8_t *const *w, const int *seg_row
     return w[sg] + (size_t)n * row_bytes;
 }
 
-/* the pairs of x rows m0 .. m0 + RM and weight rows n0 .. n0 + RN (clipped at M and N) into y */
+/* the pairs of x rows m0 .. m0 + RM and weight rows n0 .. n0 + RN (clipped at M and N) into y, by the definition:
+ * the plain-C build's matvec and GEMM, and every build's for activation blocks of 64 or 128 (not the default) */
 EXACT static void pairs_q(const int bits, const int RM, const int RN, const uint8_t *const *w, const int *seg_rows,
         int nseg, size_t row_bytes, const float *s, const float *sz, int m0, int M, int n0, int N, const int8_t *xq,
         const float *d, const float *A, int K, int AB, int nab, int ng, int bpg, const float *bias, void *y, int y_bf16) {
     const int rm = M - m0 < RM ? M - m0 : RM, rn = N - n0 < RN ? N - n0 : RN;
     float out[8];
-#ifdef __AVX2__
-    const uint8_t *wr[8];
-    const float *sr[8], *szr[8], *dr[8], *Ar[8];
-    const int8_t *xr[8];
-    for (int j = 0; j < RN; j++) {
-        const int n = n0 + (j < rn ? j : 0); /* rows past the end: copies of the first (their results unused) */
-        wr[j] = row_ptr(w, seg_rows, nseg, row_bytes, n);
-        sr[j] = s + (size_t)n * ng;
-        szr[j] = sz + (size_t)n * ng;
-    }
-    for (int i = 0; i < RM; i++) {
-        const int m = m0 + (i < rm ? i : 0);
-        xr[i] = xq + (size_t)m * K;
-        dr[i] = d + (size_t)m * nab;
-        Ar[i] = A + (size_t)m * ng;
-    }
-    if (bits == 4 && RM == 4)
-        tile8(4, 4, 2, wr, sr, szr, xr, dr, Ar, K, AB, nab, ng, bpg, out);
-    else if (bits == 4)
-        tile8(4, 1, 8, wr, sr, szr, xr, dr, Ar, K, AB, nab, ng, bpg, out);
-    else if (RM == 4)
-        tile8(8, 4, 2, wr, sr, szr, xr, dr, Ar, K, AB, nab, ng, bpg, out);
-    else
-        tile8(8, 1, 8, wr, sr, szr, xr, dr, Ar, K, AB, nab, ng, bpg, out);
-#else
     int32_t I[nab];
     for (int i = 0; i < rm; i++)
         for (int j = 0; j < rn; j++) {
@@ -560,7 +442,6 @@ EXACT static void pairs_q(const int bits, const int RM, const int RN, const uint
             out[i * RN + j] = combine(I, d + (size_t)(m0 + i) * nab, s + (size_t)(n0 + j) * ng,
                                       sz + (size_t)(n0 + j) * ng, A + (size_t)(m0 + i) * ng, nab, ng, bpg);
         }
-#endif
     for (int i = 0; i < rm; i++)
         for (int j = 0; j < rn; j++) {
             const int n = n0 + j;
