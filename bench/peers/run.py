@@ -3,7 +3,8 @@ per weight, at each weight setting -> JSON lines on stdout, a markdown table and
 
     python bench/peers/run.py --work DIR [--setup] [--nsamples 16] [--limit-tokens 8192] [--limit-tokens2 4096]
         [--settings w4g128,w4g64,w3g128,w2g64] [--peers gptqmodel,llmcompressor,hqq,autoround]
-        [--lowbit rtn,gptq,gptq-clip,awq+gptq] [--autoround-iters 200] [--markdown F.md] [--plot F.png]
+        [--lowbit rtn,gptq,gptq-clip,awq+gptq] [--autoround-iters 200] [--autoround-lr LR]
+        [--markdown F.md] [--plot F.png]
 
 The peers are not lowbit dependencies: each lives in its own venv under DIR (made with `--setup`:
 `pip install torch==2.13.0` first, so nothing pulls a CUDA build it does not already ask for, then the package,
@@ -19,7 +20,9 @@ tensor under a quantized linear's name: codes, scales, zero points, group indice
 Settings: wNgG = N-bit weights, G columns per group. A peer runs the settings it supports: llm-compressor
 refuses g128 here (576 columns are not a multiple of 128); GPTQModel, HQQ and AutoRound take all four. The
 peers run symmetric (their defaults) except HQQ, whose grid is asymmetric by construction (fp16 scale and zero).
-lowbit's variants (LOWBIT below) run at every setting. `--results` keeps finished rows in DIR/results.jsonl and
+lowbit's variants (LOWBIT below) run at every setting; the block-wise QAT variants (QAT below: `lowbit qat
+--init` from a PTQ variant of the same run, training windows of WikiText-2 valid minus its last 10%) at the
+bit widths of `--qat-bits`, their wall time counted from the float model (the PTQ start's included). `--results` keeps finished rows in DIR/results.jsonl and
 `--resume` reuses those measured on the same token file (the table says so when it does).
 """
 from __future__ import annotations
@@ -69,6 +72,13 @@ LOWBIT = {
     "awq": ["--method", "awq", "--sym"],
     "awq+gptq": ["--method", "awq+gptq", "--sym"],
     "awq+gptq-asym": ["--method", "awq+gptq", "--asym"],
+}
+# lowbit's block-wise QAT as a post-training method (`lowbit qat --init`, §8): variant -> the PTQ variant it
+# starts from (quantized at the same setting in this run; its wall time is added) and the block-wise learning
+# rates (weights, scales) per bit width, as chosen in docs §8 (4-bit: the 3-bit ones)
+QAT = {
+    "gptq-asym+bqat": ("gptq-asym", {2: (3e-3, 3e-4), 3: (1e-3, 1e-4), 4: (1e-3, 1e-4)}),
+    "gptq+bqat": ("gptq", {2: (3e-3, 3e-4), 3: (1e-3, 1e-4), 4: (1e-3, 1e-4)}),
 }
 SECOND_TEXT = [f"/usr/share/common-licenses/{n}" for n in ("GPL-3", "GFDL-1.3", "LGPL-2.1", "MPL-2.0", "Apache-2.0")]
 _CHILD = ("import atexit, sys; atexit.register(lambda: print('PEAK_RSS_KIB', next(int(l.split()[1]) for l in "
@@ -178,8 +188,13 @@ def main() -> None:
     ap.add_argument("--second-text", default=",".join(SECOND_TEXT), help="comma-separated files, joined")
     ap.add_argument("--settings", default="w4g128,w4g64,w3g128,w2g64")
     ap.add_argument("--peers", default=",".join(PEERS))
-    ap.add_argument("--lowbit", default="rtn,gptq,gptq-clip,awq+gptq", help=f"of {', '.join(LOWBIT)}")
+    ap.add_argument("--lowbit", default="rtn,gptq,gptq-clip,awq+gptq", help=f"of {', '.join([*LOWBIT, *QAT])}")
     ap.add_argument("--autoround-iters", type=int, default=200)
+    ap.add_argument("--autoround-lr", type=float, default=None,
+                    help="AutoRound's learning rate (its default: 1/iters; its 'light' recipe: 50 iters, 5e-3)")
+    ap.add_argument("--qat-bits", default="2,3", help="bit widths the block-wise QAT variants run at")
+    ap.add_argument("--qat-samples", type=int, default=32, help="block-wise QAT: training windows per block")
+    ap.add_argument("--qat-epochs", type=int, default=4, help="block-wise QAT: epochs over them")
     ap.add_argument("--setup", action="store_true", help="create the peers' venvs when missing")
     ap.add_argument("--resume", action="store_true", help="reuse rows of DIR/results.jsonl on the same tokens")
     ap.add_argument("--report-only", action="store_true",
@@ -192,8 +207,11 @@ def main() -> None:
     peers = [p for p in args.peers.split(",") if p]
     variants = [v for v in args.lowbit.split(",") if v]
     for v in variants:
-        if v not in LOWBIT:
-            raise SystemExit(f"unknown lowbit variant {v!r}: one of {', '.join(LOWBIT)}")
+        if v not in LOWBIT and v not in QAT:
+            raise SystemExit(f"unknown lowbit variant {v!r}: one of {', '.join([*LOWBIT, *QAT])}")
+        if v in QAT and QAT[v][0] not in variants[:variants.index(v)]:
+            raise SystemExit(f"{v} starts from {QAT[v][0]}: list that variant before it")
+    qat_bits = {int(b) for b in args.qat_bits.split(",") if b}
     settings = [parse_setting(s) for s in args.settings.split(",") if s]
     for p in peers:
         if args.setup:
@@ -223,7 +241,7 @@ def main() -> None:
     meta = {"nsamples": args.nsamples, "calib_seqlen": args.calib_seqlen, "eval_windows": list(test.shape),
             "eval2_windows": list(test2.shape), "second_text": [f.name for f in files],
             "second_text_sha256": hashlib.sha256(text2.encode()).hexdigest(), "tokens_sha256": tok_sha,
-            "calibration": info, "autoround_iters": args.autoround_iters}
+            "calibration": info, "autoround_iters": args.autoround_iters, "autoround_lr": args.autoround_lr}
     emit({"meta": meta})
 
     done: dict[tuple, dict] = {}
@@ -257,12 +275,28 @@ def main() -> None:
                 rows.append({**done[(label, setting)], "resumed": True})
                 continue
             out = work / f"lowbit-{v.replace('+', '-')}-w{bits}g{group}"
-            flags = LOWBIT[v]
-            method = flags[flags.index("--method") + 1]
-            cal = calib_args if method != "rtn" else []
             try:
-                q = timed([sys.executable, "-c", _CHILD, "quantize", str(hf), str(out), *flags, "--bits", str(bits),
-                           "--group-size", str(group), *cal, "--force"], work / f"{out.name}.log")
+                if v in QAT:
+                    base, lrs = QAT[v]
+                    start = next((r for r in rows if r["tool"] == f"lowbit {base}" and r["setting"] == setting
+                                  and "ppl" in r and not r.get("resumed")), None)
+                    if bits not in qat_bits or start is None:
+                        continue
+                    lr, slr = lrs[bits]
+                    q = timed([sys.executable, "-c", _CHILD, "qat", str(hf), str(out), "--init", start["out"],
+                               "--learn-scales", "--steps", "0", "--block-epochs", str(args.qat_epochs),
+                               "--block-samples", str(args.qat_samples), "--block-seqlen", str(args.calib_seqlen),
+                               "--block-lr", str(lr), "--block-scale-lr", str(slr), "--eval-tokens", "512",
+                               "--seed", "0", "--force"], work / f"{out.name}.log")
+                    q["qat_wall_s"] = q["wall_s"]
+                    q["wall_s"] += start["wall_s"]  # from the float model: the PTQ start, then the training
+                    flags = LOWBIT[base]
+                else:
+                    flags = LOWBIT[v]
+                    method = flags[flags.index("--method") + 1]
+                    cal = calib_args if method != "rtn" else []
+                    q = timed([sys.executable, "-c", _CHILD, "quantize", str(hf), str(out), *flags, "--bits",
+                               str(bits), "--group-size", str(group), *cal, "--force"], work / f"{out.name}.log")
             except RuntimeError as err:
                 row = {"tool": label, "setting": setting, "error": str(err)}
                 record(row)
@@ -271,7 +305,8 @@ def main() -> None:
             m, _ = lowbit.load(out)
             dequantize_once(m)
             row = {"tool": label, "setting": setting, "sym": "--sym" in flags, **stored_bpw(out, hf),
-                   **scores(m, tokens), "wall_s": q["wall_s"], "peak_rss_bytes": q["peak_rss_bytes"]}
+                   **scores(m, tokens), "wall_s": q["wall_s"], "peak_rss_bytes": q["peak_rss_bytes"],
+                   "out": str(out), **({"qat_wall_s": q["qat_wall_s"]} if "qat_wall_s" in q else {})}
             del m
             record(row)
             rows.append(row)
@@ -280,13 +315,17 @@ def main() -> None:
             spec = PEERS[p]
             if group not in spec["groups"] or bits not in spec["bits"]:
                 continue
-            label = p + (f" ({args.autoround_iters} iters)" if p == "autoround" else "")
+            label = p + (f" ({args.autoround_iters} iters{f', lr {args.autoround_lr:g}' if args.autoround_lr else ''})"
+                         if p == "autoround" else "")
             if (label, setting) in done:
                 rows.append({**done[(label, setting)], "resumed": True})
                 continue
             py, script = venv_python(work, p), str(HERE / spec["script"])
             out = work / f"{p}-w{bits}g{group}"
-            extra = ["--iters", str(args.autoround_iters)] if p == "autoround" else []
+            extra = []
+            if p == "autoround":
+                extra = ["--iters", str(args.autoround_iters)]
+                extra += ["--lr", str(args.autoround_lr)] if args.autoround_lr else []
             try:
                 q = timed([str(py), script, "quantize", str(hf), str(out), str(tokens), "--bits", str(bits),
                            "--group-size", str(group), *extra], work / f"{out.name}-quantize.log")

@@ -34,3 +34,17 @@ def test_out_of_range_refused():
         pack(torch.tensor([[16]]), 4)
     with pytest.raises(ValueError):
         unpack(torch.zeros(1, 5, dtype=torch.uint8), 4, 12)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("rows,groups", [(576, 5), (192, 9), (1, 1), (7, 3)])
+def test_zero_points_pack_as_one_row(bits, rows, groups):
+    """A module's zero-point table packs row-major as one row: no row pads its last byte, and it unpacks to
+    the same table."""
+    from lowbit.core.packing import pack_zero_points, unpack_zero_points, zero_points_nbytes
+
+    z = torch.randint(0, 1 << bits, (rows, groups))
+    p = pack_zero_points(z, bits)
+    assert p.dtype == torch.uint8 and p.shape == (zero_points_nbytes(rows, groups, bits),)
+    assert p.numel() == packed_row_bytes(rows * groups, bits) <= rows * packed_row_bytes(groups, bits)
+    assert torch.equal(unpack_zero_points(p, bits, rows, groups).to(torch.int64), z)

@@ -154,3 +154,46 @@ def test_a_bad_rel_error_is_refused(tiny, tmp_path, value):
     (q / "config.json").write_text(json.dumps(conf))
     with pytest.raises(LowbitError, match="rel_error of .* not a finite number"):
         lowbit.load(q)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["layers", "tied-head-and-embedding"])
+def test_checkpoints_with_per_row_zero_points_still_load(tiny, tmp_path, tied):
+    """Checkpoints written before the flat zero-point layout stored qzeros as one packed row per weight row
+    ([R, ceil(G/8)*bits]) and no zero_point_layout entry: they load into the same logits, repacked flat (a
+    tied pair still shares one tensor)."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lowbit.core.packing import pack, unpack_zero_points
+    from lowbit.formats.checkpoint import WEIGHTS, table_sha256
+
+    model, tok = tiny
+    over = {"lm_head|embed_tokens": Scheme(4, False, "group", 16)} if tied else {}
+    lowbit.quantize(model, QuantConfig(scheme=Scheme(3, False, "group", 32), overrides=over,
+                                       include=("layers", "lm_head", "embed") if tied else ("layers",)))
+    x = torch.randint(0, 320, (1, 12))
+    before = model(x).logits
+    q = lowbit.save(model, tok, tmp_path / "q")
+    with safe_open(str(q / WEIGHTS), framework="pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    conf = json.loads((q / "config.json").read_text())
+    qc = conf["quantization_config"]
+    assert qc.pop("zero_point_layout") == "flat"
+    for k in [k for k in t if k.endswith(".qzeros")]:
+        name = k.removesuffix(".qzeros")
+        bits = Scheme.from_dict(qc["layers"][name].get("scheme", qc["scheme"])).bits
+        r, g = t[name + ".scales"].shape
+        assert t[k].dim() == 1
+        t[k] = pack(unpack_zero_points(t[k], bits, r, g), bits)  # the old layout
+    save_file(t, str(q / WEIGHTS), metadata={"format": "pt"})
+    qc["weights_sha256"] = hashlib.sha256((q / WEIGHTS).read_bytes()).hexdigest()
+    qc["table_sha256"] = table_sha256(qc)
+    (q / "config.json").write_text(json.dumps(conf))
+    loaded, _ = lowbit.load(q)
+    assert torch.equal(loaded(x).logits, before)
+    qlin = loaded.model.layers[0].self_attn.k_proj
+    assert qlin.qzeros.dim() == 1 and torch.equal(qlin.zero_points(), model.model.layers[0].self_attn.k_proj.zero_points())
+    if tied:
+        assert loaded.lm_head.qzeros.data_ptr() == loaded.model.embed_tokens.qzeros.data_ptr()

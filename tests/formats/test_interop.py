@@ -115,9 +115,9 @@ def _shift_zero_points(model):
         if type(m) is QuantLinear and not m.scheme.symmetric:
             z = m.zero_points()
             if (z == 0).any():
-                from lowbit.core.packing import pack
+                from lowbit.core.packing import pack_zero_points
 
-                m.qzeros = pack(z.clamp_min(1), m.scheme.bits)
+                m.qzeros = pack_zero_points(z.clamp_min(1), m.scheme.bits)
 
 
 @pytest.mark.parametrize("fmt,scheme", CASES, ids=lambda c: c if isinstance(c, str) else c.describe())
@@ -235,11 +235,11 @@ def test_refuses_groups_that_do_not_divide(tmp_path):
 def test_refuses_gptq_zero_point_zero(tmp_path):
     m, tok = quantized(Scheme(4, False, "group", 32))
     lin = m.get_submodule("model.layers.0.mlp.up_proj")
-    from lowbit.core.packing import pack
+    from lowbit.core.packing import pack_zero_points
 
     z = lin.zero_points()
     z[0, 0] = 0
-    lin.qzeros = pack(z, 4)
+    lin.qzeros = pack_zero_points(z, 4)
     _refused(tmp_path, m, tok, "gptq", "zero point 0 .*--sym")
 
 

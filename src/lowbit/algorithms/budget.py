@@ -21,7 +21,7 @@ from torch import nn
 
 from ..calibration.sensitivity import LayerStats, float_logprobs, kl_cost, layer_statistics, proxy_cost, spearman
 from ..core.budget import PLAN_FORMAT, Allocation, Choice, Item, solve
-from ..core.packing import packed_row_bytes
+from ..core.packing import packed_row_bytes, zero_points_nbytes
 from ..core.quant import dequantize, quantize
 from ..core.scheme import Scheme
 from ..errors import LowbitError
@@ -44,7 +44,7 @@ def scheme_nbytes(s: Scheme, rows: int, cols: int) -> int:
     r = 1 if s.granularity == "tensor" else rows
     n = rows * packed_row_bytes(cols, s.bits) + r * groups * torch.finfo(s.torch_scale_dtype).bits // 8
     if not s.symmetric:
-        n += r * packed_row_bytes(groups, s.bits)
+        n += zero_points_nbytes(r, groups, s.bits)
     return n
 
 

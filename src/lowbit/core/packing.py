@@ -20,6 +20,23 @@ def packed_row_bytes(n: int, bits: int) -> int:
     return n if bits == 8 else -(-n // 8) * bits
 
 
+def zero_points_nbytes(rows: int, groups: int, bits: int) -> int:
+    """Bytes of a [rows, groups] table of packed zero points (`pack_zero_points`)."""
+    return packed_row_bytes(rows * groups, bits)
+
+
+def pack_zero_points(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """[R, G] zero points in [0, 2^bits) -> uint8 [ceil(R*G/8)*bits]: the whole table, row-major, as one packed
+    row, so no row pads its last byte (a 576-column row at g128 holds 5 zero points: 20 bits at 4-bit, which a
+    row of its own would store in 4 bytes)."""
+    return pack(zeros.reshape(-1), bits)
+
+
+def unpack_zero_points(packed: torch.Tensor, bits: int, rows: int, groups: int) -> torch.Tensor:
+    """Inverse of `pack_zero_points`: uint8 [rows, groups]."""
+    return unpack(packed.reshape(-1), bits, rows * groups).view(rows, groups)
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """[..., n] integer codes in [0, 2^bits) -> [..., ceil(n/8)*bits] uint8."""
     if not 1 <= bits <= 8:

@@ -38,6 +38,8 @@ from ..nn.kinds import MODULE_KINDS
 WEIGHTS = "lowbit.safetensors"
 LEGACY_WEIGHTS = "model.safetensors"
 INDEX = WEIGHTS + ".index.json"  # a streamed checkpoint's shards (formats/stream.py)
+# qzeros: one packed row per module (nn/qlinear.py); checkpoints without this entry stored one per weight row
+ZERO_LAYOUT = {"zero_point_layout": "flat"}
 
 
 def _sha256(path: Path) -> str:
@@ -80,6 +82,7 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, overwri
         qc = {
             "quant_method": "lowbit",
             "lowbit_version": __version__,
+            **ZERO_LAYOUT,
             **(cfg.to_dict() if cfg is not None else {"method": "none"}),
             "layers": layers,
             "aliases": aliases,
@@ -194,6 +197,7 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
     except Exception as e:
         raise _bad(folder, f"cannot build {model_type}: {type(e).__name__}: {e}") from None
     modules: dict[str, Scheme] = {}
+    legacy_zeros = qc.get("zero_point_layout") != ZERO_LAYOUT["zero_point_layout"]
     try:
         layers = qc.get("layers", {})
         if not isinstance(layers, dict):
@@ -207,6 +211,8 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
             if kind not in MODULE_KINDS:
                 raise LowbitError(f"unknown layer kind {kind!r} of {name}")
             new = MODULE_KINDS[kind].from_entry(entry, old, scheme)
+            if legacy_zeros and hasattr(new, "legacy_zero_layout"):
+                new.legacy_zero_layout()
             rel = entry.get("rel_error")
             if rel is not None and (isinstance(rel, bool) or not isinstance(rel, (int, float))
                                     or not 0 <= rel < float("inf")):
@@ -240,6 +246,16 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
     for n, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta:
             raise _bad(folder, f"tensor {n} was not stored")
+    if legacy_zeros:  # repacked once per stored tensor: aliased (tied) modules keep sharing it
+        done: dict[int, torch.Tensor] = {}
+        for name in modules:
+            m = model.get_submodule(name)
+            if getattr(m, "qzeros", None) is not None and m.qzeros.dim() == 2:
+                key = m.qzeros.data_ptr()
+                if key not in done:
+                    m.from_legacy_zero_layout()
+                    done[key] = m.qzeros
+                m.qzeros = done[key]
     validate.check_scales(model, str(weights))
     set_quant(model, QuantRecord(cfg, modules))
     if skeleton is not None:

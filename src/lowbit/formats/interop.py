@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..core.packing import pack, unpack
+from ..core.packing import pack, pack_zero_points, unpack
 from ..core.scheme import Scheme
 from ..core.version import __version__
 from ..errors import LowbitError
@@ -82,7 +82,7 @@ def int_linear(name: str, mod: QuantLinear) -> IntLinear:
     if s.symmetric:
         zeros = torch.full((out, G), 1 << (s.bits - 1), dtype=torch.int32)
     else:
-        zeros = unpack(mod.qzeros, s.bits, G).to(torch.int32)
+        zeros = mod.zero_points()
         if zeros.shape[0] != out:
             zeros = zeros.expand(out, G).contiguous()
     b = mod.bias.detach() if mod.bias is not None else None
@@ -105,7 +105,7 @@ def quant_linear(lin: IntLinear, scheme: Scheme, dtype: torch.dtype = torch.floa
     m.qweight = pack(lin.u, lin.bits)
     m.scales = lin.scales.to(scheme.torch_scale_dtype).contiguous()
     if not scheme.symmetric:
-        m.qzeros = pack(lin.zeros, lin.bits)
+        m.qzeros = pack_zero_points(lin.zeros, lin.bits)
     if lin.bias is not None:
         m.bias = nn.Parameter(lin.bias.to(dtype), requires_grad=False)
     m._kcache = {}

@@ -34,7 +34,7 @@ from ..core.scheme import Scheme
 from ..core.state import QuantRecord, state_of
 from ..core.version import __version__
 from ..errors import LowbitError
-from .checkpoint import INDEX, WEIGHTS, _dedupe, _sha256, layer_entry, write_side_files
+from .checkpoint import INDEX, WEIGHTS, ZERO_LAYOUT, _dedupe, _sha256, layer_entry, write_side_files
 from ..core.io import atomic_path, check_output, write_safetensors
 
 STATE = "state.json"
@@ -256,6 +256,7 @@ def save_streamed(model: nn.Module, tokenizer, out: str | os.PathLike, sink: Str
         qc = {
             "quant_method": "lowbit",
             "lowbit_version": __version__,
+            **ZERO_LAYOUT,
             **(cfg.to_dict() if cfg is not None else {"method": "none"}),
             "layers": layers,
             "aliases": aliases,

@@ -3,7 +3,9 @@
 Buffers of a QuantLinear (out = out_features, in = in_features, G = groups per row):
     qweight  uint8 [out, ceil(in/8)*bits]   packed unsigned codes u = Q - qmin (core.packing)
     scales   [R, G] scheme.scale_dtype      R = 1 for per-tensor, else out
-    qzeros   uint8 [R, ceil(G/8)*bits]      packed zero points (asymmetric only)
+    qzeros   uint8 [ceil(R*G/8)*bits]       packed zero points (asymmetric only): the [R, G] table row-major as
+                                            one packed row (core.packing.pack_zero_points); checkpoints written
+                                            before it stored [R, ceil(G/8)*bits] (`legacy_zero_layout`)
 The weight is x̂ = s * (u - z_u) with z_u = z (asymmetric) or -qmin (symmetric),
 which equals the textbook s * (Q - z).
 
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.packing import pack, packed_row_bytes, unpack
+from ..core.packing import pack, pack_zero_points, packed_row_bytes, unpack, unpack_zero_points, zero_points_nbytes
 from ..core.quant import QTensor, grouped, quantize, ungrouped
 from ..core.scheme import Scheme
 from ..kernels.state import KernelState
@@ -38,7 +40,21 @@ class _PackedWeight(nn.Module):
         if scheme.symmetric:
             self.qzeros = None
         else:
-            self.register_buffer("qzeros", torch.zeros(r, packed_row_bytes(n_groups, scheme.bits), dtype=torch.uint8, device=device))
+            self.register_buffer("qzeros", torch.zeros(zero_points_nbytes(r, n_groups, scheme.bits), dtype=torch.uint8, device=device))
+
+    def legacy_zero_layout(self) -> None:
+        """Make qzeros the shape older checkpoints stored ([R, ceil(G/8)*bits], one packed row per row) so one
+        loads into it; `from_legacy_zero_layout` repacks it after loading."""
+        if self.qzeros is not None:
+            r, g = self.scales.shape
+            self.qzeros = torch.zeros(r, packed_row_bytes(g, self.scheme.bits), dtype=torch.uint8,
+                                      device=self.qzeros.device)
+
+    def from_legacy_zero_layout(self) -> None:
+        if self.qzeros is not None and self.qzeros.dim() == 2:
+            r, g = self.scales.shape
+            self.qzeros = pack_zero_points(unpack(self.qzeros, self.scheme.bits, g), self.scheme.bits)
+            self.kstate = KernelState()
 
     @property
     def _shape(self) -> tuple[int, int]:
@@ -49,7 +65,7 @@ class _PackedWeight(nn.Module):
         self.qweight.copy_(pack((qt.codes.to(torch.int32) - s.qmin), s.bits))
         self.scales.copy_(qt.scale)
         if not s.symmetric:
-            self.qzeros.copy_(pack(qt.zero.to(torch.int32), s.bits))
+            self.qzeros.copy_(pack_zero_points(qt.zero.to(torch.int32), s.bits))
         self.kstate = KernelState()
 
     def _apply(self, fn, *args, **kwargs):  # .to()/.float() etc. invalidate the kernel copies
@@ -68,14 +84,15 @@ class _PackedWeight(nn.Module):
     def zero_points(self) -> torch.Tensor | None:
         if self.scheme.symmetric:
             return None
-        return unpack(self.qzeros, self.scheme.bits, self.scales.shape[1]).to(torch.int32)
+        return unpack_zero_points(self.qzeros, self.scheme.bits, *self.scales.shape).to(torch.int32)
 
     def dequantize_weight(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [rows, cols] weight (or only the given row indices). One float32 buffer, scaled in place
         group by group (the reference path runs this per call: no padded or broadcast copies)."""
         s = self.scheme
         nrows, cols = self._shape
-        packed, scales, zeros = self.qweight, self.scales, self.qzeros
+        packed, scales = self.qweight, self.scales
+        zeros = unpack_zero_points(self.qzeros, s.bits, *scales.shape) if not s.symmetric else None
         if rows is not None and s.granularity != "tensor":
             packed, scales = packed[rows], scales[rows]
             zeros = zeros[rows] if zeros is not None else None
@@ -83,7 +100,7 @@ class _PackedWeight(nn.Module):
             packed = packed[rows]
         w = unpack(packed, s.bits, cols).to(torch.float32)  # codes u, [r, cols]
         sc = scales.float()  # [R, G]
-        z = unpack(zeros, s.bits, scales.shape[1]).float() if not s.symmetric else None
+        z = zeros.float() if zeros is not None else None
         if s.granularity == "tensor":
             w.sub_(z) if z is not None else w.add_(s.qmin)
             return w.mul_(sc)
