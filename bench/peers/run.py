@@ -75,10 +75,11 @@ LOWBIT = {
 }
 # lowbit's block-wise QAT as a post-training method (`lowbit qat --init`, §8): variant -> the PTQ variant it
 # starts from (quantized at the same setting in this run; its wall time is added) and the block-wise learning
-# rates (weights, scales) per bit width, as chosen in docs §8 (4-bit: the 3-bit ones)
+# rates (weights, scales) per bit width it runs at, as chosen in docs §8 (4-bit: the 3-bit ones). The
+# symmetric one is for 2-bit rows where a peer stores no zero points (llm-compressor's W2 g64: 2.25 bits).
 QAT = {
     "gptq-asym+bqat": ("gptq-asym", {2: (3e-3, 3e-4), 3: (1e-3, 1e-4), 4: (1e-3, 1e-4)}),
-    "gptq+bqat": ("gptq", {2: (3e-3, 3e-4), 3: (1e-3, 1e-4), 4: (1e-3, 1e-4)}),
+    "gptq+bqat": ("gptq", {2: (3e-3, 3e-4)}),
 }
 SECOND_TEXT = [f"/usr/share/common-licenses/{n}" for n in ("GPL-3", "GFDL-1.3", "LGPL-2.1", "MPL-2.0", "Apache-2.0")]
 _CHILD = ("import atexit, sys; atexit.register(lambda: print('PEAK_RSS_KIB', next(int(l.split()[1]) for l in "
@@ -280,7 +281,7 @@ def main() -> None:
                     base, lrs = QAT[v]
                     start = next((r for r in rows if r["tool"] == f"lowbit {base}" and r["setting"] == setting
                                   and "ppl" in r and not r.get("resumed")), None)
-                    if bits not in qat_bits or start is None:
+                    if bits not in qat_bits or bits not in lrs or start is None:
                         continue
                     lr, slr = lrs[bits]
                     q = timed([sys.executable, "-c", _CHILD, "qat", str(hf), str(out), "--init", start["out"],
