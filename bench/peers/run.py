@@ -280,8 +280,11 @@ def main() -> None:
                 if v in QAT:
                     base, lrs = QAT[v]
                     start = next((r for r in rows if r["tool"] == f"lowbit {base}" and r["setting"] == setting
-                                  and "ppl" in r and not r.get("resumed")), None)
-                    if bits not in qat_bits or bits not in lrs or start is None:
+                                  and "ppl" in r and Path(r.get("out", "")).is_dir()), None)
+                    if bits not in qat_bits or bits not in lrs:
+                        continue
+                    if start is None:
+                        log(f"{label} at {setting}: no checkpoint of {base} at this setting to start from: skipped")
                         continue
                     lr, slr = lrs[bits]
                     q = timed([sys.executable, "-c", _CHILD, "qat", str(hf), str(out), "--init", start["out"],

@@ -15,7 +15,7 @@ from .core.config import QuantConfig
 from .core.state import QuantRecord, state_of, set_quant
 from .errors import LowbitError
 from .eval.perplexity import evaluate
-from .formats.checkpoint import save_checkpoint
+from .formats.checkpoint import ZERO_LAYOUT, save_checkpoint
 from .formats.load import load_model
 from .runtime.generation import generate
 from .runtime.lean import lean_skeleton
@@ -186,7 +186,7 @@ def quantize_to(model: nn.Module, config: QuantConfig, out: str | os.PathLike, t
     fingerprint = {"config": config.to_dict(), "source": st.source, "blocks": _block_names(model),
                    "dtype": str(next((p.dtype for p in model.parameters() if p.is_floating_point()), None)),
                    "calib_ids": _digest(calib_ids) if calib_ids is not None else None,
-                   "lowbit": _version()}
+                   "lowbit": _version(), **ZERO_LAYOUT}  # blocks stored in another layout do not resume
     sink = StreamSink(out, fingerprint, resume=resume, overwrite=overwrite)
     st.sink = sink
     try:

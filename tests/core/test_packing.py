@@ -48,3 +48,13 @@ def test_zero_points_pack_as_one_row(bits, rows, groups):
     assert p.dtype == torch.uint8 and p.shape == (zero_points_nbytes(rows, groups, bits),)
     assert p.numel() == packed_row_bytes(rows * groups, bits) <= rows * packed_row_bytes(groups, bits)
     assert torch.equal(unpack_zero_points(p, bits, rows, groups).to(torch.int64), z)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_zero_point_rows_read_from_their_bytes_equal_the_whole_table(bits):
+    from lowbit.core.packing import pack_zero_points, unpack_zero_point_rows, unpack_zero_points
+
+    z = torch.randint(0, 1 << bits, (37, 5))
+    p = pack_zero_points(z, bits)
+    rows = torch.tensor([0, 36, 5, 5, 17, 1])
+    assert torch.equal(unpack_zero_point_rows(p, bits, 5, rows), unpack_zero_points(p, bits, 37, 5)[rows])

@@ -156,11 +156,9 @@ def test_a_bad_rel_error_is_refused(tiny, tmp_path, value):
         lowbit.load(q)
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["layers", "tied-head-and-embedding"])
-def test_checkpoints_with_per_row_zero_points_still_load(tiny, tmp_path, tied):
-    """Checkpoints written before the flat zero-point layout stored qzeros as one packed row per weight row
-    ([R, ceil(G/8)*bits]) and no zero_point_layout entry: they load into the same logits, repacked flat (a
-    tied pair still shares one tensor)."""
+def _to_legacy_zero_layout(q, edit=None):
+    """Rewrite checkpoint q as lowbit wrote it before the flat zero-point layout: qzeros [R, ceil(G/8)*bits],
+    no zero_point_layout entry (checksums recomputed). `edit(tensors, qc)` may change it further."""
     import hashlib
 
     from safetensors import safe_open
@@ -169,13 +167,6 @@ def test_checkpoints_with_per_row_zero_points_still_load(tiny, tmp_path, tied):
     from lowbit.core.packing import pack, unpack_zero_points
     from lowbit.formats.checkpoint import WEIGHTS, table_sha256
 
-    model, tok = tiny
-    over = {"lm_head|embed_tokens": Scheme(4, False, "group", 16)} if tied else {}
-    lowbit.quantize(model, QuantConfig(scheme=Scheme(3, False, "group", 32), overrides=over,
-                                       include=("layers", "lm_head", "embed") if tied else ("layers",)))
-    x = torch.randint(0, 320, (1, 12))
-    before = model(x).logits
-    q = lowbit.save(model, tok, tmp_path / "q")
     with safe_open(str(q / WEIGHTS), framework="pt") as f:
         t = {k: f.get_tensor(k) for k in f.keys()}
     conf = json.loads((q / "config.json").read_text())
@@ -186,14 +177,62 @@ def test_checkpoints_with_per_row_zero_points_still_load(tiny, tmp_path, tied):
         bits = Scheme.from_dict(qc["layers"][name].get("scheme", qc["scheme"])).bits
         r, g = t[name + ".scales"].shape
         assert t[k].dim() == 1
-        t[k] = pack(unpack_zero_points(t[k], bits, r, g), bits)  # the old layout
+        t[k] = pack(unpack_zero_points(t[k], bits, r, g), bits)  # one packed row per weight row
+    if edit is not None:
+        edit(t, qc)
     save_file(t, str(q / WEIGHTS), metadata={"format": "pt"})
     qc["weights_sha256"] = hashlib.sha256((q / WEIGHTS).read_bytes()).hexdigest()
     qc["table_sha256"] = table_sha256(qc)
     (q / "config.json").write_text(json.dumps(conf))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["layers", "tied-head-and-embedding"])
+def test_checkpoints_with_per_row_zero_points_still_load(tiny, tmp_path, tied):
+    """Checkpoints written before the flat zero-point layout stored qzeros as one packed row per weight row
+    ([R, ceil(G/8)*bits]) and no zero_point_layout entry: they load into the same logits, repacked flat (a
+    tied pair still shares one tensor)."""
+    model, tok = tiny
+    over = {"lm_head|embed_tokens": Scheme(4, False, "group", 16)} if tied else {}
+    lowbit.quantize(model, QuantConfig(scheme=Scheme(3, False, "group", 32), overrides=over,
+                                       include=("layers", "lm_head", "embed") if tied else ("layers",)))
+    x = torch.randint(0, 320, (1, 12))
+    before = model(x).logits
+    q = lowbit.save(model, tok, tmp_path / "q")
+    _to_legacy_zero_layout(q)
     loaded, _ = lowbit.load(q)
     assert torch.equal(loaded(x).logits, before)
     qlin = loaded.model.layers[0].self_attn.k_proj
     assert qlin.qzeros.dim() == 1 and torch.equal(qlin.zero_points(), model.model.layers[0].self_attn.k_proj.zero_points())
     if tied:
         assert loaded.lm_head.qzeros.data_ptr() == loaded.model.embed_tokens.qzeros.data_ptr()
+
+
+def test_a_legacy_zero_table_shared_by_modules_of_other_sizes_is_refused(tiny, tmp_path):
+    """Review finding: the embedding at g16 (5 groups of 72 columns) and the head at g32 (3 groups) both stored
+    [320, 4] bytes per-row, so an alias between them passed the shape check; repacked flat they need 800 and
+    480 bytes. Refused at load, not a ValueError at the first forward."""
+    model, tok = tiny
+    lowbit.quantize(model, QuantConfig(scheme=Scheme(4, False, "group", 32), include=("lm_head", "embed"),
+                                       overrides={"embed_tokens": Scheme(4, False, "group", 16)}))
+    q = lowbit.save(model, tok, tmp_path / "q")
+
+    def alias(t, qc):
+        assert t["model.embed_tokens.qzeros"].shape == t["lm_head.qzeros"].shape == (320, 4)
+        del t["lm_head.qzeros"]
+        qc["aliases"]["lm_head.qzeros"] = "model.embed_tokens.qzeros"
+
+    _to_legacy_zero_layout(q, alias)
+    with pytest.raises(LowbitError, match=r"(lm_head|embed_tokens)\.qzeros is shared with a module of another zero-point"):
+        lowbit.load(q)
+
+
+def test_an_unknown_zero_point_layout_is_refused(tiny, tmp_path):
+    q = _saved(tiny, tmp_path)
+    from lowbit.formats.checkpoint import table_sha256
+
+    conf = json.loads((q / "config.json").read_text())
+    conf["quantization_config"]["zero_point_layout"] = "columns"
+    conf["quantization_config"]["table_sha256"] = table_sha256(conf["quantization_config"])
+    (q / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(LowbitError, match="unknown zero_point_layout 'columns'"):
+        lowbit.load(q)

@@ -130,6 +130,18 @@ def test_wrong_shapes_of_packed_tensors_are_refused(ckpt, lean, name, shape):
 
 
 @LEAN
+def test_a_zero_point_table_of_another_length_is_refused(ckpt, lean):
+    """qzeros is one packed row per module ([ceil(R*G/8)*bits] bytes): one byte short is refused by name."""
+    def edit(t):
+        old = t[f"{Q}.qzeros"]
+        assert old.dim() == 1
+        t[f"{Q}.qzeros"] = old[:-1].clone()
+
+    rewrite(ckpt, edit_tensors=edit)
+    refused(ckpt, r"k_proj\.qzeros: stored as \w+ \[\d+\], the model needs shape", lean=lean)
+
+
+@LEAN
 def test_a_missing_tensor_is_an_error_not_a_random_init(ckpt, lean):
     rewrite(ckpt, edit_tensors=lambda t: t.pop(f"{Q}.scales"))
     refused(ckpt, r"k_proj\.scales: missing", lean=lean)

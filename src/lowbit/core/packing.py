@@ -37,6 +37,20 @@ def unpack_zero_points(packed: torch.Tensor, bits: int, rows: int, groups: int) 
     return unpack(packed.reshape(-1), bits, rows * groups).view(rows, groups)
 
 
+def unpack_zero_point_rows(packed: torch.Tensor, bits: int, groups: int, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of a packed [R, groups] zero-point table (uint8 [len(rows), groups]), read from the bytes
+    that hold them only: an embedding lookup does not unpack the whole table."""
+    i = rows.reshape(-1, 1).to(torch.int64) * groups + torch.arange(groups, dtype=torch.int64)  # [r, G]
+    flat = packed.reshape(-1)
+    if bits == 8:
+        return flat[i]
+    chunk, pos = i // 8, i % 8  # a chunk of 8 codes is one little-endian `bits`-byte word
+    word = torch.zeros_like(i)
+    for j in range(bits):
+        word |= flat[chunk * bits + j].to(torch.int64) << (8 * j)
+    return ((word >> (pos * bits)) & ((1 << bits) - 1)).to(torch.uint8)
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """[..., n] integer codes in [0, 2^bits) -> [..., ceil(n/8)*bits] uint8."""
     if not 1 <= bits <= 8:

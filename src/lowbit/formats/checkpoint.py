@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..core.config import QuantConfig
+from ..core.packing import zero_points_nbytes
 from ..core.scheme import Scheme
 from ..core.state import QuantRecord, state_of, set_quant
 from ..core.version import __version__
@@ -197,7 +198,10 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
     except Exception as e:
         raise _bad(folder, f"cannot build {model_type}: {type(e).__name__}: {e}") from None
     modules: dict[str, Scheme] = {}
-    legacy_zeros = qc.get("zero_point_layout") != ZERO_LAYOUT["zero_point_layout"]
+    layout = qc.get("zero_point_layout")
+    if layout not in (None, ZERO_LAYOUT["zero_point_layout"]):
+        raise _bad(folder, f"unknown zero_point_layout {layout!r}")
+    legacy_zeros = layout is None
     try:
         layers = qc.get("layers", {})
         if not isinstance(layers, dict):
@@ -256,6 +260,8 @@ def load_checkpoint(folder: str | os.PathLike, skeleton=None):
                     m.from_legacy_zero_layout()
                     done[key] = m.qzeros
                 m.qzeros = done[key]
+                if m.qzeros.numel() != zero_points_nbytes(*m.scales.shape, m.scheme.bits):  # tied, other scheme
+                    raise _bad(folder, f"{name}.qzeros is shared with a module of another zero-point table size")
     validate.check_scales(model, str(weights))
     set_quant(model, QuantRecord(cfg, modules))
     if skeleton is not None:

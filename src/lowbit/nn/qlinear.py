@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.packing import pack, pack_zero_points, packed_row_bytes, unpack, unpack_zero_points, zero_points_nbytes
+from ..core.packing import (pack, pack_zero_points, packed_row_bytes, unpack, unpack_zero_point_rows,
+                            unpack_zero_points, zero_points_nbytes)
 from ..core.quant import QTensor, grouped, quantize, ungrouped
 from ..core.scheme import Scheme
 from ..kernels.state import KernelState
@@ -92,12 +93,16 @@ class _PackedWeight(nn.Module):
         s = self.scheme
         nrows, cols = self._shape
         packed, scales = self.qweight, self.scales
-        zeros = unpack_zero_points(self.qzeros, s.bits, *scales.shape) if not s.symmetric else None
+        zeros = None
         if rows is not None and s.granularity != "tensor":
+            if not s.symmetric:  # only the bytes of those rows' zero points (embedding lookups)
+                zeros = unpack_zero_point_rows(self.qzeros, s.bits, scales.shape[1], rows)
             packed, scales = packed[rows], scales[rows]
-            zeros = zeros[rows] if zeros is not None else None
-        elif rows is not None:
-            packed = packed[rows]
+        else:
+            if not s.symmetric:
+                zeros = unpack_zero_points(self.qzeros, s.bits, *scales.shape)
+            if rows is not None:
+                packed = packed[rows]
         w = unpack(packed, s.bits, cols).to(torch.float32)  # codes u, [r, cols]
         sc = scales.float()  # [R, G]
         z = zeros.float() if zeros is not None else None
