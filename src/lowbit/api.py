@@ -257,7 +257,8 @@ CHECKPOINT_OVERHEAD = 256 * 1024  # config.json (with the plan) and the safetens
 def plan_budget(model: nn.Module, tokenizer, config: QuantConfig, target_bpw: float | None = None,
                 target_size: int | None = None, candidates=None, kl: bool = False, validate: bool = False,
                 nsamples: int = 8, seqlen: int = 512, kl_samples: int = 2, kl_layers: int | None = 30,
-                progress: bool = True, calib_ids: torch.Tensor | None = None, reuse: dict | None = None) -> dict:
+                progress: bool = True, calib_ids: torch.Tensor | None = None, reuse: dict | None = None,
+                error: str = "rtn") -> dict:
     """A per-layer scheme plan for the float `model` under a bits-per-weight target (over the layers
     `config` selects) or a size target (bytes of the whole checkpoint: quantized layers, every float tensor
     kept, and a reserve for config.json and the safetensors header). Candidates: the schemes the method
@@ -265,7 +266,9 @@ def plan_budget(model: nn.Module, tokenizer, config: QuantConfig, target_bpw: fl
     proxy per layer by the KL measured on held-out windows (`validate`: measure it, report the proxy's rank
     correlation on `kl_layers` evenly spaced layers, keep the proxy). `calib_ids`: [N, T] windows to use instead
     of drawing them (the last `kl_samples` are the held-out ones when the KL is measured). `reuse`: a plan whose
-    recorded costs are allocated again under this target (nothing measured)."""
+    recorded costs are allocated again under this target (nothing measured). `error`: the proxy weighs
+    round-to-nearest's error ("rtn") or GPTQ's ("gptq", with the config's percdamp/act_order when its method
+    has them)."""
     from .algorithms.budget import candidate_schemes, plan_schemes
     from .calibration.data import calibration_ids
     from .models.arch import select_modules
@@ -319,8 +322,10 @@ def plan_budget(model: nn.Module, tokenizer, config: QuantConfig, target_bpw: fl
         ids, info = calibration_ids(tokenizer, None, nsamples=nsamples + extra, seqlen=seqlen, seed=config.seed)
     held = ids[nsamples:] if extra else None
     ref = candidate_schemes((3,), (128,))[0] if kl or validate else None
+    opts = config.options
+    gptq = {k: getattr(opts, k) for k in ("percdamp", "act_order") if hasattr(opts, k)}
     plan = plan_schemes(model, names, cands, budget, ids[:nsamples], held, kl=kl, kl_ref=ref, target=target,
-                        progress=progress, kl_layers=kl_layers)
+                        progress=progress, kl_layers=kl_layers, error=error, gptq=gptq)
     plan["sensitivity"]["calibration"] = info
     plan["method"] = spec.name
     return plan

@@ -267,7 +267,10 @@ def _budget_params(what: str) -> list[Parameter]:
         _opt("budget_nsamples", int, typer.Option(8, help="Budget: calibration windows for the sensitivity "
                                                            "statistics.")),
         *([_opt("budget_schemes", str, typer.Option("2,3,4,5,6,8/32,64,128/asym", help="Budget: candidate "
-              "schemes, BITS,.../GROUPS,.../sym|asym|both."))] if what == "checkpoint" else []),
+              "schemes, BITS,.../GROUPS,.../sym|asym|both.")),
+           _opt("budget_error", str, typer.Option("rtn", help="Budget: whose error the proxy weighs: rtn "
+              "(round-to-nearest) or gptq (GPTQ on the sampled rows with each layer's H)."))]
+          if what == "checkpoint" else []),
     ]
 
 
@@ -297,7 +300,8 @@ def _quantize(model: str, out: Path, method: str, bits: Optional[int], group_siz
               sym: Optional[bool], include: List[str], exclude: List[str], override: List[str], seed: int,
               dtype: str, device: str, resume: bool, force: bool, target_bpw: Optional[float],
               target_size: Optional[str], plan: Optional[Path], save_plan: Optional[Path], budget_kl: bool,
-              budget_validate: bool, budget_nsamples: int, budget_schemes: str, given: dict) -> None:
+              budget_validate: bool, budget_nsamples: int, budget_schemes: str, budget_error: str,
+              given: dict) -> None:
     """Quantize MODEL and save a packed lowbit checkpoint to OUT."""
     from . import api
     from .algorithms.registry import get_spec, resolve
@@ -325,9 +329,11 @@ def _quantize(model: str, out: Path, method: str, bits: Optional[int], group_siz
     resolve(config, preflight=True)  # scheme, options, calibration text: refuse before loading anything
     budgeted = _budget_given(target_bpw, target_size, plan)
     if budgeted:
-        from .algorithms.budget import parse_candidates, read_plan
+        from .algorithms.budget import ERRORS, parse_candidates, read_plan
         from .core.budget import parse_size
 
+        if budget_error not in ERRORS:
+            raise LowbitError(f"--budget-error {budget_error!r}: one of {', '.join(ERRORS)}")
         size = parse_size(target_size) if target_size is not None else None
         loaded_plan = read_plan(plan, "lowbit") if plan is not None else None
         cands = parse_candidates(budget_schemes)
@@ -346,7 +352,7 @@ def _quantize(model: str, out: Path, method: str, bits: Optional[int], group_siz
         if loaded_plan is None or target_bpw is not None or size is not None:
             loaded_plan = api.plan_budget(m, tok, config, target_bpw=target_bpw, target_size=size, candidates=cands,
                                           kl=budget_kl, validate=budget_validate, nsamples=budget_nsamples,
-                                          reuse=loaded_plan)
+                                          reuse=loaded_plan, error=budget_error)
         api.apply_plan(m, config, loaded_plan)
         from .algorithms.budget import plan_table
 

@@ -53,6 +53,42 @@ def test_proxy_is_sensible(calib):
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
 
 
+def test_gptq_error_costs_reduce_to_rtn_with_identity_h_and_weigh_gptq_error_otherwise():
+    """Differential: with H = I, GPTQ is RTN, so the 'gptq' costs equal the 'rtn' ones; with a correlated H
+    they are the proxy of the error GPTQ leaves (checked against gptq_rows on the same sampled rows)."""
+    from lowbit.algorithms.budget import _layer_costs, row_sample
+    from lowbit.calibration.sensitivity import LayerStats
+    from lowbit.core.gptq import gptq_rows
+    from lowbit.core.quant import dequantize
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(300, 96, generator=g)
+    f = torch.rand(300, generator=g) + 0.1
+    cands = [Scheme.parse(c) for c in ("2/32/asym", "3/32/asym", "4/64/sym", "8/-1/asym")]
+    eye = LayerStats(torch.eye(96), f)
+    assert _layer_costs(W, eye, cands, error="gptq") == _layer_costs(W, eye, cands, error="rtn")
+    X = torch.randn(512, 96, generator=g) @ torch.randn(96, 96, generator=g)  # correlated inputs
+    st = LayerStats(X.T @ X / 512, f)
+    got = _layer_costs(W, st, cands, error="gptq", gptq={"percdamp": 0.01, "act_order": True})
+    sl, k = row_sample(300)
+    for s, c in zip(cands, got):
+        qt, _ = gptq_rows(W[sl], st.H, s, percdamp=0.01, act_order=True)
+        D = dequantize(qt) - W[sl]
+        assert c == pytest.approx(k * proxy_cost(D, LayerStats(st.H, f[sl])), rel=1e-5)
+    rtn = _layer_costs(W, st, cands, error="rtn")
+    assert sum(got[:2]) < sum(rtn[:2])  # GPTQ lowers the H-weighted error where it matters (2-3 bits)
+
+
+def test_budget_plan_with_gptq_errors_records_them(calib):
+    model, tok = make_tiny_llama(), make_tokenizer()
+    cfg = QuantConfig(method="gptq", options={"nsamples": 4, "calib_seqlen": 64})
+    plan = api.plan_budget(model, tok, cfg, target_bpw=3.5, calib_ids=calib[:4], progress=False, error="gptq",
+                           candidates=candidate_schemes((2, 3, 4), (32,)))
+    assert plan["sensitivity"]["error"] == "gptq" and plan["bpw"] <= 3.5
+    with pytest.raises(LowbitError, match="budget error"):
+        api.plan_budget(model, tok, cfg, target_bpw=3.5, calib_ids=calib[:4], progress=False, error="awq")
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_budget_plan_is_respected_and_round_trips(method, calib, tmp_path):
     model, tok = make_tiny_llama(), make_tokenizer()
@@ -135,6 +171,7 @@ def test_cli_budget_then_plan_reuse(cli, tiny_dir, text_file, tmp_path):
     (["--target-size", "lots"], "bad size"),
     (["--target-bpw", "-1"], "target-bpw"),
     (["--target-bpw", "0.5"], "below the smallest"),
+    (["--target-bpw", "3", "--budget-error", "awq"], "--budget-error 'awq'"),
 ])
 def test_cli_bad_budget_is_one_line_exit_2(cli, tiny_dir, tmp_path, args, msg):
     out = tmp_path / "x"

@@ -3,7 +3,8 @@ cost (calibration/sensitivity.py) under a bits-per-weight or byte budget (core/b
 
 `plan_schemes` measures, for every targeted layer and every candidate scheme, the bytes the layer would
 store (codes + fp16 scales + packed zero points: exactly what QuantLinear keeps) and the proxy cost of its
-round-to-nearest error; optionally (`kl=True`) the whole model's KL on held-out windows for every layer at
+error: round-to-nearest's (`error="rtn"`), or GPTQ's on the same rows with the layer's own H (`error="gptq"`:
+what a GPTQ run leaves in that layer when its inputs are the float model's, the error the proxy then weighs); optionally (`kl=True`) the whole model's KL on held-out windows for every layer at
 one reference scheme, which validates the proxy (Spearman's rank correlation) and rescales each layer's
 costs to it. The plan is a JSON-able dict; `plan_overrides` turns it into exact-name scheme overrides, which
 every method (rtn, gptq, awq, awq+gptq) honours through `QuantConfig.scheme_for`.
@@ -77,7 +78,13 @@ def row_sample(rows: int, max_rows: int = MAX_ROWS) -> tuple[slice, float]:
     return slice(0, rows, step), rows / n
 
 
-def _layer_costs(W: torch.Tensor, st: LayerStats, cands: list[Scheme], max_rows: int = MAX_ROWS) -> list[float]:
+ERRORS = ("rtn", "gptq")
+
+
+def _layer_costs(W: torch.Tensor, st: LayerStats, cands: list[Scheme], max_rows: int = MAX_ROWS,
+                 error: str = "rtn", gptq: dict | None = None) -> list[float]:
+    """The proxy cost of each candidate's error on an evenly strided sample of W's rows, scaled to all rows.
+    error "gptq": the codes GPTQ gives those rows with the layer's H (`gptq`: its percdamp/act_order)."""
     sl, k = row_sample(W.shape[0], max_rows)
     Ws = W[sl]
     sub = LayerStats(st.H, st.f[sl])
@@ -85,7 +92,15 @@ def _layer_costs(W: torch.Tensor, st: LayerStats, cands: list[Scheme], max_rows:
     for s in cands:
         if s.granularity == "tensor":
             raise LowbitError("per-tensor schemes are not budget candidates")
-        D = dequantize(quantize(Ws, s)) - Ws
+        if error == "gptq":
+            from ..core.gptq import gptq_rows
+            from ..kernels.native import gptq_cols_kernel
+
+            qt, _ = gptq_rows(Ws, st.H, s, cols_kernel=gptq_cols_kernel() if Ws.device.type == "cpu" else None,
+                              **(gptq or {}))
+        else:
+            qt = quantize(Ws, s)
+        D = dequantize(qt) - Ws
         out.append(k * proxy_cost(D, sub))
     return out
 
@@ -93,10 +108,12 @@ def _layer_costs(W: torch.Tensor, st: LayerStats, cands: list[Scheme], max_rows:
 def plan_schemes(model: nn.Module, names: list[str], candidates: list[Scheme], budget_bytes: int,
                  calib_ids: torch.Tensor, heldout_ids: torch.Tensor | None = None, kl: bool = False,
                  kl_ref: Scheme | None = None, target: dict | None = None, progress: bool = True,
-                 kl_layers: int | None = None) -> dict:
+                 kl_layers: int | None = None, error: str = "rtn", gptq: dict | None = None) -> dict:
     """The plan (a dict, see module doc) for the float linears `names` of `model` under `budget_bytes`
     (bytes of the quantized layers). `kl_layers`: validate on that many evenly spaced layers only (without
-    `kl`: the rescaling needs every layer)."""
+    `kl`: the rescaling needs every layer). `error`: whose error the proxy weighs (ERRORS)."""
+    if error not in ERRORS:
+        raise LowbitError(f"budget error {error!r}: one of {', '.join(ERRORS)}")
     t0 = time.time()
     mods = {n: model.get_submodule(n) for n in names}
     for n, m in mods.items():
@@ -107,7 +124,7 @@ def plan_schemes(model: nn.Module, names: list[str], candidates: list[Scheme], b
     costs, nbytes = {}, {}
     for n, m in mods.items():
         W = m.weight.detach().float()
-        costs[n] = _layer_costs(W, stats[n], candidates)
+        costs[n] = _layer_costs(W, stats[n], candidates, error=error, gptq=gptq)
         nbytes[n] = [scheme_nbytes(s, *W.shape) for s in candidates]
     t_proxy = time.time() - t0 - t_stats
     validation = None
@@ -125,7 +142,8 @@ def plan_schemes(model: nn.Module, names: list[str], candidates: list[Scheme], b
         for n in tqdm(measured, desc="KL per layer", unit="layer", file=sys.stderr, disable=not progress):
             W = mods[n].weight.detach().float()
             kls[n] = kl_cost(model, heldout_ids, base, {n + ".weight": dequantize(quantize(W, ref))})
-            proxies[n] = costs[n][ref_i] if ref_i is not None else _layer_costs(W, stats[n], [ref])[0]
+            proxies[n] = (costs[n][ref_i] if ref_i is not None
+                          else _layer_costs(W, stats[n], [ref], error=error, gptq=gptq)[0])
         rho = spearman([proxies[n] for n in measured], [kls[n] for n in measured])
         validation = {"reference": scheme_label(ref), "spearman": round(rho, 4), "tokens": heldout_ids.numel(),
                       "layers": len(measured), "kl": kls, "proxy": proxies,
@@ -141,7 +159,7 @@ def plan_schemes(model: nn.Module, names: list[str], candidates: list[Scheme], b
     return plan_dict(alloc, items, "lowbit", target, {
         "candidates": [scheme_label(s) for s in candidates], "costs": {n: costs[n] for n in names},
         "shapes": {n: list(mods[n].weight.shape) for n in names},
-        "measure": "kl-rescaled proxy" if kl else "proxy", "validation": validation,
+        "measure": "kl-rescaled proxy" if kl else "proxy", "error": error, "validation": validation,
         "calibration_tokens": calib_ids.numel(),
         "seconds": {"statistics": round(t_stats, 1), "proxy": round(t_proxy, 1), "kl": round(t_kl, 1),
                     "total": round(time.time() - t0, 1)}})
