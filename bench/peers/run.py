@@ -72,6 +72,9 @@ LOWBIT = {
     "awq": ["--method", "awq", "--sym"],
     "awq+gptq": ["--method", "awq+gptq", "--sym"],
     "awq+gptq-asym": ["--method", "awq+gptq", "--asym"],
+    # lowbit's SignRound with AutoRound's 'light' recipe (50 steps, lr 5e-3, 8 windows a step): same compute
+    "signround": ["--method", "signround", "--sym", "--round-iters", "50", "--round-lr", "5e-3"],
+    "signround-asym": ["--method", "signround", "--asym", "--round-iters", "50", "--round-lr", "5e-3"],
 }
 # lowbit's block-wise QAT as a post-training method (`lowbit qat --init`, §8): variant -> the PTQ variant it
 # starts from (quantized at the same setting in this run; its wall time is added) and the block-wise learning

@@ -4,6 +4,7 @@ from . import rtn  # noqa: F401
 from . import gptq  # noqa: F401
 from . import awq  # noqa: F401
 from . import awq_gptq  # noqa: F401
+from . import signround  # noqa: F401
 from . import w8a8  # noqa: F401
 from . import llm_int8  # noqa: F401
 from . import qat  # noqa: F401
