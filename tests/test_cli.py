@@ -415,9 +415,9 @@ def test_qat_help_keeps_its_flags(cli):
 
 @pytest.mark.parametrize("method,flag,takers", [
     ("gptq", ["--threshold", "4"], "llm-int8 takes it"),
-    ("rtn", ["--nsamples", "4"], "gptq, awq, awq+gptq, w8a8, qat take it"),
+    ("rtn", ["--nsamples", "4"], "gptq, awq, awq+gptq, signround, w8a8, qat take it"),
     ("awq+gptq", ["--no-true-sequential"], "gptq takes it"),
-    ("llm-int8", ["--calib", "x.txt"], "gptq, awq, awq+gptq, w8a8, qat take it"),
+    ("llm-int8", ["--calib", "x.txt"], "gptq, awq, awq+gptq, signround, w8a8, qat take it"),
     ("w8a8", ["--steps", "3"], "qat takes it"),
 ])
 def test_a_flag_of_another_method_is_refused(cli, tiny_dir, tmp_path, method, flag, takers):

@@ -258,7 +258,7 @@ def plan_budget(model: nn.Module, tokenizer, config: QuantConfig, target_bpw: fl
                 target_size: int | None = None, candidates=None, kl: bool = False, validate: bool = False,
                 nsamples: int = 8, seqlen: int = 512, kl_samples: int = 2, kl_layers: int | None = 30,
                 progress: bool = True, calib_ids: torch.Tensor | None = None, reuse: dict | None = None,
-                error: str = "rtn") -> dict:
+                error: str = "nearest") -> dict:
     """A per-layer scheme plan for the float `model` under a bits-per-weight target (over the layers
     `config` selects) or a size target (bytes of the whole checkpoint: quantized layers, every float tensor
     kept, and a reserve for config.json and the safetensors header). Candidates: the schemes the method
@@ -267,7 +267,7 @@ def plan_budget(model: nn.Module, tokenizer, config: QuantConfig, target_bpw: fl
     correlation on `kl_layers` evenly spaced layers, keep the proxy). `calib_ids`: [N, T] windows to use instead
     of drawing them (the last `kl_samples` are the held-out ones when the KL is measured). `reuse`: a plan whose
     recorded costs are allocated again under this target (nothing measured). `error`: the proxy weighs
-    round-to-nearest's error ("rtn") or GPTQ's ("gptq", with the config's percdamp/act_order when its method
+    round-to-nearest's error ("nearest") or GPTQ's ("gptq", with the config's percdamp/act_order when its method
     has them)."""
     from .algorithms.budget import candidate_schemes, plan_schemes
     from .calibration.data import calibration_ids

@@ -268,7 +268,7 @@ def _budget_params(what: str) -> list[Parameter]:
                                                            "statistics.")),
         *([_opt("budget_schemes", str, typer.Option("2,3,4,5,6,8/32,64,128/asym", help="Budget: candidate "
               "schemes, BITS,.../GROUPS,.../sym|asym|both.")),
-           _opt("budget_error", str, typer.Option("rtn", help="Budget: whose error the proxy weighs: rtn "
+           _opt("budget_error", str, typer.Option("nearest", help="Budget: whose error the proxy weighs: nearest "
               "(round-to-nearest) or gptq (GPTQ on the sampled rows with each layer's H)."))]
           if what == "checkpoint" else []),
     ]

@@ -66,7 +66,7 @@ def test_gptq_error_costs_reduce_to_rtn_with_identity_h_and_weigh_gptq_error_oth
     f = torch.rand(300, generator=g) + 0.1
     cands = [Scheme.parse(c) for c in ("2/32/asym", "3/32/asym", "4/64/sym", "8/-1/asym")]
     eye = LayerStats(torch.eye(96), f)
-    assert _layer_costs(W, eye, cands, error="gptq") == _layer_costs(W, eye, cands, error="rtn")
+    assert _layer_costs(W, eye, cands, error="gptq") == _layer_costs(W, eye, cands, error="nearest")
     X = torch.randn(512, 96, generator=g) @ torch.randn(96, 96, generator=g)  # correlated inputs
     st = LayerStats(X.T @ X / 512, f)
     got = _layer_costs(W, st, cands, error="gptq", gptq={"percdamp": 0.01, "act_order": True})
@@ -75,7 +75,7 @@ def test_gptq_error_costs_reduce_to_rtn_with_identity_h_and_weigh_gptq_error_oth
         qt, _ = gptq_rows(W[sl], st.H, s, percdamp=0.01, act_order=True)
         D = dequantize(qt) - W[sl]
         assert c == pytest.approx(k * proxy_cost(D, LayerStats(st.H, f[sl])), rel=1e-5)
-    rtn = _layer_costs(W, st, cands, error="rtn")
+    rtn = _layer_costs(W, st, cands, error="nearest")
     assert sum(got[:2]) < sum(rtn[:2])  # GPTQ lowers the H-weighted error where it matters (2-3 bits)
 
 

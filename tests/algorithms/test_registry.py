@@ -13,7 +13,7 @@ from lowbit.core.scheme import Scheme
 from lowbit.core.state import state_of
 from lowbit.errors import LowbitError
 
-BUILT_IN = ["rtn", "gptq", "awq", "awq+gptq", "w8a8", "llm-int8", "qat"]
+BUILT_IN = ["rtn", "gptq", "awq", "awq+gptq", "signround", "w8a8", "llm-int8", "qat"]
 
 
 def test_every_built_in_method_is_registered_in_order():
@@ -141,6 +141,8 @@ QUICK = {
             {"calib": "/data/c.txt", "nsamples": 64, "calib_seqlen": 256, "calibration": {"windows": 64}}),
     "awq+gptq": ({"nsamples": 2, "calib_seqlen": 16, "awq_grid": 2, "percdamp": 0.05},
                  {"calib": None, "nsamples": 128, "calib_seqlen": 512, "act_order": True, "percdamp": 0.01}),
+    "signround": ({"nsamples": 2, "calib_seqlen": 16, "iters": 2, "batch": 1},
+                  {"calib": None, "nsamples": 32, "calib_seqlen": 512, "iters": 50, "lr": 0.005, "batch": 8}),
     "w8a8": ({"act": "static", "smooth": 0.5, "nsamples": 2, "calib_seqlen": 16},
              {"act_bits": 8, "act": "dynamic", "smooth": None, "rotate": False}),
     "llm-int8": ({"threshold": 4.0, "act_bits": 7}, {"act_bits": 8, "threshold": 6.0, "act_symmetric": True}),

@@ -3,7 +3,7 @@ cost (calibration/sensitivity.py) under a bits-per-weight or byte budget (core/b
 
 `plan_schemes` measures, for every targeted layer and every candidate scheme, the bytes the layer would
 store (codes + fp16 scales + packed zero points: exactly what QuantLinear keeps) and the proxy cost of its
-error: round-to-nearest's (`error="rtn"`), or GPTQ's on the same rows with the layer's own H (`error="gptq"`:
+error: round-to-nearest's (`error="nearest"`), or GPTQ's on the same rows with the layer's own H (`error="gptq"`:
 what a GPTQ run leaves in that layer when its inputs are the float model's, the error the proxy then weighs); optionally (`kl=True`) the whole model's KL on held-out windows for every layer at
 one reference scheme, which validates the proxy (Spearman's rank correlation) and rescales each layer's
 costs to it. The plan is a JSON-able dict; `plan_overrides` turns it into exact-name scheme overrides, which
@@ -78,11 +78,11 @@ def row_sample(rows: int, max_rows: int = MAX_ROWS) -> tuple[slice, float]:
     return slice(0, rows, step), rows / n
 
 
-ERRORS = ("rtn", "gptq")
+ERRORS = ("nearest", "gptq")
 
 
 def _layer_costs(W: torch.Tensor, st: LayerStats, cands: list[Scheme], max_rows: int = MAX_ROWS,
-                 error: str = "rtn", gptq: dict | None = None) -> list[float]:
+                 error: str = "nearest", gptq: dict | None = None) -> list[float]:
     """The proxy cost of each candidate's error on an evenly strided sample of W's rows, scaled to all rows.
     error "gptq": the codes GPTQ gives those rows with the layer's H (`gptq`: its percdamp/act_order)."""
     sl, k = row_sample(W.shape[0], max_rows)
@@ -108,7 +108,7 @@ def _layer_costs(W: torch.Tensor, st: LayerStats, cands: list[Scheme], max_rows:
 def plan_schemes(model: nn.Module, names: list[str], candidates: list[Scheme], budget_bytes: int,
                  calib_ids: torch.Tensor, heldout_ids: torch.Tensor | None = None, kl: bool = False,
                  kl_ref: Scheme | None = None, target: dict | None = None, progress: bool = True,
-                 kl_layers: int | None = None, error: str = "rtn", gptq: dict | None = None) -> dict:
+                 kl_layers: int | None = None, error: str = "nearest", gptq: dict | None = None) -> dict:
     """The plan (a dict, see module doc) for the float linears `names` of `model` under `budget_bytes`
     (bytes of the quantized layers). `kl_layers`: validate on that many evenly spaced layers only (without
     `kl`: the rescaling needs every layer). `error`: whose error the proxy weighs (ERRORS)."""
