@@ -258,7 +258,7 @@ def plan_budget(model: nn.Module, tokenizer, config: QuantConfig, target_bpw: fl
                 target_size: int | None = None, candidates=None, kl: bool = False, validate: bool = False,
                 nsamples: int = 8, seqlen: int = 512, kl_samples: int = 2, kl_layers: int | None = 30,
                 progress: bool = True, calib_ids: torch.Tensor | None = None, reuse: dict | None = None,
-                error: str = "nearest") -> dict:
+                error: str = "auto") -> dict:
     """A per-layer scheme plan for the float `model` under a bits-per-weight target (over the layers
     `config` selects) or a size target (bytes of the whole checkpoint: quantized layers, every float tensor
     kept, and a reserve for config.json and the safetensors header). Candidates: the schemes the method
@@ -268,7 +268,7 @@ def plan_budget(model: nn.Module, tokenizer, config: QuantConfig, target_bpw: fl
     of drawing them (the last `kl_samples` are the held-out ones when the KL is measured). `reuse`: a plan whose
     recorded costs are allocated again under this target (nothing measured). `error`: the proxy weighs
     round-to-nearest's error ("nearest") or GPTQ's ("gptq", with the config's percdamp/act_order when its method
-    has them)."""
+    has them); "auto": GPTQ's for the methods that run a GPTQ sweep, round-to-nearest's otherwise."""
     from .algorithms.budget import candidate_schemes, plan_schemes
     from .calibration.data import calibration_ids
     from .models.arch import select_modules
@@ -324,6 +324,10 @@ def plan_budget(model: nn.Module, tokenizer, config: QuantConfig, target_bpw: fl
     ref = candidate_schemes((3,), (128,))[0] if kl or validate else None
     opts = config.options
     gptq = {k: getattr(opts, k) for k in ("percdamp", "act_order") if hasattr(opts, k)}
+    if error == "auto":
+        from .algorithms.gptq import GptqSweepOptions
+
+        error = "gptq" if isinstance(opts, GptqSweepOptions) else "nearest"
     plan = plan_schemes(model, names, cands, budget, ids[:nsamples], held, kl=kl, kl_ref=ref, target=target,
                         progress=progress, kl_layers=kl_layers, error=error, gptq=gptq)
     plan["sensitivity"]["calibration"] = info
@@ -334,11 +338,12 @@ def plan_budget(model: nn.Module, tokenizer, config: QuantConfig, target_bpw: fl
 def apply_plan(model: nn.Module, config: QuantConfig, plan: dict) -> QuantConfig:
     """`config` with the plan's per-layer schemes as exact-name overrides (before any other override) and the
     plan recorded (checkpoints keep it in their quantization_config)."""
-    from .algorithms.budget import plan_overrides
+    from .algorithms.budget import complete_plan, plan_overrides
     from .models.arch import select_modules
 
     names = select_modules(model, config.include, config.exclude, tuple(config.overrides))
     overrides = plan_overrides(plan, names)
+    plan = complete_plan(plan, {r["name"]: tuple(model.get_submodule(r["name"]).weight.shape) for r in plan["layers"]})
     config.overrides = {**overrides, **{k: v for k, v in config.overrides.items() if k not in overrides}}
     config.budget = plan
     return config

@@ -268,8 +268,9 @@ def _budget_params(what: str) -> list[Parameter]:
                                                            "statistics.")),
         *([_opt("budget_schemes", str, typer.Option("2,3,4,5,6,8/32,64,128/asym", help="Budget: candidate "
               "schemes, BITS,.../GROUPS,.../sym|asym|both.")),
-           _opt("budget_error", str, typer.Option("nearest", help="Budget: whose error the proxy weighs: nearest "
-              "(round-to-nearest) or gptq (GPTQ on the sampled rows with each layer's H)."))]
+           _opt("budget_error", str, typer.Option("auto", help="Budget: whose error the proxy weighs: nearest "
+              "(round-to-nearest), gptq (GPTQ on the sampled rows with each layer's H), or auto (gptq for the "
+              "methods that run a GPTQ sweep, else nearest)."))]
           if what == "checkpoint" else []),
     ]
 
@@ -332,8 +333,8 @@ def _quantize(model: str, out: Path, method: str, bits: Optional[int], group_siz
         from .algorithms.budget import ERRORS, parse_candidates, read_plan
         from .core.budget import parse_size
 
-        if budget_error not in ERRORS:
-            raise LowbitError(f"--budget-error {budget_error!r}: one of {', '.join(ERRORS)}")
+        if budget_error not in ERRORS + ("auto",):
+            raise LowbitError(f"--budget-error {budget_error!r}: one of {', '.join(ERRORS + ('auto',))}")
         size = parse_size(target_size) if target_size is not None else None
         loaded_plan = read_plan(plan, "lowbit") if plan is not None else None
         cands = parse_candidates(budget_schemes)
@@ -353,7 +354,7 @@ def _quantize(model: str, out: Path, method: str, bits: Optional[int], group_siz
             loaded_plan = api.plan_budget(m, tok, config, target_bpw=target_bpw, target_size=size, candidates=cands,
                                           kl=budget_kl, validate=budget_validate, nsamples=budget_nsamples,
                                           reuse=loaded_plan, error=budget_error)
-        api.apply_plan(m, config, loaded_plan)
+        loaded_plan = api.apply_plan(m, config, loaded_plan).budget  # bytes/bpw computed from the schemes
         from .algorithms.budget import plan_table
 
         print(plan_table(loaded_plan))

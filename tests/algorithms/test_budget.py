@@ -197,3 +197,48 @@ def test_replan_from_recorded_costs(calib):
     b = api.plan_budget(model, tok, cfg, target_bpw=3.0, progress=False, reuse=a)
     direct = api.plan_budget(model, tok, cfg, target_bpw=3.0, calib_ids=calib[:2], progress=False, candidates=cands)
     assert b["layers"] == direct["layers"] and b["bpw"] <= 3.0 < a["bpw"] <= 4.0
+
+
+def test_cli_hand_written_plan_gets_its_bytes_computed(cli, tiny_dir, tmp_path):
+    """A plan of names and choices only (written by hand) quantizes; the bytes and bits per weight recorded in
+    the checkpoint are computed from the schemes, not taken from the file (a recorded plan cannot misstate them)."""
+    out, plan_file = tmp_path / "b", tmp_path / "plan.json"
+    code, _, se = cli("quantize", tiny_dir, out, "--method", "rtn", "--target-bpw", "3.5", "--save-plan", plan_file,
+                      "--budget-schemes", "2,3,4,8/32/asym", "--budget-nsamples", "2")
+    assert code == 0, se
+    full = json.loads(plan_file.read_text())
+    hand = {"format": full["format"], "kind": "lowbit",
+            "layers": [{"name": r["name"], "choice": r["choice"]} for r in full["layers"]]}
+    hand["layers"][0]["bytes"] = 1  # a lie about the size: replaced by the true count
+    hf = tmp_path / "hand.json"
+    hf.write_text(json.dumps(hand))
+    out2 = tmp_path / "b2"
+    code, so, se = cli("quantize", tiny_dir, out2, "--method", "rtn", "--plan", hf)
+    assert code == 0, se
+    assert "no recorded costs" in so
+    rec = json.loads((out2 / "config.json").read_text())["quantization_config"]["budget"]
+    assert [(r["name"], r["choice"], r["bytes"], r["bpw"]) for r in rec["layers"]] == \
+        [(r["name"], r["choice"], r["bytes"], r["bpw"]) for r in full["layers"]]
+    assert rec["bytes"] == full["bytes"] and rec["bpw"] == full["bpw"] and rec["cost"] is None
+
+
+@pytest.mark.parametrize("field,value", [("bytes", "many"), ("cost", -1.0), ("bpw", float("nan")),
+                                         ("weights", True), ("cost", [1])])
+def test_cli_plan_with_bad_numbers_is_refused(cli, tiny_dir, tmp_path, field, value):
+    plan = {"format": "lowbit-budget-plan/1", "kind": "lowbit",
+            "layers": [{"name": "model.layers.0.mlp.up_proj", "choice": "4/32/asym", field: value}]}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(plan))
+    out = tmp_path / "x"
+    code, _, se = cli("quantize", tiny_dir, out, "--method", "rtn", "--plan", bad)
+    errors = [line for line in se.splitlines() if "lowbit: error:" in line]
+    assert code == 2 and len(errors) == 1 and field in errors[0] and not out.exists()
+
+
+@pytest.mark.parametrize("method,error", [("rtn", "nearest"), ("gptq", "gptq"), ("awq+gptq", "gptq")])
+def test_budget_error_auto_follows_the_method(method, error, calib):
+    model, tok = make_tiny_llama(), make_tokenizer()
+    cfg = QuantConfig(method=method, options={"nsamples": 4, "calib_seqlen": 64} if method != "rtn" else {})
+    plan = api.plan_budget(model, tok, cfg, target_bpw=3.5, calib_ids=calib[:4], progress=False,
+                           candidates=candidate_schemes((2, 3, 4), (32,)))
+    assert plan["sensitivity"]["error"] == error

@@ -210,7 +210,33 @@ def read_plan(path: str | Path, kind: str) -> dict:
     for row in plan["layers"]:
         if not isinstance(row, dict) or not isinstance(row.get("name"), str) or not isinstance(row.get("choice"), str):
             raise LowbitError(f"--plan {path}: every layer needs a name and a choice")
+        for key, types in (("bytes", (int,)), ("weights", (int,)), ("bpw", (int, float)), ("cost", (int, float))):
+            v = row.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, types) or v != v or v < 0):
+                raise LowbitError(f"--plan {path}: layer {row['name']!r}: {key} {v!r} is not a non-negative number")
     return plan
+
+
+def complete_plan(plan: dict, shapes: dict[str, tuple[int, int]]) -> dict:
+    """The plan with every layer's bytes and bits per weight (and the totals) computed from its scheme and the
+    layer's [rows, cols]: a hand-written plan (names and choices only) gets them, a recorded one cannot misstate
+    them. Costs stay as recorded (None where there are none)."""
+    layers, total, weights = [], 0, 0
+    for row in plan["layers"]:
+        rows, cols = shapes[row["name"]]
+        n = scheme_nbytes(Scheme.parse(row["choice"]), rows, cols)
+        cost = row.get("cost")
+        layers.append({**row, "bytes": n, "weights": rows * cols, "bpw": round(8 * n / (rows * cols), 4),
+                       "cost": float(cost) if isinstance(cost, (int, float)) else None})
+        total += n
+        weights += rows * cols
+    costs = [r["cost"] for r in layers]
+    out = {**plan, "layers": layers, "bytes": total, "weights": weights,
+           "bpw": round(8 * total / weights, 4) if weights else None}
+    out.setdefault("budget_bytes", total)
+    if None in costs:
+        out.update(cost=None, lower_bound=None, gap=None, exact=False)
+    return out
 
 
 def plan_overrides(plan: dict, names: list[str] | None = None) -> dict[str, Scheme]:
@@ -229,17 +255,21 @@ def plan_table(plan: dict, limit: int | None = None) -> str:
     w = max([len(r["name"]) for r in rows] + [5])
     lines = [f"{'layer':<{w}} {'choice':>12} {'bytes':>10} {'bpw':>7} {'cost':>11}"]
     for r in rows[:limit]:
-        lines.append(f"{r['name']:<{w}} {r['choice']:>12} {r['bytes']:>10,} {r['bpw'] or 0:>7.3f} {r['cost']:>11.4g}")
+        cost = f"{r['cost']:>11.4g}" if r.get("cost") is not None else f"{'-':>11}"
+        lines.append(f"{r['name']:<{w}} {r['choice']:>12} {r.get('bytes') or 0:>10,} {r.get('bpw') or 0:>7.3f} {cost}")
     if limit is not None and len(rows) > limit:
         lines.append(f"... {len(rows) - limit} more")
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["choice"]] = counts.get(r["choice"], 0) + 1
     mix = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
-    gap = "exact" if plan["exact"] else f"within {plan['gap']:.3g} of the optimum (LP bound)"
     lines.append(f"{len(rows)} layers: {mix}")
-    lines.append(f"budget {plan['budget_bytes']:,} B; planned {plan['bytes']:,} B = {plan['bpw']} bits/weight; "
-                 f"cost {plan['cost']:.5g} ({gap})")
+    if plan.get("cost") is None:  # a hand-written plan: no measured costs
+        lines.append(f"planned {plan.get('bytes') or 0:,} B = {plan.get('bpw')} bits/weight (no recorded costs)")
+    else:
+        gap = "exact" if plan.get("exact") else f"within {plan.get('gap') or 0:.3g} of the optimum (LP bound)"
+        lines.append(f"budget {plan.get('budget_bytes') or 0:,} B; planned {plan.get('bytes') or 0:,} B = "
+                     f"{plan.get('bpw')} bits/weight; cost {plan['cost']:.5g} ({gap})")
     v = plan.get("sensitivity", {}).get("validation")
     if v:
         lines.append(f"proxy vs KL (one layer quantized at {v['reference']}): Spearman {v['spearman']:.3f}"

@@ -121,3 +121,19 @@ def test_cli_export_bad_budget(cli, tiny_dir, tmp_path, args, msg):
     errors = [line for line in se.splitlines() if "lowbit: error:" in line]
     assert code == 2 and len(errors) == 1 and msg in errors[0], se[-500:]
     assert not out.exists()
+
+
+def test_cli_export_hand_written_plan(cli, tiny_dir, tmp_path):
+    """A GGUF plan of names and types only (written by hand) exports."""
+    out, plan = tmp_path / "a.gguf", tmp_path / "p.json"
+    code, _, se = cli("export-gguf", tiny_dir, out, "--target-size", "10MB", "--save-plan", plan,
+                      "--budget-nsamples", "2")
+    assert code == 0, se
+    p = json.loads(plan.read_text())
+    hand = tmp_path / "hand.json"
+    hand.write_text(json.dumps({"format": p["format"], "kind": "gguf",
+                                "layers": [{"name": r["name"], "choice": r["choice"]} for r in p["layers"]]}))
+    out2 = tmp_path / "b.gguf"
+    code, so, se = cli("export-gguf", tiny_dir, out2, "--plan", hand)
+    assert code == 0, se
+    assert "no recorded costs" in so
