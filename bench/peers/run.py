@@ -83,6 +83,7 @@ LOWBIT = {
 QAT = {
     "gptq-asym+bqat": ("gptq-asym", {2: (3e-3, 3e-4), 3: (1e-3, 1e-4), 4: (1e-3, 1e-4)}),
     "gptq+bqat": ("gptq", {2: (3e-3, 3e-4)}),
+    "gptq-asym-clip+bqat": ("gptq-asym-clip", {2: (3e-3, 3e-4), 3: (1e-3, 1e-4), 4: (1e-3, 1e-4)}),
 }
 SECOND_TEXT = [f"/usr/share/common-licenses/{n}" for n in ("GPL-3", "GFDL-1.3", "LGPL-2.1", "MPL-2.0", "Apache-2.0")]
 _CHILD = ("import atexit, sys; atexit.register(lambda: print('PEAK_RSS_KIB', next(int(l.split()[1]) for l in "

@@ -256,7 +256,7 @@ CHECKPOINT_OVERHEAD = 256 * 1024  # config.json (with the plan) and the safetens
 
 def plan_budget(model: nn.Module, tokenizer, config: QuantConfig, target_bpw: float | None = None,
                 target_size: int | None = None, candidates=None, kl: bool = False, validate: bool = False,
-                nsamples: int = 8, seqlen: int = 512, kl_samples: int = 2, kl_layers: int | None = 30,
+                nsamples: int = 32, seqlen: int = 512, kl_samples: int = 2, kl_layers: int | None = 30,
                 progress: bool = True, calib_ids: torch.Tensor | None = None, reuse: dict | None = None,
                 error: str = "auto") -> dict:
     """A per-layer scheme plan for the float `model` under a bits-per-weight target (over the layers
@@ -268,7 +268,8 @@ def plan_budget(model: nn.Module, tokenizer, config: QuantConfig, target_bpw: fl
     of drawing them (the last `kl_samples` are the held-out ones when the KL is measured). `reuse`: a plan whose
     recorded costs are allocated again under this target (nothing measured). `error`: the proxy weighs
     round-to-nearest's error ("nearest") or GPTQ's ("gptq", with the config's percdamp/act_order when its method
-    has them); "auto": GPTQ's for the methods that run a GPTQ sweep, round-to-nearest's otherwise."""
+    has them); "auto": GPTQ's for the methods that run a GPTQ sweep, round-to-nearest's otherwise; either after
+    the method's clip search when it has one (clip_grid)."""
     from .algorithms.budget import candidate_schemes, plan_schemes
     from .calibration.data import calibration_ids
     from .models.arch import select_modules
@@ -323,7 +324,7 @@ def plan_budget(model: nn.Module, tokenizer, config: QuantConfig, target_bpw: fl
     held = ids[nsamples:] if extra else None
     ref = candidate_schemes((3,), (128,))[0] if kl or validate else None
     opts = config.options
-    gptq = {k: getattr(opts, k) for k in ("percdamp", "act_order") if hasattr(opts, k)}
+    gptq = {k: getattr(opts, k) for k in ("percdamp", "act_order", "clip_grid") if hasattr(opts, k)}
     if error == "auto":
         from .algorithms.gptq import GptqSweepOptions
 

@@ -264,8 +264,10 @@ def _budget_params(what: str) -> list[Parameter]:
              "windows and rescale its proxy costs to it (slower).")),
         _opt("budget_validate", bool, typer.Option(False, help="Budget: measure the KL too and report the proxy's "
              "rank correlation (on 30 evenly spaced layers), but plan with the proxy.")),
-        _opt("budget_nsamples", int, typer.Option(8, help="Budget: calibration windows for the sensitivity "
-                                                           "statistics.")),
+        # checkpoints: the proxy fits GPTQ's error on H and weighs it on the same H, optimistic with few windows
+        # (docs §14: 32 windows plan better than 8, 64 no better than 32)
+        _opt("budget_nsamples", int, typer.Option(32 if what == "checkpoint" else 8, help="Budget: calibration "
+                                                  "windows for the sensitivity statistics.")),
         *([_opt("budget_schemes", str, typer.Option("2,3,4,5,6,8/32,64,128/asym", help="Budget: candidate "
               "schemes, BITS,.../GROUPS,.../sym|asym|both.")),
            _opt("budget_error", str, typer.Option("auto", help="Budget: whose error the proxy weighs: nearest "

@@ -242,3 +242,25 @@ def test_budget_error_auto_follows_the_method(method, error, calib):
     plan = api.plan_budget(model, tok, cfg, target_bpw=3.5, calib_ids=calib[:4], progress=False,
                            candidates=candidate_schemes((2, 3, 4), (32,)))
     assert plan["sensitivity"]["error"] == error
+
+
+def test_costs_weigh_the_methods_clip_search():
+    """With the method's clip search (clip_grid > 1) the proxy weighs the searched grid's error (rtn: the
+    search's codes; gptq: gptq_rows with clip_grid); clip_grid 0 or 1 is min/max, as before."""
+    from lowbit.algorithms.budget import _layer_costs
+    from lowbit.calibration.sensitivity import LayerStats
+    from lowbit.core.gptq import gptq_rows
+    from lowbit.core.quant import dequantize, quantize, search_qparams
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(24, 64, generator=g)
+    X = torch.randn(256, 64, generator=g) * torch.linspace(0.2, 3, 64)
+    st = LayerStats(X.T @ X / 256, torch.rand(24, generator=g) + 0.1)
+    s = Scheme.parse("3/32/asym")
+    plain = _layer_costs(W, st, [s])
+    assert _layer_costs(W, st, [s], gptq={"clip_grid": 1}) == plain
+    searched = dequantize(quantize(W, s, *search_qparams(W, s, 10))) - W
+    assert _layer_costs(W, st, [s], gptq={"clip_grid": 10}) == [pytest.approx(proxy_cost(searched, st), rel=1e-6)]
+    qt, _ = gptq_rows(W, st.H, s, clip_grid=10)
+    want = proxy_cost(dequantize(qt) - W, st)
+    assert _layer_costs(W, st, [s], error="gptq", gptq={"clip_grid": 10}) == [pytest.approx(want, rel=1e-6)]

@@ -23,7 +23,7 @@ from torch import nn
 from ..calibration.sensitivity import LayerStats, float_logprobs, kl_cost, layer_statistics, proxy_cost, spearman
 from ..core.budget import PLAN_FORMAT, Allocation, Choice, Item, solve
 from ..core.packing import packed_row_bytes, zero_points_nbytes
-from ..core.quant import dequantize, quantize
+from ..core.quant import dequantize, quantize, search_qparams
 from ..core.scheme import Scheme
 from ..errors import LowbitError
 
@@ -84,7 +84,8 @@ ERRORS = ("nearest", "gptq")
 def _layer_costs(W: torch.Tensor, st: LayerStats, cands: list[Scheme], max_rows: int = MAX_ROWS,
                  error: str = "nearest", gptq: dict | None = None) -> list[float]:
     """The proxy cost of each candidate's error on an evenly strided sample of W's rows, scaled to all rows.
-    error "gptq": the codes GPTQ gives those rows with the layer's H (`gptq`: its percdamp/act_order)."""
+    error "gptq": the codes GPTQ gives those rows with the layer's H (`gptq`: the method's percdamp/act_order/
+    clip_grid); "nearest": round-to-nearest's, after the method's clip search when `gptq` has clip_grid > 1."""
     sl, k = row_sample(W.shape[0], max_rows)
     Ws = W[sl]
     sub = LayerStats(st.H, st.f[sl])
@@ -92,12 +93,15 @@ def _layer_costs(W: torch.Tensor, st: LayerStats, cands: list[Scheme], max_rows:
     for s in cands:
         if s.granularity == "tensor":
             raise LowbitError("per-tensor schemes are not budget candidates")
+        clip_grid = int((gptq or {}).get("clip_grid", 0))
         if error == "gptq":
             from ..core.gptq import gptq_rows
             from ..kernels.native import gptq_cols_kernel
 
             qt, _ = gptq_rows(Ws, st.H, s, cols_kernel=gptq_cols_kernel() if Ws.device.type == "cpu" else None,
                               **(gptq or {}))
+        elif clip_grid > 1:  # the method's own clip search (rtn --clip-grid): its error, not min/max's
+            qt = quantize(Ws, s, *search_qparams(Ws, s, clip_grid))
         else:
             qt = quantize(Ws, s)
         D = dequantize(qt) - Ws
