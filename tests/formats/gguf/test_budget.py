@@ -71,6 +71,13 @@ def test_cli_export_budget_and_plan_reuse(cli, tiny_dir, tmp_path):
     code, so, se = cli("export-gguf", tiny_dir, out2, "--plan", plan)
     assert code == 0, se
     assert out2.read_bytes() == out.read_bytes()
+    # a plan of names and types only (written by hand) exports too
+    hand = tmp_path / "hand.json"
+    hand.write_text(json.dumps({"format": p["format"], "kind": "gguf",
+                                "layers": [{"name": r["name"], "choice": r["choice"]} for r in p["layers"]]}))
+    code, so, se = cli("export-gguf", tiny_dir, tmp_path / "c.gguf", "--plan", hand)
+    assert code == 0, se
+    assert "no recorded costs" in so
 
 
 def test_budgeted_wide_model_writes_its_plan(cli, tmp_path):
@@ -121,19 +128,3 @@ def test_cli_export_bad_budget(cli, tiny_dir, tmp_path, args, msg):
     errors = [line for line in se.splitlines() if "lowbit: error:" in line]
     assert code == 2 and len(errors) == 1 and msg in errors[0], se[-500:]
     assert not out.exists()
-
-
-def test_cli_export_hand_written_plan(cli, tiny_dir, tmp_path):
-    """A GGUF plan of names and types only (written by hand) exports."""
-    out, plan = tmp_path / "a.gguf", tmp_path / "p.json"
-    code, _, se = cli("export-gguf", tiny_dir, out, "--target-size", "10MB", "--save-plan", plan,
-                      "--budget-nsamples", "2")
-    assert code == 0, se
-    p = json.loads(plan.read_text())
-    hand = tmp_path / "hand.json"
-    hand.write_text(json.dumps({"format": p["format"], "kind": "gguf",
-                                "layers": [{"name": r["name"], "choice": r["choice"]} for r in p["layers"]]}))
-    out2 = tmp_path / "b.gguf"
-    code, so, se = cli("export-gguf", tiny_dir, out2, "--plan", hand)
-    assert code == 0, se
-    assert "no recorded costs" in so
