@@ -1,11 +1,11 @@
 """Budgeted mixed precision on SmolLM2-135M (issue 23) -> JSON on stdout (+ markdown).
 
     python bench/budget_table.py lowbit [--method gptq] [--targets 2.5,3.0,3.5,4.0,4.5] [--uniform 2,3,4,5]
-                                        [--bar] [--nsamples 16] [--budget-nsamples 8] [--limit-tokens 8192]
+                                        [--bar] [--nsamples 16] [--budget-nsamples 32] [--limit-tokens 8192]
     python bench/budget_table.py gguf [--presets Q3_K_M,Q4_K_S,Q4_K_M,Q5_K_M] [--calibrated] [--gptq]
                                       [--nsamples 8] [--limit-tokens 8192] [--fill 0.99]
 
-lowbit: the sensitivity costs are measured once (8 windows of WikiText-2 valid), then every target is
+lowbit: the sensitivity costs are measured once (32 windows of WikiText-2 valid), then every target is
 allocated from them (`--plan` reuse: nothing measured again) and quantized with the same method and
 calibration as the uniform g128 asymmetric schemes around it; every model scored by lowbit on the same
 WikiText-2 test windows. `--bar` adds the issue's targets: 0.95 x the bits per weight of uniform W3 and W4
@@ -182,7 +182,7 @@ def main() -> None:
                     help="gguf: budgeted files take at least this share of the preset's size (0: least cost)")
     ap.add_argument("--gptq", action="store_true")
     ap.add_argument("--nsamples", type=int, default=16)
-    ap.add_argument("--budget-nsamples", type=int, default=8)
+    ap.add_argument("--budget-nsamples", type=int, default=32)
     ap.add_argument("--limit-tokens", type=int, default=8192)
     ap.add_argument("--out-dir", type=Path, default=Path("bench_out/budget"))
     ap.add_argument("--markdown", type=Path)
