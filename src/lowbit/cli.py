@@ -332,11 +332,11 @@ def _quantize(model: str, out: Path, method: str, bits: Optional[int], group_siz
     resolve(config, preflight=True)  # scheme, options, calibration text: refuse before loading anything
     budgeted = _budget_given(target_bpw, target_size, plan)
     if budgeted:
-        from .algorithms.budget import ERRORS, parse_candidates, read_plan
+        from .algorithms.budget import ERROR_CHOICES, parse_candidates, read_plan
         from .core.budget import parse_size
 
-        if budget_error not in ERRORS + ("auto",):
-            raise LowbitError(f"--budget-error {budget_error!r}: one of {', '.join(ERRORS + ('auto',))}")
+        if budget_error not in ERROR_CHOICES:
+            raise LowbitError(f"--budget-error {budget_error!r}: one of {', '.join(ERROR_CHOICES)}")
         size = parse_size(target_size) if target_size is not None else None
         loaded_plan = read_plan(plan, "lowbit") if plan is not None else None
         cands = parse_candidates(budget_schemes)

@@ -79,6 +79,7 @@ def row_sample(rows: int, max_rows: int = MAX_ROWS) -> tuple[slice, float]:
 
 
 ERRORS = ("nearest", "gptq")
+ERROR_CHOICES = ("auto", *ERRORS)  # auto: the method's own (api.plan_budget resolves it)
 
 
 def _layer_costs(W: torch.Tensor, st: LayerStats, cands: list[Scheme], max_rows: int = MAX_ROWS,
@@ -89,11 +90,11 @@ def _layer_costs(W: torch.Tensor, st: LayerStats, cands: list[Scheme], max_rows:
     sl, k = row_sample(W.shape[0], max_rows)
     Ws = W[sl]
     sub = LayerStats(st.H, st.f[sl])
+    clip_grid = int((gptq or {}).get("clip_grid", 0))
     out = []
     for s in cands:
         if s.granularity == "tensor":
             raise LowbitError("per-tensor schemes are not budget candidates")
-        clip_grid = int((gptq or {}).get("clip_grid", 0))
         if error == "gptq":
             from ..core.gptq import gptq_rows
             from ..kernels.native import gptq_cols_kernel
